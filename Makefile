@@ -1,0 +1,21 @@
+# Two commands do all set-up on a fresh machine (Python 3.11 + access to PyPI):
+#   make demo   - the main job, offline, on the embedded synthetic faces
+#   make test   - the test suite
+PYTHON ?= python3
+# uv from PATH, else the one pip installs as a module (the standalone installer's host is not reachable here)
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench
+setup:
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --frozen
+
+demo: setup
+	$(UV) run --frozen facediff demo
+
+test: setup
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(UV) run --frozen python benchmarks/data_throughput.py

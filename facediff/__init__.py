@@ -1,0 +1,1 @@
+"""facediff: distributed training of face diffusion models on Ray."""

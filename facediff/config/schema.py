@@ -1,0 +1,337 @@
+"""The typed configuration of every facediff job.
+
+One schema serves every model family: the sections `data`, `model`, `diffusion`, `loss`, `optimizer`, `trainer`
+(with DeepSpeed and EMA) and `eval` are shared, and `model` is a union tagged by `family`, so adding a family
+means adding one model class here and one task in `facediff.tasks`. Ray Tune grid files have their own schema
+(`GridConfig`) whose search-space keys are checked against `ExperimentConfig`.
+
+Every model forbids unknown keys: a misspelt key is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from facediff.data.celebamask import DEFAULT_PART_GROUPS, PART_NAMES
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------------- data
+class DataConfig(Strict):
+    path: str = "data/synthetic/shards"  # a folder written by `facediff prepare` (holds manifest.json)
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: PositiveInt = 128  # decoded size; shards are resized on load if stored at another size
+    # "none": no part masks; "default": the 10 face-part groups; "full": one channel per part (18);
+    # or an explicit {group: [part, ...]} mapping over CelebAMask-HQ part names.
+    part_groups: Literal["none", "default", "full"] | dict[str, list[str]] = "none"
+    hflip: bool = True
+    shuffle: bool = True
+    read_parallelism: PositiveInt | None = None  # Ray Data read tasks; None = one per shard row group
+    use_latents: bool = False  # read the cached `latents` column written by `facediff prepare latents`
+
+    @field_validator("part_groups")
+    @classmethod
+    def _known_parts(cls, value):
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("part_groups mapping is empty")
+            for group, parts in value.items():
+                unknown = [p for p in parts if p not in PART_NAMES]
+                if unknown or not parts:
+                    raise ValueError(f"group {group!r}: unknown or no parts {unknown}; known: {list(PART_NAMES)}")
+        return value
+
+    def resolved_part_groups(self) -> dict[str, tuple[str, ...]] | None:
+        if self.part_groups == "none":
+            return None
+        if self.part_groups == "default":
+            return dict(DEFAULT_PART_GROUPS)
+        if self.part_groups == "full":
+            return {name: (name,) for name in PART_NAMES}
+        return {group: tuple(parts) for group, parts in self.part_groups.items()}
+
+
+# -------------------------------------------------------------------------------------------------- model
+class UNetModelConfig(Strict):
+    """Pixel-space `diffusers.UNet2DModel`; field names are its constructor arguments."""
+
+    family: Literal["unet"] = "unet"
+    sample_size: PositiveInt = 128
+    in_channels: PositiveInt = 3
+    out_channels: PositiveInt = 3
+    layers_per_block: PositiveInt = 2
+    block_out_channels: list[PositiveInt] = [128, 256, 512, 512]
+    down_block_types: list[str] = ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]
+    up_block_types: list[str] = ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+    attention_head_dim: PositiveInt | None = 8
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
+    norm_num_groups: PositiveInt = 32
+    dropout: UnitFloat = 0.0
+
+    @model_validator(mode="after")
+    def _blocks_match(self):
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                f"block_out_channels has {n} entries but down_block_types has {len(self.down_block_types)} "
+                f"and up_block_types {len(self.up_block_types)}"
+            )
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups}")
+        return self
+
+
+class DiTModelConfig(Strict):
+    """Pixel-space `diffusers.DiTTransformer2DModel`, unconditional through one constant class label."""
+
+    family: Literal["dit"] = "dit"
+    sample_size: PositiveInt = 128
+    patch_size: PositiveInt = 4
+    in_channels: PositiveInt = 3
+    out_channels: PositiveInt = 3
+    num_layers: PositiveInt = 6
+    num_attention_heads: PositiveInt = 8
+    attention_head_dim: PositiveInt = 64
+    dropout: UnitFloat = 0.1
+
+    @model_validator(mode="after")
+    def _patch_divides(self):
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"sample_size {self.sample_size} not divisible by patch_size {self.patch_size}")
+        return self
+
+
+class PretrainedRef(Strict):
+    """Where pretrained weights come from: a hub id or a local folder, loaded only when a job asks for them.
+
+    `preset` names an architecture config that ships with facediff (random init, offline); `pretrained` names
+    weights. With both, the weights must fit the preset's architecture.
+    """
+
+    preset: str | None = None
+    pretrained: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.preset is None and self.pretrained is None:
+            raise ValueError("give a `preset` (architecture shipped with facediff) or `pretrained` (hub id or path)")
+        return self
+
+
+class AutoencoderConfig(PretrainedRef):
+    kind: Literal["vq", "kl"] = "vq"
+    scaling_factor: PositiveFloat | None = None  # None = from the autoencoder's own config
+
+
+class AttributeEmbedderConfig(Strict):
+    hidden: list[PositiveInt] = [512, 512]
+    dim: PositiveInt = 256
+    tokens: PositiveInt = 1
+    dropout: UnitFloat = 0.1
+
+
+class MaskEncoderConfig(PretrainedRef):
+    input: Literal["channels", "labels"] = "channels"
+    frozen: bool = True
+    proj_dim: PositiveInt = 128
+
+
+class LatentConditionalModelConfig(Strict):
+    """`UNet2DConditionModel` over a frozen autoencoder, conditioned on attributes (and part masks)."""
+
+    family: Literal["lc_unet"] = "lc_unet"
+    sample_size: PositiveInt = 64
+    in_channels: PositiveInt = 3
+    out_channels: PositiveInt = 3
+    layers_per_block: PositiveInt = 2
+    block_out_channels: list[PositiveInt] = [128, 128, 256, 256, 512, 512]
+    down_block_types: list[str]
+    up_block_types: list[str]
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    attention_head_dim: PositiveInt = 8
+    cross_attention_dim: PositiveInt = 256
+    use_linear_projection: bool = True
+    autoencoder: AutoencoderConfig
+    attribute_embedder: AttributeEmbedderConfig = AttributeEmbedderConfig()
+    mask_encoder: MaskEncoderConfig | None = None
+    attribute_dropout: UnitFloat = 0.1  # condition dropout for classifier-free guidance
+    mask_dropout: UnitFloat = 0.1
+
+
+class LoRAConfig(Strict):
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 8.0
+    dropout: UnitFloat = 0.0
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class StableDiffusionLoRAModelConfig(Strict):
+    """LoRA (PEFT) on a frozen Stable Diffusion UNet, prompted with the face's attributes."""
+
+    family: Literal["sd_lora"] = "sd_lora"
+    pipeline: PretrainedRef
+    lora: LoRAConfig = LoRAConfig()
+    prompt_template: str = "a photo of a face, {attributes}"
+    resolution: PositiveInt = 512
+
+
+class ControlNetModelConfig(Strict):
+    """A ControlNet branch beside a frozen Stable Diffusion UNet, conditioned on person masks."""
+
+    family: Literal["controlnet"] = "controlnet"
+    pipeline: PretrainedRef
+    controlnet: PretrainedRef | None = None  # None = initialise from the SD UNet's encoder
+    conditioning_channels: PositiveInt = 3
+    prompt: str = "a photo of people"
+    resolution: PositiveInt = 512
+
+
+ModelConfig = Annotated[
+    UNetModelConfig
+    | DiTModelConfig
+    | LatentConditionalModelConfig
+    | StableDiffusionLoRAModelConfig
+    | ControlNetModelConfig,
+    Field(discriminator="family"),
+]
+MODEL_FAMILIES = ("unet", "dit", "lc_unet", "sd_lora", "controlnet")
+
+
+# ----------------------------------------------------------------------------------- diffusion and losses
+class DiffusionConfig(Strict):
+    num_train_timesteps: PositiveInt = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: PositiveFloat = 1e-4
+    beta_end: PositiveFloat = 0.02
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    clip_sample: bool = True
+
+
+class LossConfig(Strict):
+    # Attribute embedder InfoNCE (latent conditional models); weight 0 turns it off.
+    infonce_weight: Annotated[float, Field(ge=0)] = 0.0
+    infonce_threshold: UnitFloat = 0.8
+    infonce_temperature: PositiveFloat = 0.07
+    infonce_include_self: bool = False
+    # Mask-aware perceptual losses on one-step x0 predictions, only for timesteps below T.
+    perceptual_timestep_threshold: PositiveInt = 200  # T
+    masked_lpips_weight: Annotated[float, Field(ge=0)] = 0.0  # λ1
+    face_feature_weight: Annotated[float, Field(ge=0)] = 0.0  # λ2
+
+
+# ------------------------------------------------------------------------------------ optimiser, trainer
+class OptimizerConfig(Strict):
+    lr: PositiveFloat = 1e-4
+    betas: tuple[UnitFloat, UnitFloat] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: Annotated[int, Field(ge=0)] = 500
+    min_lr_ratio: UnitFloat = 0.0
+    grad_clip: PositiveFloat | None = 1.0
+
+
+class EMAConfig(Strict):
+    enabled: bool = True
+    decay: UnitFloat = 0.9999
+    warmup: bool = True  # decay ramps up as 1 - (1 + step / inv_gamma) ** -power, capped at `decay`
+    inv_gamma: PositiveFloat = 1.0
+    power: PositiveFloat = 0.75
+    start_step: Annotated[int, Field(ge=0)] = 0
+
+
+class TrainerConfig(Strict):
+    run_name: str | None = None  # None = the experiment's name; re-using a name resumes that run
+    storage_path: str = "runs"  # local path here; s3://, gs:// or an NFS mount on a cluster
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    resources_per_worker: dict[str, PositiveFloat] = {"CPU": 1.0}
+    batch_size: PositiveInt = 16  # per worker, per micro-step
+    grad_accum: PositiveInt = 1
+    total_kimg: PositiveFloat = 100.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    checkpoint_every_kimg: PositiveFloat = 10.0
+    keep_last: PositiveInt = 3
+    log_every_steps: PositiveInt = 10
+    max_failures: Annotated[int, Field(ge=0)] = 0
+    seed: int = 0
+    ema: EMAConfig = EMAConfig()
+    deepspeed: dict[str, Any] = {}  # merged last into the generated DeepSpeed config (expert escape hatch)
+
+
+class EvalConfig(Strict):
+    every_kimg: PositiveFloat | None = None  # None = only at the end
+    num_samples: PositiveInt | None = None  # None = the size of the evaluation split
+    batch_size: PositiveInt = 32
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
+    steps: PositiveInt = 50
+    guidance_scale: Annotated[float, Field(ge=0)] = 1.0
+    seed: int = 1234
+    use_ema: bool = True
+    inception_weights: str | None = None  # a local FID Inception checkpoint; else the torch hub cache
+    # Reported as `fd_<name>`, never as `fid`, when the Inception weights cannot be had.
+    fallback_features: Literal["none", "mtcnn_onet"] = "mtcnn_onet"
+
+
+class ExperimentConfig(Strict):
+    name: str
+    description: str = ""
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    diffusion: DiffusionConfig = DiffusionConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# ------------------------------------------------------------------------------------------------- tune
+class SearchDimension(Strict):
+    """Exactly one of: a grid (every value, crossed with the other grids), a random choice, or a range."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[PositiveFloat, PositiveFloat] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        return self
+
+
+class SchedulerConfig(Strict):
+    kind: Literal["asha", "fifo"] = "asha"
+    grace_period_kimg: PositiveFloat = 1.0
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    max_kimg: PositiveFloat | None = None  # None = the base config's trainer.total_kimg
+
+
+class GridConfig(Strict):
+    train_config: str  # the training config every trial starts from, relative to the grid file
+    reproduces: str = ""  # which table of which paper this grid reproduces
+    overrides: dict[str, Any] = {}  # dotted keys applied to every trial
+    search_space: dict[str, SearchDimension]
+    num_samples: PositiveInt = 1
+    metric: str = "fid"
+    mode: Literal["min", "max"] = "min"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources_per_trial: dict[str, PositiveFloat] = {"CPU": 1.0}
+    max_concurrent_trials: PositiveInt | None = None
+    storage_path: str = "runs/tune"

@@ -1,0 +1,54 @@
+"""Unconditional pixel-space diffusion: a UNet2DModel or DiT denoising 3-channel faces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline
+
+from facediff import diffusion
+from facediff.config.schema import ExperimentConfig
+from facediff.models import build_network, model_output
+from facediff.tasks.base import DiffusionTask
+
+
+class PixelDiffusion(DiffusionTask):
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(cfg)
+        self.family = cfg.model.family
+        self.net = build_network(cfg.model)
+        self.scheduler = diffusion.build_noise_scheduler(cfg.diffusion)
+        self.loss_fn = diffusion.DenoisingLoss(self.scheduler)
+        self.image_shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model_output(self.net, x, t)
+
+    def forward(self, batch, generator=None):
+        x0 = batch["image"].to(device=self.device, dtype=self.dtype)
+        per_sample, _ = self.loss_fn(self._denoise, x0, generator)
+        return per_sample.mean()
+
+    def sample(self, n, generator, sampler, steps, batch=None):
+        scheduler = diffusion.build_sampler(sampler, self.scheduler)
+        return diffusion.sample(
+            self._denoise, scheduler, (n, *self.image_shape), steps, generator, self.device, self.dtype
+        ).float()
+
+    def save_networks(self, out: Path) -> None:
+        if self.family == "unet":
+            DDPMPipeline(unet=self.net, scheduler=self.scheduler).save_pretrained(out)
+        else:  # pixel-space DiT: diffusers' DiTPipeline expects a VAE, so export its two parts
+            self.net.save_pretrained(out / self.subfolder)
+            self.scheduler.save_pretrained(out / "scheduler")
+
+    @property
+    def subfolder(self) -> str:
+        return "unet" if self.family == "unet" else "transformer"
+
+    def load_exported(self, out: Path) -> None:
+        self.net = type(self.net).from_pretrained(Path(out) / self.subfolder)
+
+    def networks(self):
+        return {self.family: self.net}

@@ -1,0 +1,58 @@
+"""Rank 0's record of a run: a progress line, `metrics.jsonl` (for curves) and TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("facediff.train")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLog:
+    def __init__(self, log_dir: Path, total_steps: int, total_kimg: float, resumed_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps, self.total_kimg = total_steps, total_kimg
+        self.path = self.dir / METRICS_FILE
+        self._drop_rows_after(resumed_step)
+        self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resumed_step + 1)
+        self.start, self.start_step = time.time(), resumed_step
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A crashed run may have logged past its last checkpoint; the resumed run re-does those steps."""
+        if not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, metrics["step"])
+        self.tensorboard.flush()
+        step = metrics["step"]
+        rate = (step - self.start_step) / max(1e-9, time.time() - self.start)
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        extras = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("fid", "fd_")))
+        log.info(
+            "step %d/%d  kimg %.2f/%.2f  loss %.4f  lr %.3g  img/s %.1f  eta %.0fs %s",
+            step, self.total_steps, metrics["kimg"], self.total_kimg, metrics.get("loss", float("nan")),
+            metrics.get("lr", float("nan")), metrics.get("images_per_s", float("nan")), eta, extras,
+        )
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,63 @@
+"""Pictures a person looks at: image grids, coloured part maps, dataset previews."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from facediff.data.celebamask import NUM_PART_CLASSES
+from facediff.data.shards import shard_paths
+
+# A fixed palette so the same part has the same colour in every picture (0 = background, black).
+PART_PALETTE = np.array(
+    [
+        [0, 0, 0], [204, 153, 102], [255, 102, 51], [51, 51, 51], [0, 153, 255], [0, 204, 255],
+        [102, 51, 0], [153, 76, 0], [255, 204, 153], [230, 180, 130], [128, 0, 64], [255, 0, 102],
+        [204, 0, 51], [153, 102, 0], [0, 102, 0], [255, 255, 0], [255, 0, 255], [255, 178, 178], [0, 51, 153],
+    ],
+    dtype=np.uint8,
+)
+assert len(PART_PALETTE) == NUM_PART_CLASSES
+
+
+def colorize_parts(label_map: np.ndarray) -> np.ndarray:
+    """(H, W) 19-class labels -> (H, W, 3) uint8 RGB."""
+    return PART_PALETTE[np.clip(label_map, 0, NUM_PART_CLASSES - 1)]
+
+
+def image_grid(images: np.ndarray | list[np.ndarray], ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile (N, H, W, 3) uint8 images into one picture, row-major, with a white gutter."""
+    images = np.asarray(images)
+    n, h, w = images.shape[:3]
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    canvas = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, ncols)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    return Image.fromarray(canvas)
+
+
+def preview_dataset(dataset: str | Path, out: str | Path, split: str = "train", n: int = 16) -> Path:
+    """A PNG of the first `n` records of a prepared split: each face beside its coloured part map."""
+    tiles = []
+    for path in shard_paths(dataset, split):
+        for row in pq.read_table(path, columns=["image", "parts"]).to_pylist():
+            image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+            parts = Image.fromarray(colorize_parts(np.asarray(Image.open(io.BytesIO(row["parts"])))))
+            parts = np.asarray(parts.resize(image.shape[1::-1], Image.Resampling.NEAREST))
+            tiles.append(np.concatenate([image, parts], axis=1))
+            if len(tiles) == n:
+                break
+        if len(tiles) == n:
+            break
+    if not tiles:
+        raise ValueError(f"{dataset}: split {split!r} has no records to preview")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(tiles, ncols=4).save(out)
+    return out
