@@ -117,6 +117,24 @@ def _load(path: Path, overrides: list[str] | None):
 
 
 @app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="experiment config YAML")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Every network the config builds, with trainable and frozen parameter counts (no training)."""
+    from facediff.models.info import describe
+
+    rows = describe(_load(path, overrides))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'network':<12} {'class':<28} {'trainable':>14} {'frozen':>14}")
+    for r in rows:
+        typer.echo(f"{r['name']:<12} {r['class']:<28} {r['trainable']:>14,} {r['frozen']:>14,}")
+
+
+@app.command()
 def train(
     path: Annotated[Path, typer.Argument(help="experiment config YAML")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,

@@ -36,7 +36,7 @@ class DataConfig(Strict):
     part_groups: Literal["none", "default", "full"] | dict[str, list[str]] = "none"
     hflip: bool = True
     shuffle: bool = True
-    read_parallelism: PositiveInt | None = None  # Ray Data read tasks; None = one per shard row group
+    read_parallelism: PositiveInt | None = None  # Ray Data blocks; None = max(files, 2 x CPUs, rows / 128)
     use_latents: bool = False  # read the cached `latents` column written by `facediff prepare latents`
 
     @field_validator("part_groups")

@@ -10,6 +10,7 @@ from diffusers import DDPMPipeline
 from facediff import diffusion
 from facediff.config.schema import ExperimentConfig
 from facediff.models import build_network, model_output
+from facediff.models.dit import disable_label_dropout
 from facediff.tasks.base import DiffusionTask
 
 
@@ -49,6 +50,8 @@ class PixelDiffusion(DiffusionTask):
 
     def load_exported(self, out: Path) -> None:
         self.net = type(self.net).from_pretrained(Path(out) / self.subfolder)
+        if self.family == "dit":
+            disable_label_dropout(self.net)  # from_pretrained restores diffusers' 10% class-label swap
 
     def networks(self):
         return {self.family: self.net}

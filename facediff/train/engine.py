@@ -70,11 +70,13 @@ def safe_checkpoint_engine(ds_config):
     DeepSpeed/torch types its files hold, so a tampered checkpoint cannot run code.
     """
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        allowed = [ZeroStageEnum, fragment_address, set]
+        # found by loading real ZeRO-2/3 checkpoints: plain state holders, no code runs on load
+        allowed = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set]
 
         def load(self, path: str, map_location=None):
             with torch.serialization.safe_globals(self.allowed):

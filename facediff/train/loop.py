@@ -8,7 +8,6 @@ report the image-distance metric, which Tune's ASHA reads.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -95,7 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             state.batches_in_epoch = index + 1
-            window_loss, window_n = window_loss + float(loss), window_n + 1
+            window_loss, window_n = window_loss + loss.item(), window_n + 1
             if not boundary:
                 continue
             state.step += 1
@@ -109,6 +108,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             metrics = {
                 "step": state.step,
+                "time": time.time(),
                 "kimg": state.step * ips / 1000,
                 "epoch": state.epoch,
                 "loss": _mean_across_ranks(window_loss / max(1, window_n)),

@@ -40,7 +40,9 @@ def build_datasets(cfg: ExperimentConfig) -> dict[str, ray.data.Dataset]:
     d = cfg.data
     common = dict(image_size=d.image_size, part_groups=d.resolved_part_groups(), read_parallelism=d.read_parallelism)
     datasets = {
-        "train": build_dataset(d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, **common)
+        "train": build_dataset(
+            d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, epoch=None, **common
+        )
     }
     if cfg.eval.every_kimg is not None:
         datasets["test"] = build_dataset(d.path, d.eval_split, hflip=False, shuffle=False, **common)

@@ -1,0 +1,305 @@
+"""facediff.data.stream: decoding and flips without Ray, then the Ray Data path and a real TorchTrainer."""
+
+import io
+import json
+import uuid
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from facediff.data.celebamask import DEFAULT_PART_GROUPS, NUM_ATTRIBUTES, PART_LABELS, group_parts
+from facediff.data.shards import SCHEMA_VERSION, ShardWriter, shard_paths, write_manifest
+from facediff.data.stream import build_dataset, decode_batch, flip_decisions, iter_train_batches
+
+SIZE = 32
+HAIR, L_EYE, NOSE = PART_LABELS["hair"], PART_LABELS["l_eye"], PART_LABELS["nose"]
+
+
+def attributes_of(image_id):
+    return np.random.default_rng(image_id).integers(0, 2, NUM_ATTRIBUTES).astype(np.int8)
+
+
+def encode(array, fmt, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def make_record(image_id, split, size=SIZE, parts_size=None, fmt="PNG"):
+    """Left half red, right half blue; hair labels the left half, with an eye and a nose patch in it."""
+    image = np.zeros((size, size, 3), np.uint8)
+    image[:, : size // 2, 0] = 255
+    image[:, size // 2 :, 2] = 255
+    p = parts_size or size
+    parts = np.zeros((p, p), np.uint8)
+    parts[:, : p // 2] = HAIR
+    parts[p // 8 : p // 4, p // 8 : p // 4] = L_EYE
+    parts[p // 2 : 3 * p // 4, p // 4 : p // 2] = NOSE
+    return {
+        "id": image_id,
+        "image": encode(image, fmt, **({"quality": 95} if fmt == "JPEG" else {})),
+        "parts": encode(parts, "PNG"),
+        "attributes": attributes_of(image_id).tolist(),
+        "split": split,
+    }
+
+
+def write_dataset(root, shards=None, **record_kw):
+    """shards: split -> (files, rows per file); ids run on across splits."""
+    shards = shards or {"train": (3, 16), "test": (1, 8)}
+    manifest = {"schema_version": SCHEMA_VERSION, "shards": {}, "counts": {}}
+    next_id = 0
+    for split, (files, rows) in shards.items():
+        with ShardWriter(root, split, rows_per_shard=rows, row_group_size=8) as writer:
+            for image_id in range(next_id, next_id + files * rows):
+                writer.write(make_record(image_id, split, **record_kw))
+        manifest["shards"][split] = writer.files
+        manifest["counts"][split] = files * rows
+        next_id += files * rows
+    write_manifest(root, manifest)
+    return root
+
+
+def arrow_batch(dataset, split="train"):
+    """All rows of a split as the dict of numpy columns decode_batch takes (pyarrow's to_numpy flavour)."""
+    table = pq.read_table(shard_paths(dataset, split))
+    return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def subset(batch, index):
+    return {k: v[index] for k, v in batch.items()}
+
+
+def decode(batch, **kw):
+    kw = {"image_size": SIZE, "part_groups": None, "hflip": True, "seed": 0, "epoch": 0} | kw
+    return decode_batch(batch, **kw)
+
+
+def red_on_left(image):  # image: (3, S, S) in [-1, 1]
+    half = image.shape[-1] // 2
+    left, right = image[..., :half], image[..., half:]
+    return bool(left[0].mean() > 0.9 and left[2].mean() < -0.9 and right[2].mean() > 0.9)
+
+
+def hair_on_left(parts):
+    half = parts.shape[-1] // 2
+    return bool((np.isin(parts[:, :half], (HAIR, L_EYE, NOSE))).all() and (parts[:, half:] == 0).all())
+
+
+def red_on_right(image):
+    return red_on_left(image[..., ::-1])
+
+
+def hair_on_right(parts):
+    return hair_on_left(parts[..., ::-1])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def rows(dataset):
+    return arrow_batch(dataset)  # 48 train rows, ids 0..47
+
+
+# ---------------------------------------------------------------- decode_batch, no Ray
+
+
+def test_shapes_dtypes_and_ranges(rows):
+    out = decode(rows, part_groups=DEFAULT_PART_GROUPS)
+    n, g = len(rows["id"]), len(DEFAULT_PART_GROUPS)
+    assert set(out) == {"id", "image", "parts", "attributes", "part_masks"}
+    assert out["id"].dtype == np.int64 and out["id"].tolist() == list(range(n))
+    assert out["image"].dtype == np.float32 and out["image"].shape == (n, 3, SIZE, SIZE)
+    assert out["image"].min() >= -1.0 and out["image"].max() <= 1.0
+    assert out["image"].min() == -1.0 and out["image"].max() == 1.0  # PNG: exact 0 and 255
+    assert out["parts"].dtype == np.uint8 and out["parts"].shape == (n, SIZE, SIZE)
+    assert out["attributes"].dtype == np.float32 and out["attributes"].shape == (n, NUM_ATTRIBUTES)
+    np.testing.assert_array_equal(out["attributes"], np.stack([attributes_of(i) for i in range(n)]))
+    assert out["part_masks"].dtype == np.float32 and out["part_masks"].shape == (n, g, SIZE, SIZE)
+
+
+def test_flip_keeps_image_and_parts_aligned(rows):
+    out = decode(rows, part_groups=DEFAULT_PART_GROUPS)
+    flipped = flip_decisions(out["id"], seed=0, epoch=0)
+    assert 0 < flipped.sum() < len(flipped)  # both kinds occur among 48 ids
+    for image, parts, flip in zip(out["image"], out["parts"], flipped):
+        if flip:
+            assert red_on_right(image) and hair_on_right(parts)
+        else:
+            assert red_on_left(image) and hair_on_left(parts)
+    np.testing.assert_array_equal(out["part_masks"], group_parts(out["parts"], DEFAULT_PART_GROUPS))
+
+
+def test_no_flip_when_disabled(rows):
+    out = decode(rows, hflip=False)
+    assert all(red_on_left(im) and hair_on_left(p) for im, p in zip(out["image"], out["parts"]))
+
+
+def observed_flips(out):
+    return {int(i): red_on_right(im) for i, im in zip(out["id"], out["image"])}
+
+
+def test_flips_depend_on_seed_epoch_id_not_on_batching(rows):
+    whole = observed_flips(decode(rows, seed=7, epoch=3))
+    assert whole == dict(zip(range(48), flip_decisions(np.arange(48), seed=7, epoch=3).tolist()))
+    order = np.random.default_rng(0).permutation(48)
+    pieces = {}
+    for chunk in np.array_split(order, [1, 4, 13, 30]):  # uneven, shuffled batches
+        pieces |= observed_flips(decode(subset(rows, chunk), seed=7, epoch=3))
+    assert pieces == whole
+
+
+def test_other_epoch_or_seed_changes_some_flips(rows):
+    base = observed_flips(decode(rows, seed=7, epoch=3))
+    for kw in ({"seed": 7, "epoch": 4}, {"seed": 8, "epoch": 3}):
+        other = observed_flips(decode(rows, **kw))
+        assert other != base and sum(other.values()) > 0
+
+
+def test_resize_to_other_image_size(rows):
+    for size in (16, 48):  # shrink (LANCZOS) and enlarge (bicubic)
+        out = decode(rows, image_size=size, part_groups=DEFAULT_PART_GROUPS, hflip=False)
+        assert out["image"].shape == (48, 3, size, size) and out["parts"].shape == (48, size, size)
+        assert out["image"].min() >= -1.0 and out["image"].max() <= 1.0
+        assert set(np.unique(out["parts"])) == {0, HAIR, L_EYE, NOSE}  # nearest: no invented labels
+        assert all(hair_on_left(p) for p in out["parts"])
+        half = size // 2  # away from the edge, where resampling blends red into blue
+        assert (out["image"][:, 0, :, : half - 2] > 0.9).all() and (out["image"][:, 2, :, half + 2 :] > 0.9).all()
+        assert out["part_masks"].shape == (48, len(DEFAULT_PART_GROUPS), size, size)
+
+
+def test_parts_stored_smaller_than_image_and_jpeg(tmp_path):
+    root = write_dataset(tmp_path, {"train": (1, 8)}, parts_size=SIZE // 2, fmt="JPEG")
+    out = decode(arrow_batch(root), hflip=False)
+    assert out["parts"].shape == (8, SIZE, SIZE) and all(hair_on_left(p) for p in out["parts"])
+    half = SIZE // 2  # JPEG: approximate colours, and blurred near the red/blue edge
+    assert (out["image"][:, 0, :, : half - 2] > 0.8).all() and (out["image"][:, 2, :, half + 2 :] > 0.8).all()
+
+
+def test_rejects_bad_inputs(dataset, rows):
+    with pytest.raises(ValueError, match="image_size"):
+        build_dataset(dataset, "train", image_size=0)
+    with pytest.raises(ValueError, match="no split 'val'"):
+        build_dataset(dataset, "val", image_size=SIZE)
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        build_dataset(dataset / "train", "train", image_size=SIZE)
+    with pytest.raises(ValueError, match="unknown part names"):
+        build_dataset(dataset, "train", image_size=SIZE, part_groups={"x": ("tail",)})
+    bad = dict(rows, parts=np.array([encode(np.zeros((SIZE, SIZE, 3), np.uint8), "PNG")] * 48, dtype=object))
+    with pytest.raises(ValueError, match="single-channel"):
+        decode(bad)
+    with pytest.raises(ValueError, match="local_shuffle_buffer_size"):
+        iter_train_batches(None, 8, local_shuffle_buffer_size=4)  # checked before any Ray call
+
+
+# ---------------------------------------------------------------- Ray Data
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ray_dataset_delivers_every_row_once(ray_session, dataset, shuffle):
+    context = ray_session.data.DataContext.get_current()
+    v2_before = context.use_datasource_v2
+    ds = build_dataset(dataset, "train", image_size=SIZE, part_groups=DEFAULT_PART_GROUPS, seed=5, shuffle=shuffle)
+    assert context.use_datasource_v2 == v2_before  # build_dataset switches the reader for its own Dataset only
+    ids, flips = [], {}
+    for batch in ds.iter_torch_batches(batch_size=8):
+        n = len(batch["id"])
+        assert batch["id"].dtype == torch.int64
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape == (n, 3, SIZE, SIZE)
+        assert batch["parts"].dtype == torch.uint8 and batch["parts"].shape == (n, SIZE, SIZE)
+        assert batch["attributes"].dtype == torch.float32 and batch["attributes"].shape == (n, NUM_ATTRIBUTES)
+        assert batch["part_masks"].shape == (n, len(DEFAULT_PART_GROUPS), SIZE, SIZE)
+        assert "split" not in batch
+        ids += batch["id"].tolist()
+        flips |= observed_flips({"id": batch["id"].numpy(), "image": batch["image"].numpy()})
+    assert sorted(ids) == list(range(48))
+    assert flips == dict(zip(range(48), flip_decisions(np.arange(48), seed=5, epoch=0).tolist()))
+
+
+@pytest.mark.ray
+def test_each_pass_over_a_training_dataset_flips_anew(ray_session, dataset):
+    """epoch=None: the epoch is Ray Data's execution count, so augmentation differs between epochs."""
+    ds = build_dataset(dataset, "train", image_size=SIZE, seed=5, epoch=None)
+    passes = []
+    for _ in range(2):
+        flips = {}
+        for batch in ds.iter_torch_batches(batch_size=16):
+            flips |= observed_flips({"id": batch["id"].numpy(), "image": batch["image"].numpy()})
+        passes.append(flips)
+    for epoch, flips in enumerate(passes):  # a fresh Dataset: its passes are executions 0 and 1
+        assert flips == dict(zip(range(48), flip_decisions(np.arange(48), seed=5, epoch=epoch).tolist()))
+    assert passes[0] != passes[1]
+
+
+@pytest.mark.ray
+def test_iter_train_batches_drops_split_column(ray_session):
+    import ray
+
+    ds = ray.data.from_items([{"id": i, "split": "train"} for i in range(10)])
+    batches = list(iter_train_batches(ds, batch_size=4))  # drop_last: 2 full batches
+    assert [sorted(b) for b in batches] == [["id"], ["id"]]
+    ids = torch.cat([b["id"] for b in batches]).tolist()
+    assert len(set(ids)) == 8 and set(ids) <= set(range(10))
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+def count_rows_loop():
+    """The train loop, built inside a function so Ray pickles it by value (workers cannot import this module)."""
+
+    def loop(config):
+        import ray.train
+
+        ids = []
+        for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=4):
+            assert batch["image"].shape[1:] == (3, SIZE, SIZE)
+            ids += batch["id"].tolist()
+        ray.train.report({"rank": ray.train.get_context().get_world_rank(), "rows": len(ids), "ids": ids})
+
+    return loop
+
+
+def worker_metrics_recorder(path):
+    """A Train callback (it runs in the controller actor) that writes every worker's reported metrics to a file."""
+    from ray.train import UserCallback
+
+    class RecordWorkerMetrics(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    return RecordWorkerMetrics()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_torch_trainer_workers_share_the_dataset(ray_session, dataset, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    record = tmp_path / "worker_metrics.jsonl"
+    trainer = TorchTrainer(
+        count_rows_loop(),
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": build_dataset(dataset, "train", image_size=SIZE, shuffle=True)},
+        run_config=RunConfig(
+            name=f"stream-{uuid.uuid4().hex[:8]}",
+            storage_path=str(tmp_path),
+            callbacks=[worker_metrics_recorder(str(record))],
+        ),
+    )
+    result = trainer.fit()
+    assert result.error is None
+    (reports,) = [json.loads(line) for line in record.read_text().splitlines()]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert all(r["rows"] > 0 and r["rows"] == len(r["ids"]) for r in reports)
+    seen = [i for r in reports for i in r["ids"]]
+    assert sorted(seen) == list(range(48))  # disjoint and complete (48 rows, 2 x 6 full batches of 4)

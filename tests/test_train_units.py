@@ -1,0 +1,99 @@
+"""Training pieces without Ray: LR schedule, EMA maths, DeepSpeed config, the denoising loss and samplers."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from facediff import diffusion
+from facediff.config.schema import DiffusionConfig, EMAConfig
+from facediff.train.ema import EMA
+from facediff.train.engine import deepspeed_config, lr_factor, total_steps
+
+
+def test_lr_warms_up_then_decays_by_cosine():
+    factors = [lr_factor(s, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(factors[:10], factors[1:10]))  # strictly rising warm-up
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.55)
+    assert lr_factor(110, 10, 110, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 10, 110, "constant", 0.1) == 1.0
+
+
+def test_ema_tracks_and_lags_the_weights():
+    net = nn.Linear(4, 4)
+    ema = EMA(net, EMAConfig(decay=0.9, warmup=False, start_step=2))
+    start = net.weight.detach().clone()
+    for _ in range(2):  # before start_step the average copies the weights
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        assert ema.update(net) == 0.0
+    assert torch.equal(ema.shadow[0], net.weight.detach())
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert ema.update(net) == 0.9
+    expected = 0.9 * (start + 2) + 0.1 * (start + 3)
+    assert torch.allclose(ema.shadow[0], expected)
+    copy = nn.Linear(4, 4)
+    ema.copy_to(copy)
+    assert torch.allclose(copy.weight, expected) and not torch.allclose(copy.weight, net.weight)
+
+
+def test_ema_warmup_and_state_round_trip():
+    net = nn.Linear(2, 2)
+    ema = EMA(net, EMAConfig(decay=0.999, warmup=True, inv_gamma=1.0, power=0.75))
+    decays = [ema.decay(s) for s in (1, 10, 1000, 10**7)]
+    assert decays[0] == pytest.approx(1 - 2**-0.75) and decays == sorted(decays) and decays[-1] == 0.999
+    ema.update(net)
+    other = EMA(nn.Linear(2, 2), EMAConfig())
+    other.load_state_dict(ema.state_dict())
+    assert other.step == 1 and all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow))
+    assert EMA(net, EMAConfig(enabled=False)).decay(100) == 0.0  # disabled: the "average" is the weights
+
+
+def test_deepspeed_config_follows_trainer(tiny_config):
+    cfg = tiny_config(["trainer.zero_stage=3", "trainer.precision=bf16", "trainer.grad_accum=4",
+                       "optimizer.grad_clip=0.5", "trainer.deepspeed={zero_optimization: {overlap_comm: true}}"])
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert total_steps(cfg, world_size=2) == math.ceil(cfg.trainer.total_kimg * 1000 / (8 * 4 * 2))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_denoising_loss_targets_and_x0_inversion(prediction_type):
+    scheduler = diffusion.build_noise_scheduler(DiffusionConfig(prediction_type=prediction_type))
+    loss = diffusion.DenoisingLoss(scheduler)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    x_t, t, noise = loss.noise(x0, g)
+    target = loss.target(x0, noise, t)
+    # the exact target makes a perfect model: zero loss and an exact one-step x0
+    per_sample, extra = loss(lambda x, tt: target, x0, torch.Generator().manual_seed(0))
+    assert per_sample.shape == (4,) and torch.allclose(per_sample, torch.zeros(4), atol=1e-10)
+    assert torch.allclose(loss.predict_x0(x_t, t, target), x0, atol=1e-4)
+    wrong, _ = loss(lambda x, tt: torch.zeros_like(x), x0, torch.Generator().manual_seed(0))
+    assert (wrong > 0.01).all()
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
+def test_samplers_run_from_noise_with_the_training_schedule(name):
+    train_scheduler = diffusion.build_noise_scheduler(DiffusionConfig(beta_end=0.03))
+    sampler = diffusion.build_sampler(name, train_scheduler)
+    assert sampler.config.beta_end == 0.03
+    calls = []
+
+    def model_fn(x, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    out = diffusion.sample(model_fn, sampler, (2, 3, 8, 8), steps=5, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (2, 3, 8, 8) and out.abs().max() <= 1 and len(calls) == 5
+    assert calls == sorted(calls, reverse=True)  # from noisy to clean
+    again = diffusion.sample(model_fn, diffusion.build_sampler(name, train_scheduler), (2, 3, 8, 8), 5,
+                             torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        diffusion.build_sampler("euler", train_scheduler)
