@@ -168,30 +168,31 @@ def sample(
 
 
 @app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="a run folder or an exported model folder")],
+    split: Annotated[str, typer.Option(help="the prepared split to compare against")] = "test",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="key=value config overrides")] = None,
+) -> None:
+    """FID (or the labelled fallback distance) of a model's samples against a held-out split."""
+    from facediff.eval.evaluate import evaluate_run
+
+    try:
+        result = evaluate_run(model, split, overrides or [])
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        _fail(str(err))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes everything")] = Path("outputs/demo"),
-    n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 128,
-    size: int = 128,
+    n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 256,
+    kimg: Annotated[float, typer.Option(help="thousands of images to train on")] = 2.0,
 ) -> None:
-    """End to end on the embedded synthetic faces, offline: generate, prepare shards, preview."""
-    from facediff.data.prepare import prepare_celebamask as run
-    from facediff.data.synthetic import write_synthetic_celebamask
-    from facediff.viz import preview_dataset
+    """End to end, offline: synthetic faces -> shards -> tiny UNet on 2 DeepSpeed workers -> samples, curves."""
+    from facediff.demo import run_demo
 
-    raw, shards = out / "synthetic-celebamask", out / "shards"
-    write_synthetic_celebamask(raw, n=n, size=size, seed=0)
-    manifest = run(raw, shards, image_size=size, mask_size=size, rows_per_shard=64, overwrite=True)
-    grid = preview_dataset(shards, out / "preview.png")
-    typer.echo(
-        "\n".join(
-            [
-                "facediff demo finished:",
-                f"  synthetic CelebAMask-HQ tree  {raw}",
-                f"  Parquet shards + manifest     {shards}  {manifest['counts']}",
-                f"  preview (faces | part maps)   {grid}",
-            ]
-        )
-    )
+    typer.echo(run_demo(out, n=n, kimg=kimg))
 
 
 def main() -> None:  # pragma: no cover

@@ -30,19 +30,21 @@ def latest_checkpoint(run: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_model(path: str | Path) -> tuple[ExperimentConfig, DiffusionTask]:
-    """A run folder (uses its latest checkpoint) or an exported model folder (written by `export`)."""
+def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, DiffusionTask]:
+    """A run folder (uses its latest checkpoint) or an exported model folder (written by `export`).
+
+    `overrides` change the stored config (e.g. `data.path=...` when the data moved, `eval.steps=...`)."""
     from facediff.train.run import load_task_with_ema
 
     path = Path(path)
     if (path / "config.yaml").is_file():
-        cfg = load_config(path / "config.yaml")
+        cfg = load_config(path / "config.yaml", list(overrides))
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise FileNotFoundError(f"{path}: run folder has no checkpoint_* folder yet")
         return cfg, load_task_with_ema(cfg, ckpt)
     if (path / EXPORT_CONFIG).is_file():
-        cfg = load_config(path / EXPORT_CONFIG)
+        cfg = load_config(path / EXPORT_CONFIG, list(overrides))
         task = build_task(cfg)
         task.load_exported(path)
         return cfg, task.eval()

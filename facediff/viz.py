@@ -61,3 +61,29 @@ def preview_dataset(dataset: str | Path, out: str | Path, split: str = "train", 
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(tiles, ncols=4).save(out)
     return out
+
+
+def plot_curves(rows: list[dict], out: str | Path, keys: tuple[str, ...] = ("loss", "lr")) -> Path:
+    """Training curves against kimg, one panel per metric (image distances are added when present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    distances = sorted({k for r in rows for k in r if k == "fid" or k.startswith("fd_")})
+    panels = [k for k in (*keys, *distances) if any(k in r for r in rows)]
+    if not panels:
+        raise ValueError("no metrics to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        points = [(r["kimg"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points), marker="o" if len(points) < 20 else None)
+        ax.set_xlabel("kimg")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

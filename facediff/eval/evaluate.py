@@ -1,6 +1,6 @@
 """Image-distance evaluation of a model against a held-out split, in training and standalone.
 
-Generation follows the test records: each rank takes every world-th test batch and draws one image per
+Generation follows the test records: records are dealt to ranks in turn and each rank draws one image per
 record (conditioned on that record for conditional families), so samples are made on all workers and the
 metric's states are gathered across ranks by torchmetrics when `compute()` runs. Each batch has its own seed
 (eval seed, step, rank, batch index).
@@ -36,25 +36,23 @@ def evaluate_task(
     """Feed real test images (unless already in the metric) and as many generated ones
     (`eval.num_samples`, default one per test record)."""
     e = cfg.eval
-    wanted, made, real_seen, index = e.num_samples, 0, 0, 0
+    wanted, made, seen, batch_index = e.num_samples, 0, 0, 0
     for epoch in range(10**6):
         for batch in batches():
-            mine = index % world == rank
-            index += 1
             n = len(batch["image"])
-            if epoch == 0:
-                real_seen += n
-                if mine and feed_real:
-                    metric.update_real(batch["image"].float())
-            if wanted is not None and made >= wanted:
-                continue
-            take = n if wanted is None else min(n, wanted - made)
+            # records are dealt to ranks one by one, so every rank works even when batches are few
+            mine = torch.tensor([(seen + j) % world == rank for j in range(n)])
+            batch_index, seen = batch_index + 1, seen + n
+            if epoch == 0 and feed_real and mine.any():
+                metric.update_real(batch["image"][mine].float())
+            take = n if wanted is None else max(0, min(n, wanted - made))
             made += take
-            if mine:
-                cut = {k: v[:take] for k, v in batch.items()}
-                images = task.sample(take, batch_generator(e.seed, step, rank, index), e.sampler, e.steps, cut)
-                metric.update_fake(images)
-        if wanted is None or made >= wanted or real_seen == 0:
+            mine[take:] = False
+            if mine.any():
+                cut = {k: v[mine] for k, v in batch.items()}
+                generator = batch_generator(e.seed, step, rank, batch_index)
+                metric.update_fake(task.sample(int(mine.sum()), generator, e.sampler, e.steps, cut))
+        if wanted is None or made >= wanted or seen == 0:
             break
     value = float(metric.compute())  # a collective when torch.distributed is initialised
     metric.reset_fake()
@@ -64,10 +62,11 @@ def evaluate_task(
 class Evaluator:
     """In-training evaluation on every Ray Train worker with the EMA weights."""
 
-    def __init__(self, cfg: ExperimentConfig, test_shard, rank: int, world: int):
+    def __init__(self, cfg: ExperimentConfig, test_shard, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.metric = build_image_distance(cfg.eval)
-        self.task = build_task(cfg).eval()  # a plain copy that receives the EMA weights
+        # states on the worker's device: compute() all-gathers them, and NCCL only moves GPU tensors
+        self.metric = build_image_distance(cfg.eval).to(device)
+        self.task = build_task(cfg).eval().to(device)  # a plain copy that receives the EMA weights
         self.test_shard = test_shard
         self.real_done = False
 
@@ -101,9 +100,9 @@ def local_test_batches(cfg: ExperimentConfig, split: str | None = None) -> Calla
     return batches
 
 
-def evaluate_run(path: str | Path, split: str | None = None) -> dict[str, float]:
+def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str] = ()) -> dict[str, float]:
     """`facediff evaluate RUN`: the run's (or export's) EMA model against a split, in this process."""
     from facediff.sampling import load_model
 
-    cfg, task = load_model(path)
+    cfg, task = load_model(path, overrides)
     return evaluate_task(task, cfg, local_test_batches(cfg, split), build_image_distance(cfg.eval))

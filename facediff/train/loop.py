@@ -77,7 +77,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if eval_every is not None:
         from facediff.eval.evaluate import Evaluator
 
-        evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world)
+        evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)
 
     shard = ray.train.get_dataset_shard("train")
     window_loss, window_n, window_start = 0.0, 0, time.time()
@@ -92,6 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss = engine(batch, generator)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
             engine.step()
             state.batches_in_epoch = index + 1
             window_loss, window_n = window_loss + loss.item(), window_n + 1
@@ -112,7 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "kimg": state.step * ips / 1000,
                 "epoch": state.epoch,
                 "loss": _mean_across_ranks(window_loss / max(1, window_n)),
-                "lr": engine.get_lr()[0],
+                "lr": lr,
                 "ema_decay": decay,
                 "images_per_s": window_n * cfg.trainer.batch_size * world / (time.time() - window_start),
             }

@@ -1,0 +1,111 @@
+"""Images/s of facediff's training step (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers) against a plain
+`torchrun` DDP loop of the same tiny model and global batch, measured side by side in one run.
+
+    uv run python benchmarks/train_overhead.py [--kimg 1.5]
+
+Both read the same synthetic shards and skip their first steps (start-up, JIT) when timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "experiments" / "tiny_unet.yaml"
+WARMUP_STEPS = 5
+
+
+def ddp_worker(shards: str, steps: int, result: str) -> None:
+    """One torchrun rank: the same task, data decoding and AdamW, wrapped in DistributedDataParallel."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    import torch.distributed as dist
+
+    from facediff.config import load_config
+    from facediff.data.shards import shard_paths
+    from facediff.data.stream import decode_batch
+    from facediff.tasks import build_task
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(CONFIG, [f"data.path={shards}"])
+    torch.manual_seed(cfg.trainer.seed)
+    model = torch.nn.parallel.DistributedDataParallel(build_task(cfg))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
+    table = pq.concat_tables([pq.read_table(p) for p in shard_paths(shards, "train")])
+    rows = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    bs, n = cfg.trainer.batch_size, table.num_rows
+    generator = torch.Generator().manual_seed(rank)
+    start = None
+    for step in range(steps):
+        if step == WARMUP_STEPS:
+            dist.barrier()
+            start = time.perf_counter()
+        index = [(step * bs * world + rank * bs + k) % n for k in range(bs)]
+        batch = decode_batch({k: v[index] for k, v in rows.items()}, image_size=cfg.data.image_size,
+                             part_groups=None, hflip=True, seed=0, epoch=step)
+        loss = model({"image": torch.from_numpy(batch["image"])}, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        optimizer.step()
+    dist.barrier()
+    if rank == 0:
+        rate = (steps - WARMUP_STEPS) * bs * world / (time.perf_counter() - start)
+        Path(result).write_text(json.dumps({"images_per_s": rate}))
+    dist.destroy_process_group()
+
+
+def facediff_rate(run: Path) -> float:
+    from facediff.train.progress import read_metrics
+
+    rows = [r for r in read_metrics(run) if r["step"] > WARMUP_STEPS]
+    first, last = rows[0], rows[-1]
+    return (last["kimg"] - first["kimg"]) * 1000 / (last["time"] - first["time"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kimg", type=float, default=1.5)
+    parser.add_argument("--ddp-worker", nargs=3, metavar=("SHARDS", "STEPS", "RESULT"))
+    args = parser.parse_args()
+    if args.ddp_worker:
+        ddp_worker(args.ddp_worker[0], int(args.ddp_worker[1]), args.ddp_worker[2])
+        return
+
+    from facediff.config import load_config
+    from facediff.data.prepare import prepare_celebamask
+    from facediff.data.synthetic import write_synthetic_celebamask
+    from facediff.train.run import train
+
+    tmp = Path(tempfile.mkdtemp(prefix="facediff-bench-"))
+    write_synthetic_celebamask(tmp / "raw", n=256, size=64, progress=False)
+    prepare_celebamask(tmp / "raw", tmp / "shards", image_size=32, mask_size=32, rows_per_shard=32, progress=False)
+    cfg = load_config(CONFIG, [f"data.path={tmp / 'shards'}", f"trainer.storage_path={tmp / 'runs'}",
+                               f"trainer.total_kimg={args.kimg}", "trainer.zero_stage=2",
+                               "trainer.log_every_steps=5", f"trainer.checkpoint_every_kimg={args.kimg}"])
+    world, batch = cfg.trainer.num_workers, cfg.trainer.batch_size
+    steps = round(args.kimg * 1000 / (world * batch))
+    ours = facediff_rate(train(cfg))
+
+    result = tmp / "ddp.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", __file__,
+                    "--ddp-worker", str(tmp / "shards"), str(steps), str(result)],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    plain = json.loads(result.read_text())["images_per_s"]
+    print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed")
+    print(f"{'facediff (Ray Train + DeepSpeed ZeRO-2)':<42} {ours:8.1f} img/s")
+    print(f"{'plain torchrun DDP (gloo)':<42} {plain:8.1f} img/s")
+    print(f"{'ratio facediff / plain':<42} {ours / plain:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
