@@ -25,6 +25,7 @@ WARMUP_STEPS = 5
 def ddp_worker(shards: str, steps: int, result: str) -> None:
     """One torchrun rank: the same task, data decoding and AdamW, wrapped in DistributedDataParallel."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     import torch.distributed as dist
@@ -40,7 +41,7 @@ def ddp_worker(shards: str, steps: int, result: str) -> None:
     torch.manual_seed(cfg.trainer.seed)
     model = torch.nn.parallel.DistributedDataParallel(build_task(cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
-    table = pq.concat_tables([pq.read_table(p) for p in shard_paths(shards, "train")])
+    table = pa.concat_tables([pq.read_table(p) for p in shard_paths(shards, "train")])
     rows = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
     bs, n = cfg.trainer.batch_size, table.num_rows
     generator = torch.Generator().manual_seed(rank)

@@ -187,7 +187,7 @@ def evaluate(
 def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes everything")] = Path("outputs/demo"),
     n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 256,
-    kimg: Annotated[float, typer.Option(help="thousands of images to train on")] = 2.0,
+    kimg: Annotated[float, typer.Option(help="thousands of images to train on")] = 4.0,
 ) -> None:
     """End to end, offline: synthetic faces -> shards -> tiny UNet on 2 DeepSpeed workers -> samples, curves."""
     from facediff.demo import run_demo

@@ -16,7 +16,7 @@ from facediff.viz import plot_curves, preview_dataset
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_unet.yaml"
 
 
-def run_demo(out: str | Path, n: int = 256, kimg: float = 2.0) -> str:
+def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0) -> str:
     out = Path(out).resolve()
     raw, shards = out / "synthetic-celebamask", out / "shards"
     write_synthetic_celebamask(raw, n=n, size=64, seed=0)

@@ -1,5 +1,6 @@
 """Networks built from config: exact parameter counts of the paper's architectures, and real tiny forwards."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -79,3 +80,17 @@ def test_learned_sigma_half_is_dropped():
 def test_unsupported_family_is_named():
     with pytest.raises(ValueError, match=r"'gan'.*\['dit', 'unet'\]"):
         build_network(SimpleNamespace(family="gan"))
+
+
+def test_info_cli_prints_counts_and_json():
+    from typer.testing import CliRunner
+
+    from facediff.cli import app
+
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "unet_r2.yaml")
+    text = CliRunner().invoke(app, ["info", path])
+    assert text.exit_code == 0 and "25,636,483" in text.output
+    as_json = CliRunner().invoke(app, ["info", path, "--json"])
+    assert json.loads(as_json.output) == [{"name": "unet", "class": "UNet2DModel", "trainable": 25636483, "frozen": 0}]
+    bad = CliRunner().invoke(app, ["info", path, "model.layers_per_blok=3"])
+    assert bad.exit_code == 2 and "command line: model.layers_per_blok: unknown key" in bad.output

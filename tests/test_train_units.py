@@ -8,7 +8,7 @@ from torch import nn
 
 from facediff import diffusion
 from facediff.config.schema import DiffusionConfig, EMAConfig
-from facediff.train.ema import EMA
+from facediff.train.ema import EMA, copy_weights
 from facediff.train.engine import deepspeed_config, lr_factor, total_steps
 
 
@@ -38,6 +38,12 @@ def test_ema_tracks_and_lags_the_weights():
     copy = nn.Linear(4, 4)
     ema.copy_to(copy)
     assert torch.allclose(copy.weight, expected) and not torch.allclose(copy.weight, net.weight)
+
+
+def test_copy_weights_takes_the_trained_weights():
+    source, target = nn.Linear(3, 3), nn.Linear(3, 3)
+    copy_weights(source, target)
+    assert torch.equal(source.weight, target.weight) and torch.equal(source.bias, target.bias)
 
 
 def test_ema_warmup_and_state_round_trip():

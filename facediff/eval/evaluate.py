@@ -21,6 +21,7 @@ from facediff.data.stream import decode_batch
 from facediff.eval.metrics import build_image_distance
 from facediff.sampling import batch_generator
 from facediff.tasks import DiffusionTask, build_task
+from facediff.train.ema import copy_weights
 
 
 def evaluate_task(
@@ -74,8 +75,12 @@ class Evaluator:
         return self.test_shard.iter_torch_batches(batch_size=self.cfg.eval.batch_size, drop_last=False)
 
     @torch.no_grad()
-    def evaluate(self, ema, step: int) -> dict[str, float]:
-        ema.copy_to(self.task)
+    def evaluate(self, ema, trained: torch.nn.Module, step: int) -> dict[str, float]:
+        """Evaluate the EMA weights (or, with `eval.use_ema: false`, the trained weights themselves)."""
+        if self.cfg.eval.use_ema:
+            ema.copy_to(self.task)
+        else:
+            copy_weights(trained, self.task)
         # the real statistics are fixed: feed them once, keep them between evaluations
         result = evaluate_task(self.task, self.cfg, self._batches, self.metric, step, self.rank, self.world,
                                feed_real=not self.real_done)

@@ -29,6 +29,17 @@ def gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
+@torch.no_grad()
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy `source`'s trainable weights (full, gathered under ZeRO-3) into a plain copy of the network."""
+    names = [name for name, p in source.named_parameters() if p.requires_grad]
+    src, dst = dict(source.named_parameters()), dict(target.named_parameters())
+    params = [src[name] for name in names]
+    with gathered(params):
+        for name, p in zip(names, params):
+            dst[name].copy_(p.detach().to(dtype=dst[name].dtype, device=dst[name].device))
+
+
 class EMA:
     def __init__(self, module: nn.Module, cfg: EMAConfig):
         self.cfg = cfg

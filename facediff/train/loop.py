@@ -118,7 +118,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "images_per_s": window_n * cfg.trainer.batch_size * world / (time.time() - window_start),
             }
             if eval_now:
-                metrics.update(evaluator.evaluate(ema, state.step))
+                metrics.update(evaluator.evaluate(ema, engine.module, state.step))
             if run_log is not None:
                 run_log.write(metrics)
             _report(metrics, engine, ema, state, generator, rank, save_now)
