@@ -1,5 +1,7 @@
 """Shared pytest fixtures. Add new fixtures below; keep each one independent of the others."""
 
+from pathlib import Path
+
 import pytest
 
 # Declare more logical CPUs than this 2-core machine has: with num_cpus=2, two Train workers at 1 CPU each
@@ -23,7 +25,7 @@ def ray_session():
         ray.shutdown()
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

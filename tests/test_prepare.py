@@ -157,3 +157,20 @@ def test_parts_painted_in_official_order(tmp_path):
     assert label_map[7, 7] == PART_LABELS["hair"] and label_map[9, 7] == PART_LABELS["nose"]
     assert label_map[15, 15] == PART_LABELS["skin"]
     np.testing.assert_array_equal(label_map, paint_label_map(masks, (size, size)))
+
+
+def test_ray_job_entry_point_runs_the_same_preparation(tmp_path):
+    """`ray job submit ... -- python ray_jobs/prepare.py ...` runs the CLI's code as a plain script."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "ray_jobs" / "prepare.py"
+    run = lambda *args: subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)  # noqa: E731
+    made = run("synthetic", str(tmp_path / "raw"), "--n", "12", "--size", "32", "--workers", "1")
+    assert made.returncode == 0, made.stderr
+    done = run("celebamask", str(tmp_path / "raw"), str(tmp_path / "out"), "--image-size", "32", "--mask-size", "16")
+    assert done.returncode == 0, done.stderr
+    assert read_manifest(tmp_path / "out")["counts"] == {"train": 11, "test": 1}
+    bad = run("celebamask", str(tmp_path / "nowhere"), str(tmp_path / "out2"))
+    assert bad.returncode == 2 and "required folder not found" in bad.stderr
