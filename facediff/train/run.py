@@ -8,6 +8,8 @@ schedule, EMA and data position from there.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from pathlib import Path
 
 import ray
@@ -61,13 +63,28 @@ def load_task_with_ema(cfg: ExperimentConfig, checkpoint_dir: Path) -> Diffusion
     return task.eval()
 
 
+def init_ray(cfg: ExperimentConfig) -> None:
+    """Join the running cluster, or start a local instance that leaves Ray Data a CPU beside the workers.
+
+    With as many logical CPUs as cores, workers of one CPU each can take them all; Ray Data then never gets
+    one and training waits forever without an error. Logical CPUs are only a scheduling budget, so a local
+    instance declares enough for the workers plus one.
+    """
+    if ray.is_initialized():
+        return
+    wanted = cfg.trainer.num_workers * cfg.trainer.resources_per_worker.get("CPU", 1.0) + 1
+    try:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)))
+    except ValueError:  # a cluster is already running (`ray start`, `ray job submit`): use it as it is
+        ray.init()
+
+
 def train(cfg: ExperimentConfig, fault: dict | None = None) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder."""
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    if not ray.is_initialized():
-        ray.init()
+    init_ray(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "log_dir": str(out), "fault": fault},
