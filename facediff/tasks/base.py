@@ -18,9 +18,10 @@ from facediff.config.schema import ExperimentConfig
 class DiffusionTask(nn.Module, ABC):
     EXPORT_CONFIG = "facediff.yaml"
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, load_pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.load_pretrained = load_pretrained
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

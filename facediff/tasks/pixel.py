@@ -15,8 +15,8 @@ from facediff.tasks.base import DiffusionTask
 
 
 class PixelDiffusion(DiffusionTask):
-    def __init__(self, cfg: ExperimentConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ExperimentConfig, load_pretrained: bool = True):
+        super().__init__(cfg, load_pretrained)
         self.family = cfg.model.family
         self.net = build_network(cfg.model)
         self.scheduler = diffusion.build_noise_scheduler(cfg.diffusion)

@@ -59,8 +59,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank
-    task = build_task(cfg).to(device)
+    torch.manual_seed(cfg.trainer.seed)  # the global RNG (dropout) starts seeded too
+    task = build_task(cfg).to(device)  # seeded itself: identical initial weights on every rank
     engine = build_engine(task, cfg, world)
     ema = EMA(engine.module, cfg.trainer.ema)
     generator = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank)
