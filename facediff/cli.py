@@ -155,13 +155,29 @@ def sample(
     seed: int = 0,
     batch_size: int = 32,
     individual: Annotated[Optional[Path], typer.Option(help="also write each image into this folder")] = None,
+    attributes: Annotated[Optional[str], typer.Option(
+        help="conditional models: comma-separated attribute names set to 1 (all others 0), e.g. Smiling,Male")] = None,
+    from_test: Annotated[bool, typer.Option(
+        help="conditional models: condition sample k on test record k (attributes and part masks)")] = False,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="key=value config overrides, "
+                                                           "e.g. eval.attribute_guidance=3")] = None,
 ) -> None:
     """Draw samples from a trained model into a PNG grid."""
-    from facediff.sampling import generate, load_model, save_samples
+    from facediff.sampling import attribute_vector, generate, load_model, save_samples, record_conditions
 
     try:
-        _, task = load_model(model)
-        images = generate(task, n, sampler, steps, seed, batch_size)
+        cfg, task = load_model(model, overrides or [])
+        conditional = cfg.model.family == "lc_unet"
+        if (attributes is not None or from_test) and not conditional:
+            raise ValueError(f"{model}: a {cfg.model.family!r} model is unconditional; drop --attributes/--from-test")
+        if conditional and (attributes is None) == (not from_test):
+            raise ValueError("a conditional model needs exactly one of --attributes NAMES or --from-test")
+        conditions = None
+        if from_test:
+            conditions = record_conditions(cfg, n)
+        elif attributes is not None:
+            conditions = {"attributes": attribute_vector(attributes).expand(n, -1)}
+        images = generate(task, n, sampler, steps, seed, batch_size, conditions)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
     typer.echo(f"wrote {save_samples(images, out, individual)}")
@@ -187,12 +203,36 @@ def evaluate(
 def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes everything")] = Path("outputs/demo"),
     n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 256,
-    kimg: Annotated[float, typer.Option(help="thousands of images to train on")] = 4.0,
+    kimg: Annotated[float, typer.Option(help="thousands of images to train each model on")] = 4.0,
+    conditional: Annotated[bool, typer.Option(help="also the latent attribute-conditioned stage")] = True,
 ) -> None:
-    """End to end, offline: synthetic faces -> shards -> tiny UNet on 2 DeepSpeed workers -> samples, curves."""
+    """End to end, offline: synthetic faces -> shards -> tiny pixel UNet and tiny latent conditional UNet, each on
+    2 DeepSpeed workers -> samples, an attribute sweep, curves."""
     from facediff.demo import run_demo
 
-    typer.echo(run_demo(out, n=n, kimg=kimg))
+    typer.echo(run_demo(out, n=n, kimg=kimg, conditional=conditional))
+
+
+@app.command("fit-autoencoder")
+def fit_autoencoder(
+    path: Annotated[Path, typer.Argument(help="experiment config whose model.autoencoder is fitted (a tiny preset)")],
+    out: Annotated[Path, typer.Argument(help="folder for the fitted autoencoder (diffusers format)")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. data.path=...")] = None,
+    steps: int = 400,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+) -> None:
+    """Fit a small autoencoder for reconstruction on the shards; name it with model.autoencoder.pretrained=OUT."""
+    from facediff.train.autoencoder import fit_autoencoder as run
+
+    cfg = _load(path, overrides)
+    if cfg.model.family != "lc_unet":
+        _fail(f"{path}: model family {cfg.model.family!r} has no autoencoder")
+    try:
+        result = run(cfg, out, steps=steps, batch_size=batch_size, lr=lr, seed=cfg.trainer.seed)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out}: reconstruction MSE {result['mse_before']:.4f} -> {result['mse_after']:.4f}")
 
 
 def main() -> None:  # pragma: no cover

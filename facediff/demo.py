@@ -1,4 +1,10 @@
-"""`facediff demo`: the whole pipeline on the embedded synthetic faces, offline, in minutes on 2 CPU cores."""
+"""`facediff demo`: the whole pipeline on the embedded synthetic faces, offline, on 2 CPU cores.
+
+Stage 1, pixel space: synthetic faces -> shards -> a tiny UNet trained by Ray Train on 2 DeepSpeed workers ->
+samples and curves. Stage 2, latent conditional: a tiny VQ autoencoder fitted on the same shards -> a tiny
+attribute-conditioned UNet over its latents -> an attribute sweep (each row one test face's attributes, each
+column one attribute switched, the same noise along a row).
+"""
 
 from __future__ import annotations
 
@@ -8,40 +14,89 @@ from pathlib import Path
 from facediff.config import load_config
 from facediff.data.prepare import prepare_celebamask
 from facediff.data.synthetic import write_synthetic_celebamask
-from facediff.sampling import generate, load_model, save_samples
+from facediff.sampling import attribute_sweep, generate, load_model, record_conditions, save_samples
+from facediff.train.autoencoder import fit_autoencoder
 from facediff.train.progress import read_metrics
 from facediff.train.run import train
-from facediff.viz import plot_curves, preview_dataset
+from facediff.viz import labelled_grid, plot_curves, preview_dataset
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_unet.yaml"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+CONFIG = EXPERIMENTS / "tiny_unet.yaml"
+CONDITIONAL_CONFIG = EXPERIMENTS / "tiny_lc_unet.yaml"
+HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
+# Column label -> attribute edits; all are visible on the synthetic faces (see facediff/data/synthetic.py).
+SWEEP = {
+    "as is": {},
+    "glasses": {"Eyeglasses": 1.0},
+    "hat": {"Wearing_Hat": 1.0},
+    "blond": {**{h: 0.0 for h in HAIR_COLOURS}, "Blond_Hair": 1.0},
+    "black": {**{h: 0.0 for h in HAIR_COLOURS}, "Black_Hair": 1.0},
+    "earring": {"Wearing_Earrings": 1.0},
+}
 
 
-def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0) -> str:
-    out = Path(out).resolve()
-    raw, shards = out / "synthetic-celebamask", out / "shards"
-    write_synthetic_celebamask(raw, n=n, size=64, seed=0)
-    manifest = prepare_celebamask(raw, shards, image_size=32, mask_size=32, rows_per_shard=32, overwrite=True)
-    preview = preview_dataset(shards, out / "preview.png")
-    cfg = load_config(CONFIG, [
-        f"data.path={shards}", f"trainer.storage_path={out / 'runs'}", f"trainer.total_kimg={kimg}",
-        f"trainer.checkpoint_every_kimg={kimg / 2}", f"eval.every_kimg={kimg}", "eval.steps=20",
-    ])
-    shutil.rmtree(out / "runs", ignore_errors=True)  # the demo starts over rather than resuming a finished run
-    run = train(cfg)
+def _distances(row: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k == "fid" or k.startswith(("fd_", "attr_acc")))
+
+
+def _run_overrides(shards: Path, runs: Path, kimg: float) -> list[str]:
+    return [f"data.path={shards}", f"trainer.storage_path={runs}", f"trainer.total_kimg={kimg}",
+            f"trainer.checkpoint_every_kimg={kimg / 2}", f"eval.every_kimg={kimg}", "eval.steps=20"]
+
+
+def pixel_stage(out: Path, shards: Path, kimg: float) -> list[str]:
+    run = train(load_config(CONFIG, _run_overrides(shards, out / "runs", kimg)))
     rows = read_metrics(run)
     curves = plot_curves(rows, out / "curves.png")
     _, task = load_model(run)
     grid = save_samples(generate(task, 16, "ddim", 50, seed=0), out / "samples.png")
     last = rows[-1]
-    distance = ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k == "fid" or k.startswith("fd_"))
-    return "\n".join([
+    return [
+        f"  pixel UNet run                 {run}",
+        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {_distances(last)}",
+        f"  exported diffusers model       {run / 'export'}",
+        f"  sample grid                    {grid}",
+        f"  loss / metric curves           {curves}",
+    ]
+
+
+def conditional_stage(out: Path, shards: Path, kimg: float) -> list[str]:
+    overrides = _run_overrides(shards, out / "runs", kimg)
+    fitted = fit_autoencoder(load_config(CONDITIONAL_CONFIG, overrides), out / "autoencoder")
+    cfg = load_config(CONDITIONAL_CONFIG, overrides + [f"model.autoencoder.pretrained={out / 'autoencoder'}"])
+    run = train(cfg)
+    rows = read_metrics(run)
+    curves = plot_curves(rows, out / "conditional_curves.png", keys=("loss", "loss_mse", "loss_infonce"))
+    _, task = load_model(run)
+    images = attribute_sweep(task, record_conditions(cfg, 4), list(SWEEP.values()), "ddim", 50, seed=0)
+    sweep = out / "attribute_sweep.png"
+    labelled_grid(images, ncols=len(SWEEP), column_labels=list(SWEEP)).save(sweep)
+    last = rows[-1]
+    return [
+        f"  fitted tiny VQ autoencoder     {out / 'autoencoder'}  (reconstruction MSE "
+        f"{fitted['mse_before']:.3f} -> {fitted['mse_after']:.3f})",
+        f"  conditional UNet run           {run}",
+        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f} "
+        f"(InfoNCE {last.get('loss_infonce', float('nan')):.3f}); {_distances(last)}",
+        f"  attribute sweep                {sweep}  (columns: {', '.join(SWEEP)})",
+        f"  loss curves                    {curves}",
+    ]
+
+
+def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0, conditional: bool = True) -> str:
+    out = Path(out).resolve()
+    raw, shards = out / "synthetic-celebamask", out / "shards"
+    write_synthetic_celebamask(raw, n=n, size=64, seed=0)
+    manifest = prepare_celebamask(raw, shards, image_size=32, mask_size=32, rows_per_shard=32, overwrite=True)
+    preview = preview_dataset(shards, out / "preview.png")
+    shutil.rmtree(out / "runs", ignore_errors=True)  # the demo starts over rather than resuming a finished run
+    lines = [
         "facediff demo finished:",
         f"  synthetic CelebAMask-HQ tree   {raw}",
         f"  Parquet shards + manifest      {shards}  {manifest['counts']}",
         f"  dataset preview                {preview}",
-        f"  run (checkpoints, TensorBoard) {run}",
-        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {distance}",
-        f"  exported diffusers model       {run / 'export'}",
-        f"  sample grid                    {grid}",
-        f"  loss / metric curves           {curves}",
-    ])
+        *pixel_stage(out, shards, kimg),
+    ]
+    if conditional:
+        lines += conditional_stage(out, shards, kimg)
+    return "\n".join(lines)

@@ -86,8 +86,10 @@ def sample(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    clip: float | None = 1.0,
 ) -> torch.Tensor:
-    """Run the reverse process from pure noise; returns x0 in [-1, 1]. Noise comes from `generator` (CPU)."""
+    """Run the reverse process from pure noise and return x0, clamped to [-clip, clip] (images: 1; latents,
+    which are not bounded: None). Noise comes from `generator` (CPU)."""
     scheduler.set_timesteps(steps, device=device)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     x = x * scheduler.init_noise_sigma
@@ -95,4 +97,4 @@ def sample(
         model_input = scheduler.scale_model_input(x, t)
         output = model_fn(model_input, t.expand(shape[0]).to(device))
         x = scheduler.step(output, t, x, generator=generator).prev_sample
-    return x.clamp(-1, 1)
+    return x if clip is None else x.clamp(-clip, clip)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from facediff.config import load_config
 from facediff.config.schema import ExperimentConfig
+from facediff.data.celebamask import ATTRIBUTE_NAMES
 from facediff.tasks import DiffusionTask, build_task
 from facediff.viz import image_grid
 
@@ -45,7 +46,7 @@ def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentC
         return cfg, load_task_with_ema(cfg, ckpt)
     if (path / EXPORT_CONFIG).is_file():
         cfg = load_config(path / EXPORT_CONFIG, list(overrides))
-        task = build_task(cfg)
+        task = build_task(cfg, load_pretrained=False)  # the export holds every weight, frozen ones included
         task.load_exported(path)
         return cfg, task.eval()
     raise FileNotFoundError(f"{path}: neither a run folder (config.yaml) nor an exported model ({EXPORT_CONFIG})")
@@ -56,12 +57,42 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def generate(task: DiffusionTask, n: int, sampler: str, steps: int, seed: int, batch_size: int = 32) -> np.ndarray:
+def generate(task: DiffusionTask, n: int, sampler: str, steps: int, seed: int, batch_size: int = 32,
+             conditions: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """`n` samples as uint8 (N, H, W, 3); `conditions` holds one row per sample for conditional families."""
     out = []
     for b, start in enumerate(range(0, n, batch_size)):
-        images = task.sample(min(batch_size, n - start), batch_generator(seed, b), sampler, steps)
-        out.append(to_uint8(images))
+        stop = min(n, start + batch_size)
+        batch = None if conditions is None else {k: v[start:stop] for k, v in conditions.items()}
+        out.append(to_uint8(task.sample(stop - start, batch_generator(seed, b), sampler, steps, batch)))
     return np.concatenate(out)
+
+
+def attribute_vector(names: str) -> torch.Tensor:
+    """"Smiling,Eyeglasses" -> a (40,) multi-hot vector with exactly the named attributes set."""
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in ATTRIBUTE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown attributes {unknown}; the 40 CelebA attributes are: {', '.join(ATTRIBUTE_NAMES)}")
+    return torch.tensor([float(name in wanted) for name in ATTRIBUTE_NAMES])
+
+
+def record_conditions(cfg: ExperimentConfig, n: int, split: str | None = None) -> dict[str, torch.Tensor]:
+    """Attributes (and part masks) of the first `n` records of the evaluation split, cycled if it is smaller."""
+    from facediff.eval.evaluate import local_test_batches
+
+    rows: dict[str, list[torch.Tensor]] = {}
+    for batch in local_test_batches(cfg, split)():
+        for key in ("id", "attributes", "part_masks"):
+            if key in batch:
+                rows.setdefault(key, []).append(batch[key])
+        if sum(len(t) for t in rows["id"]) >= n:
+            break
+    if not rows:
+        raise ValueError(f"{cfg.data.path}: split {split or cfg.data.eval_split!r} has no records")
+    columns = {k: torch.cat(v) for k, v in rows.items()}
+    index = torch.arange(n) % len(columns["id"])
+    return {k: v[index] for k, v in columns.items()}
 
 
 def save_samples(images: np.ndarray, grid: Path, individual_dir: Path | None = None) -> Path:
@@ -73,3 +104,22 @@ def save_samples(images: np.ndarray, grid: Path, individual_dir: Path | None = N
         for k, image in enumerate(images):
             Image.fromarray(image).save(individual_dir / f"{k:05d}.png")
     return grid
+
+
+def attribute_sweep(task: DiffusionTask, conditions: dict[str, torch.Tensor], columns: list[dict[str, float]],
+                    sampler: str, steps: int, seed: int) -> np.ndarray:
+    """One row per conditioning record, one column per attribute edit ({} = the record as it is).
+
+    Every image of a row starts from the same noise (seed, row), so a row shows what the edited attributes change,
+    not a different draw. Returns (rows * len(columns), H, W, 3) uint8, row-major.
+    """
+    images = []
+    for row in range(len(conditions["attributes"])):
+        record = {k: v[row : row + 1] for k, v in conditions.items()}
+        for edits in columns:
+            attributes = record["attributes"].clone()
+            for name, value in edits.items():
+                attributes[0, ATTRIBUTE_NAMES.index(name)] = value
+            batch = {**record, "attributes": attributes}
+            images.append(to_uint8(task.sample(1, batch_generator(seed, row), sampler, steps, batch)))
+    return np.concatenate(images)

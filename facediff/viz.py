@@ -42,6 +42,20 @@ def image_grid(images: np.ndarray | list[np.ndarray], ncols: int | None = None, 
     return Image.fromarray(canvas)
 
 
+def labelled_grid(images: np.ndarray, ncols: int, column_labels: list[str], pad: int = 2,
+                  header: int = 14) -> Image.Image:
+    """`image_grid` with a text label above each column (PIL's built-in font, no font files needed)."""
+    from PIL import ImageDraw
+
+    grid = image_grid(images, ncols=ncols, pad=pad)
+    canvas = Image.new("RGB", (grid.width, grid.height + header), "white")
+    canvas.paste(grid, (0, header))
+    draw, width = ImageDraw.Draw(canvas), np.asarray(images).shape[2]
+    for c, label in enumerate(column_labels[:ncols]):
+        draw.text((pad + c * (width + pad), 1), label[: max(1, width // 6)], fill="black")
+    return canvas
+
+
 def preview_dataset(dataset: str | Path, out: str | Path, split: str = "train", n: int = 16) -> Path:
     """A PNG of the first `n` records of a prepared split: each face beside its coloured part map."""
     tiles = []

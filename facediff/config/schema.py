@@ -137,6 +137,8 @@ class AutoencoderConfig(PretrainedRef):
 
 
 class AttributeEmbedderConfig(Strict):
+    """MLP from the 40-d multi-hot attribute vector to `tokens` cross-attention tokens of width `dim`."""
+
     hidden: list[PositiveInt] = [512, 512]
     dim: PositiveInt = 256
     tokens: PositiveInt = 1
@@ -144,13 +146,19 @@ class AttributeEmbedderConfig(Strict):
 
 
 class MaskEncoderConfig(PretrainedRef):
+    """SegFormer over the grouped part masks (`data.part_groups`), pooled and projected to `proj_dim`."""
+
     input: Literal["channels", "labels"] = "channels"
     frozen: bool = True
     proj_dim: PositiveInt = 128
 
 
 class LatentConditionalModelConfig(Strict):
-    """`UNet2DConditionModel` over a frozen autoencoder, conditioned on attributes (and part masks)."""
+    """`UNet2DConditionModel` over a frozen autoencoder, conditioned on attributes (and part masks).
+
+    The UNet fields are its constructor arguments; `sample_size`/`in_channels` must match the autoencoder's
+    latents at `data.image_size` (checked when the task is built).
+    """
 
     family: Literal["lc_unet"] = "lc_unet"
     sample_size: PositiveInt = 64
@@ -164,11 +172,24 @@ class LatentConditionalModelConfig(Strict):
     attention_head_dim: PositiveInt = 8
     cross_attention_dim: PositiveInt = 256
     use_linear_projection: bool = True
+    norm_num_groups: PositiveInt = 32
     autoencoder: AutoencoderConfig
     attribute_embedder: AttributeEmbedderConfig = AttributeEmbedderConfig()
-    mask_encoder: MaskEncoderConfig | None = None
-    attribute_dropout: UnitFloat = 0.1  # condition dropout for classifier-free guidance
+    mask_encoder: MaskEncoderConfig | None = None  # None: attributes only
+    # Condition dropout for classifier-free guidance: each sample's attributes (masks) are replaced by a learned
+    # null condition with this probability, independently.
+    attribute_dropout: UnitFloat = 0.1
     mask_dropout: UnitFloat = 0.1
+
+    @model_validator(mode="after")
+    def _blocks_match(self):
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                f"block_out_channels has {n} entries but down_block_types has {len(self.down_block_types)} "
+                f"and up_block_types {len(self.up_block_types)}"
+            )
+        return self
 
 
 class LoRAConfig(Strict):
@@ -279,7 +300,10 @@ class EvalConfig(Strict):
     batch_size: PositiveInt = 32
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
     steps: PositiveInt = 50
-    guidance_scale: Annotated[float, Field(ge=0)] = 1.0
+    # Classifier-free guidance of conditional families, per condition (1 = conditional model alone, 0 = drop it):
+    # eps = eps(0,0) + s_a (eps(a,0) - eps(0,0)) + s_m (eps(a,m) - eps(a,0)).
+    attribute_guidance: Annotated[float, Field(ge=0)] = 1.0
+    mask_guidance: Annotated[float, Field(ge=0)] = 1.0
     seed: int = 1234
     use_ema: bool = True
     inception_weights: str | None = None  # a local FID Inception checkpoint; else the torch hub cache
@@ -297,6 +321,16 @@ class ExperimentConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _sections_agree(self):
+        model = self.model
+        if isinstance(model, LatentConditionalModelConfig) and model.mask_encoder and self.data.part_groups == "none":
+            raise ValueError("model.mask_encoder encodes part masks, but data.part_groups is 'none': "
+                             "set data.part_groups (e.g. default) or remove the mask encoder")
+        if self.data.use_latents and not isinstance(model, LatentConditionalModelConfig):
+            raise ValueError(f"data.use_latents needs a latent model family, not {model.family!r}")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------- tune

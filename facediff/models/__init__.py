@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DiTTransformer2DModel
 
+from facediff.models.conditional import build_conditional_unet
 from facediff.models.dit import build_dit, class_labels
 from facediff.models.unet import build_unet
 
@@ -19,6 +20,7 @@ from facediff.models.unet import build_unet
 BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "unet": build_unet,
     "dit": build_dit,
+    "lc_unet": build_conditional_unet,  # the UNet alone; its task adds the autoencoder and condition encoder
 }
 
 

@@ -1,8 +1,8 @@
 """Parameter counts of the networks a config builds, without paying for their weights.
 
-`describe` builds each network under `torch.device("meta")`: parameters get shapes but no storage and no random
-init, so even the 289M-parameter UNet costs milliseconds and no memory, and counts are exact (they depend only on
-shapes). A builder that needs real tensors while constructing (e.g. one that loads weights) is retried on CPU.
+`describe` builds the task under `torch.device("meta")`, pretrained networks from their shipped architecture
+(no weights read): parameters get shapes but no storage and no random init, so even the 289M-parameter UNet
+costs milliseconds and no memory, and counts are exact (they depend only on shapes). A build that needs real tensors while constructing is retried on CPU.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from facediff.config.schema import ExperimentConfig
-from facediff.models import build_network
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
@@ -24,16 +23,25 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
-def _build_shapes_only(model_cfg) -> torch.nn.Module:
+def _build_shapes_only(cfg: ExperimentConfig):
+    from facediff.tasks import build_task
+
     try:
         with torch.device("meta"):
-            return build_network(model_cfg)
+            return build_task(cfg, load_pretrained=False)
     except (NotImplementedError, RuntimeError):
-        return build_network(model_cfg)
+        return build_task(cfg, load_pretrained=False)
 
 
 def describe(cfg: ExperimentConfig) -> list[dict]:
-    """One row per network the config builds: {"name", "class", "trainable", "frozen"}."""
-    net = _build_shapes_only(cfg.model)
-    trainable, frozen = count_parameters(net)
-    return [{"name": cfg.model.family, "class": type(net).__name__, "trainable": trainable, "frozen": frozen}]
+    """One row per network the config builds ({"name", "class", "trainable", "frozen"}), and a "total" row over
+    the whole task when it has several (it includes small parameters no single network owns)."""
+    task = _build_shapes_only(cfg)
+    rows = []
+    for name, net in task.networks().items():
+        trainable, frozen = count_parameters(net)
+        rows.append({"name": name, "class": type(net).__name__, "trainable": trainable, "frozen": frozen})
+    if len(rows) > 1:
+        trainable, frozen = count_parameters(task)
+        rows.append({"name": "total", "class": type(task).__name__, "trainable": trainable, "frozen": frozen})
+    return rows

@@ -6,9 +6,14 @@ import torch
 
 from facediff.config.schema import ExperimentConfig
 from facediff.tasks.base import DiffusionTask
+from facediff.tasks.latent import LatentConditionalDiffusion
 from facediff.tasks.pixel import PixelDiffusion
 
-TASKS: dict[str, type[DiffusionTask]] = {"unet": PixelDiffusion, "dit": PixelDiffusion}
+TASKS: dict[str, type[DiffusionTask]] = {
+    "unet": PixelDiffusion,
+    "dit": PixelDiffusion,
+    "lc_unet": LatentConditionalDiffusion,
+}
 
 
 def build_task(cfg: ExperimentConfig, load_pretrained: bool = True) -> DiffusionTask:

@@ -80,7 +80,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)
 
     shard = ray.train.get_dataset_shard("train")
-    window_loss, window_n, window_start = 0.0, 0, time.time()
+    window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
     while state.step < total:
         batches = iter_train_batches(
             shard, cfg.trainer.batch_size, device=device, local_shuffle_buffer_size=SHUFFLE_BUFFER,
@@ -96,6 +96,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.step()
             state.batches_in_epoch = index + 1
             window_loss, window_n = window_loss + loss.item(), window_n + 1
+            for name, value in getattr(engine.module, "loss_terms", {}).items():  # e.g. loss_mse, loss_infonce
+                window_terms[name] = window_terms.get(name, 0.0) + float(value)
             if not boundary:
                 continue
             state.step += 1
@@ -113,6 +115,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "kimg": state.step * ips / 1000,
                 "epoch": state.epoch,
                 "loss": _mean_across_ranks(window_loss / max(1, window_n)),
+                **{name: _mean_across_ranks(total / max(1, window_n)) for name, total in sorted(window_terms.items())},
                 "lr": lr,
                 "ema_decay": decay,
                 "images_per_s": window_n * cfg.trainer.batch_size * world / (time.time() - window_start),
@@ -122,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if run_log is not None:
                 run_log.write(metrics)
             _report(metrics, engine, ema, state, generator, rank, save_now)
-            window_loss, window_n, window_start = 0.0, 0, time.time()
+            window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
             if done:
                 break
         else:
