@@ -81,7 +81,7 @@ def test_descent_pulls_positives_together():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert F.cosine_similarity(emb[0], emb[1], dim=0).item() > before
     assert F.cosine_similarity(emb[0], emb[2], dim=0).item() < F.cosine_similarity(emb[0], emb[1], dim=0).item()

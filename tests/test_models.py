@@ -78,7 +78,7 @@ def test_learned_sigma_half_is_dropped():
 
 
 def test_unsupported_family_is_named():
-    with pytest.raises(ValueError, match=r"'gan'.*\['dit', 'unet'\]"):
+    with pytest.raises(ValueError, match=r"'gan'.*\['dit', 'lc_unet', 'unet'\]"):
         build_network(SimpleNamespace(family="gan"))
 
 

@@ -122,6 +122,18 @@ class LatentCodec(nn.Module):
         z = latents.to(device=p.device, dtype=p.dtype) / self.scaling_factor + self.shift_factor
         return self.model.decode(z).sample.clamp(-1.0, 1.0)
 
+    @property
+    def subfolder(self) -> str:
+        """Where exports keep the autoencoder, as diffusers pipelines name it."""
+        return "vqvae" if self.kind == "vq" else "vae"
+
+    def save_pretrained(self, folder) -> None:
+        self.model.save_pretrained(folder)
+
+    def load_pretrained(self, folder) -> None:
+        """Replace the weights with those of a diffusers folder (an export's `vqvae/` or `vae/`)."""
+        self.model = CLASSES[self.kind].from_pretrained(folder).requires_grad_(False).eval()
+
     def describe(self) -> dict[str, Any]:
         """What a latent cache records about the codec that made it."""
         return {"kind": self.kind, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
