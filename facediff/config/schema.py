@@ -304,6 +304,9 @@ class EvalConfig(Strict):
     # eps = eps(0,0) + s_a (eps(a,0) - eps(0,0)) + s_m (eps(a,m) - eps(a,0)).
     attribute_guidance: Annotated[float, Field(ge=0)] = 1.0
     mask_guidance: Annotated[float, Field(ge=0)] = 1.0
+    # Conditional families: read the requested attributes back from the samples with a reader trained (once,
+    # cached beside the shards) on the training split, and report balanced accuracy `attr_acc` beside the distance.
+    attribute_accuracy: bool = True
     seed: int = 1234
     use_ema: bool = True
     inception_weights: str | None = None  # a local FID Inception checkpoint; else the torch hub cache

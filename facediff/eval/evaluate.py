@@ -24,6 +24,16 @@ from facediff.tasks import DiffusionTask, build_task
 from facediff.train.ema import copy_weights
 
 
+def build_attribute_metric(cfg: ExperimentConfig):
+    """Attribute-control accuracy for conditional families (None otherwise, or when `eval.attribute_accuracy` is
+    off). The reader is trained on the first call for a dataset and image size, then read from its cache."""
+    if cfg.model.family != "lc_unet" or not cfg.eval.attribute_accuracy:
+        return None
+    from facediff.eval.attributes import AttributeAccuracy, load_or_train_attribute_reader
+
+    return AttributeAccuracy(load_or_train_attribute_reader(cfg.data.path, cfg.data.image_size, progress=False))
+
+
 def evaluate_task(
     task: DiffusionTask,
     cfg: ExperimentConfig,
@@ -33,9 +43,11 @@ def evaluate_task(
     rank: int = 0,
     world: int = 1,
     feed_real: bool = True,
+    attribute_metric=None,
 ) -> dict[str, float]:
     """Feed real test images (unless already in the metric) and as many generated ones
-    (`eval.num_samples`, default one per test record)."""
+    (`eval.num_samples`, default one per test record); with `attribute_metric`, also read the conditioned
+    attributes back from the generated images."""
     e = cfg.eval
     wanted, made, seen, batch_index = e.num_samples, 0, 0, 0
     for epoch in range(10**6):
@@ -52,12 +64,18 @@ def evaluate_task(
             if mine.any():
                 cut = {k: v[mine] for k, v in batch.items()}
                 generator = batch_generator(e.seed, step, rank, batch_index)
-                metric.update_fake(task.sample(int(mine.sum()), generator, e.sampler, e.steps, cut))
+                fake = task.sample(int(mine.sum()), generator, e.sampler, e.steps, cut)
+                metric.update_fake(fake)
+                if attribute_metric is not None:
+                    attribute_metric.update(fake, cut["attributes"])
         if wanted is None or made >= wanted or seen == 0:
             break
-    value = float(metric.compute())  # a collective when torch.distributed is initialised
+    result = {metric.name: float(metric.compute())}  # a collective when torch.distributed is initialised
     metric.reset_fake()
-    return {metric.name: value}
+    if attribute_metric is not None:
+        result.update(attribute_metric.compute())  # a collective too
+        attribute_metric.reset()
+    return result
 
 
 class Evaluator:
@@ -67,6 +85,9 @@ class Evaluator:
         self.cfg, self.rank, self.world = cfg, rank, world
         # states on the worker's device: compute() all-gathers them, and NCCL only moves GPU tensors
         self.metric = build_image_distance(cfg.eval).to(device)
+        self.attribute_metric = build_attribute_metric(cfg)
+        if self.attribute_metric is not None:
+            self.attribute_metric = self.attribute_metric.to(device)
         self.task = build_task(cfg).eval().to(device)  # a plain copy that receives the EMA weights
         self.test_shard = test_shard
         self.real_done = False
@@ -83,7 +104,7 @@ class Evaluator:
             copy_weights(trained, self.task)
         # the real statistics are fixed: feed them once, keep them between evaluations
         result = evaluate_task(self.task, self.cfg, self._batches, self.metric, step, self.rank, self.world,
-                               feed_real=not self.real_done)
+                               feed_real=not self.real_done, attribute_metric=self.attribute_metric)
         self.real_done = True
         return result
 
@@ -110,4 +131,5 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
     from facediff.sampling import load_model
 
     cfg, task = load_model(path, overrides)
-    return evaluate_task(task, cfg, local_test_batches(cfg, split), build_image_distance(cfg.eval))
+    return evaluate_task(task, cfg, local_test_batches(cfg, split), build_image_distance(cfg.eval),
+                         attribute_metric=build_attribute_metric(cfg))

@@ -84,6 +84,10 @@ def train(cfg: ExperimentConfig, fault: dict | None = None) -> Path:
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
+    if cfg.eval.every_kimg is not None:
+        from facediff.eval.evaluate import build_attribute_metric
+
+        build_attribute_metric(cfg)  # trains and caches the attribute reader once, before any worker needs it
     init_ray(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
