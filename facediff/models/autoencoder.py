@@ -3,7 +3,8 @@
 `LatentCodec(cfg.model.autoencoder, load_weights)` wraps a diffusers `VQModel` (`kind: vq`, e.g. the VQ-f4 of
 CompVis/ldm-celebahq-256: 3x64x64 latents at 256 px) or `AutoencoderKL` (`kind: kl`, e.g. Stable Diffusion 2's
 VAE: 4x32x32 at 256 px), built by the shared loader `build_from_ref` (preset architecture and/or pretrained
-weights). The wrapped network never trains: no parameter requires grad and `.train()` leaves it in eval mode.
+weights; a random init is seeded, so it is the same in every process). The wrapped network never trains: no
+parameter requires grad and `.train()` leaves it in eval mode.
 
 Which latents:
 - VQ: the pre-quantisation encoder output (`VQModel.encode(x).latents`), as LDM's CelebA-HQ model was trained
@@ -28,6 +29,9 @@ from torch import nn
 
 from facediff.models.pretrained import build_from_ref, preset_config
 
+# Seed of a random-init codec (tiny presets, no weights): every process (Train workers, `prepare latents` actors,
+# sampling) must build the same frozen autoencoder, or cached and on-the-fly latents would disagree.
+RANDOM_INIT_SEED = 0
 CLASSES: dict[str, type[nn.Module]] = {"vq": VQModel, "kl": AutoencoderKL}
 # Used when an autoencoder's config does not state its scaling factor (see the module docstring).
 KIND_DEFAULT_SCALING = {"vq": 1.0, "kl": 0.18215}
@@ -78,7 +82,9 @@ class LatentCodec(nn.Module):
         super().__init__()
         if cfg.preset is not None:
             _check_class(cfg, preset_config(cfg.preset), f"preset {cfg.preset!r}")
-        model = build_from_ref(CLASSES[cfg.kind], cfg, load_weights)
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream untouched
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = build_from_ref(CLASSES[cfg.kind], cfg, load_weights)
         _check_class(cfg, model.config, cfg.pretrained or f"preset {cfg.preset!r}")
         self.model = model.requires_grad_(False).eval()
         self.kind: str = cfg.kind
