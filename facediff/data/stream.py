@@ -176,7 +176,11 @@ def _default_read_parallelism(dataset: Path, split: str, num_files: int) -> int:
 
 
 def _read_shards(
-    paths: list[str], num_blocks: int, shuffle: FileShuffleConfig | None, columns: list[str] | None = None
+    paths: list[str],
+    num_blocks: int,
+    shuffle: FileShuffleConfig | None,
+    columns: list[str] | None = None,
+    include_paths: bool = False,
 ) -> ray.data.Dataset:
     """`read_parquet` through Ray's V1 Parquet datasource.
 
@@ -190,7 +194,8 @@ def _read_shards(
     previous = getattr(context, "use_datasource_v2", False)
     context.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(paths, override_num_blocks=num_blocks, shuffle=shuffle, columns=columns)
+        return ray.data.read_parquet(paths, override_num_blocks=num_blocks, shuffle=shuffle, columns=columns,
+                                     include_paths=include_paths)
     finally:
         context.use_datasource_v2 = previous
 
