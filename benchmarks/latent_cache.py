@@ -1,6 +1,6 @@
 """Data + encode cost per image of latent training: encoding on the fly against reading cached latents.
 
-    python benchmarks/latent_cache.py [--rows 256 --batch-size 32] [--big] [--ray]
+    python benchmarks/latent_cache.py [--rows 256 --batch-size 32] [--big --big-rows 64] [--ray]
 
 For each autoencoder (the tiny presets at 32 px; with --big the LDM CelebA-HQ VQ-f4 and SD2's VAE at 256 px,
 randomly initialised: speed does not depend on the weights), on the same shards:
@@ -117,7 +117,8 @@ def ray_stream(dataset: Path, size: int, codec: LatentCodec, device, batch_size:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=256, help="training images (the big presets use a quarter)")
+    parser.add_argument("--rows", type=int, default=256, help="training images at 32 px")
+    parser.add_argument("--big-rows", type=int, default=64, help="training images at 256 px (--big)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--big", action="store_true", help="also the full-size autoencoders at 256 px")
     parser.add_argument("--ray", action="store_true", help="also time the Ray Data stream")
@@ -132,7 +133,7 @@ def main() -> None:
     results = []
     try:
         for name, kind, size in TINY + (BIG if args.big else []):
-            rows = args.rows if size <= 64 else max(args.batch_size * 2, args.rows // 4)
+            rows = args.rows if size <= 64 else args.big_rows
             dataset = temporary / f"images-{size}-{rows}"
             if not dataset.exists():
                 write_synthetic(dataset, rows, size, rows_per_shard=max(args.batch_size, rows // 4))

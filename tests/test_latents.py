@@ -41,7 +41,7 @@ def test_prepare_latents_equal_the_codec_and_keep_every_column(synthetic_shards,
     assert manifest["counts"] == source["counts"] and manifest["counts"]["train"] == 44
     info = manifest["latents"]
     assert info["shape"] == list(SHAPE) and info["dtype"] == "float16" and info["flipped"] is True
-    assert info["image_size"] == 32 and info["autoencoder"]["preset"] == "tiny_vq"
+    assert info["image_size"] == 32 and info["autoencoder"]["preset"] == "tiny_vq" and info["scaling_factor"] == 1.0
 
     codec = LatentCodec(AE, load_weights=False)
     for split in ("train", "test"):

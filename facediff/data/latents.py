@@ -116,7 +116,7 @@ def prepare_latents(
     manifest_in = read_manifest(shards_in)
     if (out / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{out / MANIFEST}: a prepared dataset is already there (pass --overwrite to replace)")
-    from facediff.models.autoencoder import latent_shape
+    from facediff.models.autoencoder import latent_shape, scaling_factor
 
     image_size = image_size or manifest_in.get("image_size")
     if not image_size:
@@ -155,6 +155,7 @@ def prepare_latents(
             "image_size": image_size,
             "flipped": flipped,
             "autoencoder": autoencoder.model_dump(mode="json"),
+            "scaling_factor": scaling_factor(autoencoder),  # already applied to the stored latents
             "source_dataset": str(shards_in.resolve()),
             "seconds": round(time.time() - start, 1),
         },

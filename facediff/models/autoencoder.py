@@ -16,7 +16,9 @@ Which latents:
 Scaling: latents are `(z - shift_factor) * scaling_factor`. `scaling_factor` is `cfg.scaling_factor` when set,
 else the value the autoencoder's config states, else (the config does not state one) the convention of its kind:
 1.0 for VQ (LDM trained on unscaled VQ latents; diffusers would fill in 0.18215, which is SD's KL value) and
-diffusers' AutoencoderKL default 0.18215 (Stable Diffusion's) for KL.
+diffusers' AutoencoderKL default 0.18215 (Stable Diffusion's) for KL. Caveat: `save_pretrained` writes every
+default into config.json, so a VQModel re-saved by diffusers states 0.18215; set `scaling_factor` explicitly
+for such a copy (the published CompVis/ldm-celebahq-256 config states none, so it gets 1.0).
 """
 
 from __future__ import annotations
@@ -58,21 +60,30 @@ def _check_class(cfg, config: Any, where: str) -> None:
         raise ValueError(f"{where}: is a {name}, but the autoencoder config says kind {cfg.kind!r} ({want})")
 
 
-def latent_shape(cfg, image_size: int) -> tuple[int, int, int]:
-    """(C, H, W) of the latents of an `image_size` image, from the architecture config alone (no weights).
-
-    Uses the preset when the config names one, else reads the pretrained model's config.json (a local folder or
-    the Hugging Face cache; may download a few bytes)."""
+def _architecture(cfg) -> dict[str, Any]:
+    """The autoencoder's config dict without building it: the preset, else the pretrained model's config.json
+    (a local folder or the Hugging Face cache; may download a few bytes)."""
     if cfg.preset is not None:
         config, where = preset_config(cfg.preset), f"preset {cfg.preset!r}"
     else:
         kwargs = {k: v for k, v in (("subfolder", cfg.subfolder), ("revision", cfg.revision)) if v}
-        config, where = CLASSES[cfg.kind].load_config(cfg.pretrained, **kwargs), f"{cfg.pretrained}"
+        config, where = dict(CLASSES[cfg.kind].load_config(cfg.pretrained, **kwargs)), f"{cfg.pretrained}"
     _check_class(cfg, config, where)
+    return config
+
+
+def latent_shape(cfg, image_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the latents of an `image_size` image, from the architecture config alone (no weights)."""
+    config = _architecture(cfg)
     factor = 2 ** (len(config["block_out_channels"]) - 1)  # every encoder block but the last halves the size
     if image_size % factor:
         raise ValueError(f"image size {image_size} is not divisible by the autoencoder's downsampling factor {factor}")
     return int(config["latent_channels"]), image_size // factor, image_size // factor
+
+
+def scaling_factor(cfg) -> float:
+    """The scaling factor a `LatentCodec` of `cfg` uses, from the architecture config alone (no weights)."""
+    return resolve_scaling_factor(cfg, _architecture(cfg))
 
 
 class LatentCodec(nn.Module):
