@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import ray.data
 import torch
 from tqdm import tqdm
 
@@ -141,7 +142,7 @@ def prepare_latents(
         shards_in, out, splits, schema, rows_per_shard, progress,
         udf_args=dict(autoencoder=autoencoder.model_dump(mode="json"), image_size=image_size, dtype=dtype,
                       flipped=flipped, use_gpu=use_gpu),
-        map_args=dict(batch_size=batch_size, concurrency=actors,
+        map_args=dict(batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
                       **({"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_actor})),
     )
     counts = {split: sum(e["rows"] for e in files) for split, files in shards.items()}
