@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--big-rows", type=int, default=64, help="training images at 256 px (--big)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--big", action="store_true", help="also the full-size autoencoders at 256 px")
+    parser.add_argument("--big-only", action="store_true", help="only the full-size autoencoders")
     parser.add_argument("--ray", action="store_true", help="also time the Ray Data stream")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     args = parser.parse_args()
@@ -129,32 +130,28 @@ def main() -> None:
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"batch_size={args.batch_size}, machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+          "img/s of data + encode cost, one row per autoencoder as soon as it is measured")
+    header = f"{'autoencoder':<22} {'px':>4} {'rows':>5} {'latent':>8} {'dev':>4} {'fly img/s':>10} {'cached':>9} " \
+             f"{'cached/fly':>10} {'latents-only':>12} {'prepare s':>9}"
+    print(header + (f" {'ray fly':>8} {'ray cached':>10} {'ratio':>6}" if args.ray else ""), flush=True)
     temporary = Path(tempfile.mkdtemp(prefix="latent-cache-"))
-    results = []
     try:
-        for name, kind, size in TINY + (BIG if args.big else []):
+        for name, kind, size in (BIG if args.big_only else TINY + (BIG if args.big else [])):
             rows = args.rows if size <= 64 else args.big_rows
             dataset = temporary / f"images-{size}-{rows}"
             if not dataset.exists():
                 write_synthetic(dataset, rows, size, rows_per_shard=max(args.batch_size, rows // 4))
-            results.append(measure(name, kind, size, dataset, temporary / name, args))
-            print(f"measured {name}", flush=True)
+            r = measure(name, kind, size, dataset, temporary / name, args)
+            line = (f"{r['autoencoder']:<22} {r['size']:>4} {rows:>5} {r['latent']:>8} {r['device']:>4} "
+                    f"{r['fly']:>10.1f} {r['cached']:>9.0f} {r['cached'] / r['fly']:>10.1f} {r['latents_only']:>12.0f} "
+                    f"{r['prepare_s']:>9.1f}")
+            if args.ray:
+                line += f" {r['ray_fly']:>8.1f} {r['ray_cached']:>10.0f} {r['ray_cached'] / r['ray_fly']:>6.1f}"
+            print(line, flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(temporary, ignore_errors=True)
-
-    print(f"\nbatch_size={args.batch_size}, machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    header = f"{'autoencoder':<22} {'px':>4} {'latent':>8} {'dev':>4} {'fly img/s':>10} {'cached':>9} " \
-             f"{'cached/fly':>10} {'latents-only':>12} {'prepare s':>9}"
-    if args.ray:
-        header += f" {'ray fly':>8} {'ray cached':>10} {'ratio':>6}"
-    print(header)
-    for r in results:
-        line = (f"{r['autoencoder']:<22} {r['size']:>4} {r['latent']:>8} {r['device']:>4} {r['fly']:>10.0f} "
-                f"{r['cached']:>9.0f} {r['cached'] / r['fly']:>10.1f} {r['latents_only']:>12.0f} {r['prepare_s']:>9.1f}")
-        if args.ray:
-            line += f" {r['ray_fly']:>8.0f} {r['ray_cached']:>10.0f} {r['ray_cached'] / r['ray_fly']:>6.1f}"
-        print(line)
 
 
 if __name__ == "__main__":

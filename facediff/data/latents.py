@@ -133,6 +133,7 @@ def prepare_latents(
     _ensure_ray(actors, cpus_per_actor)
     actors = _actors(use_gpu, num_actors)
 
+    out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     schema = latent_schema(int(np.prod(shape)), dtype, flipped)
     for split in splits:
