@@ -84,7 +84,7 @@ def prepare_latents(
     shards: Annotated[Path, typer.Argument(help="a prepared dataset folder (holds manifest.json)")],
     out: Annotated[Path, typer.Argument(help="new folder for the shards with cached latents")],
     config: Annotated[Optional[Path], typer.Option(help="take model.autoencoder from this experiment config")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="architecture preset, e.g. tiny_vq, ldm_celebahq256_vqvae")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="architecture preset, e.g. tiny_vq or sd2_vae")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="weights: hub id or local folder")] = None,
     subfolder: Annotated[Optional[str], typer.Option(help="e.g. vqvae (LDM) or vae (Stable Diffusion)")] = None,
     revision: Optional[str] = None,

@@ -126,7 +126,7 @@ class ShardWriter:
     def _flush(self) -> None:
         name = f"part-{len(self.files):05d}.parquet"
         rows = self._pending()
-        tables = [*self._tables, pa.Table.from_pylist(self._buffer, schema=self.schema)] if self._buffer else self._tables
+        tables = self._tables + ([pa.Table.from_pylist(self._buffer, schema=self.schema)] if self._buffer else [])
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         tmp = self.folder / f".{name}.tmp"
         # Small row groups let a reader split one shard across several read tasks.
