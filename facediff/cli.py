@@ -79,6 +79,58 @@ def prepare_synthetic(
     typer.echo(f"wrote {n} synthetic faces to {out}")
 
 
+@prepare_app.command("latents")
+def prepare_latents(
+    shards: Annotated[Path, typer.Argument(help="a prepared dataset folder (holds manifest.json)")],
+    out: Annotated[Path, typer.Argument(help="new folder for the shards with cached latents")],
+    config: Annotated[Optional[Path], typer.Option(help="take model.autoencoder from this experiment config")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="architecture preset, e.g. tiny_vq or sd2_vae")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="weights: hub id or local folder")] = None,
+    subfolder: Annotated[Optional[str], typer.Option(help="e.g. vqvae (LDM) or vae (Stable Diffusion)")] = None,
+    revision: Optional[str] = None,
+    kind: Annotated[Optional[str], typer.Option(help="vq or kl")] = None,
+    scaling_factor: Annotated[Optional[float], typer.Option(help="default: from the autoencoder's config")] = None,
+    batch_size: int = 32,
+    gpu: Annotated[bool, typer.Option("--gpu", help="one GPU per encoding actor")] = False,
+    actors: Annotated[Optional[int], typer.Option(help="encoding actors; default one per GPU, or 1 on CPU")] = None,
+    cpus_per_actor: float = 1.0,
+    image_size: Annotated[Optional[int], typer.Option(help="encode at this size; default the stored size")] = None,
+    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
+    flipped: Annotated[bool, typer.Option(help="also cache the latents of mirrored images (for data.hflip)")] = True,
+    rows_per_shard: Annotated[Optional[int], typer.Option(help="default: the largest input shard")] = None,
+    overwrite: bool = False,
+) -> None:
+    """Encode every image once with the frozen autoencoder into shards with a `latents` column."""
+    from pydantic import ValidationError
+
+    from facediff.config.schema import AutoencoderConfig
+    from facediff.data.latents import prepare_latents as run
+
+    fields = {}
+    if config is not None:
+        autoencoder = getattr(_load(config, []).model, "autoencoder", None)
+        if autoencoder is None:
+            _fail(f"{config}: its model has no `autoencoder` section (a latent model, family lc_unet, has one)")
+        fields = autoencoder.model_dump(exclude_unset=False)
+    given = dict(preset=preset, pretrained=pretrained, subfolder=subfolder, revision=revision, kind=kind,
+                 scaling_factor=scaling_factor)
+    fields.update({k: v for k, v in given.items() if v is not None})  # options override the config's values
+    try:
+        autoencoder = AutoencoderConfig(**fields)
+        manifest = run(
+            shards, out, autoencoder, batch_size=batch_size, use_gpu=gpu, num_actors=actors,
+            cpus_per_actor=cpus_per_actor, image_size=image_size, dtype=dtype, flipped=flipped,
+            rows_per_shard=rows_per_shard, overwrite=overwrite,
+        )
+    except ValidationError as err:
+        _fail(f"autoencoder (give --config, or --preset and/or --pretrained): {err}")
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # WeightsNotFound is a FileNotFoundError
+        _fail(str(err))
+    info = manifest["latents"]
+    typer.echo(f"wrote {manifest['counts']} records with {'x'.join(map(str, info['shape']))} {info['dtype']} "
+               f"latents to {out} in {info['seconds']} s")
+
+
 @app.command()
 def preview(
     dataset: Annotated[Path, typer.Argument(help="a prepared dataset folder")],

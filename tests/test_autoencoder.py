@@ -6,7 +6,7 @@ from diffusers import AutoencoderKL, VQModel
 import pytest
 
 from facediff.config.schema import AutoencoderConfig
-from facediff.models.autoencoder import LatentCodec, latent_shape
+from facediff.models.autoencoder import LatentCodec, latent_shape, scaling_factor
 from facediff.models.pretrained import WeightsNotFound, build_from_ref, from_config, preset_config
 
 TINY = {"vq": "tiny_vq", "kl": "tiny_kl"}
@@ -49,6 +49,10 @@ def test_scaling_factor_from_config_kind_default_and_override():
     assert codec("kl").scaling_factor == 0.5  # tiny_kl states 0.5 in its config
     assert codec("vq").scaling_factor == 1.0  # tiny_vq states none: LDM's VQ convention, not diffusers' 0.18215
     assert codec("vq", scaling_factor=0.25).scaling_factor == 0.25
+    # The same values from the architecture config alone (what `prepare latents` records), big presets included.
+    assert [scaling_factor(AutoencoderConfig(kind=k, preset=p)) for k, p in
+            (("kl", "tiny_kl"), ("vq", "tiny_vq"), ("vq", "ldm_celebahq256_vqvae"), ("kl", "sd2_vae"))] == \
+        [0.5, 1.0, 1.0, 0.18215]
     c, scaled = codec("kl"), codec("kl", scaling_factor=2.0)
     x = images()
     torch.testing.assert_close(scaled.encode(x), c.encode(x) * 4.0)  # 2.0 / 0.5
@@ -93,6 +97,7 @@ def test_pretrained_local_folder_loads_exactly_those_weights(tmp_path):
     want = saved.state_dict()
     for name, tensor in loaded.model.state_dict().items():
         torch.testing.assert_close(tensor, want[name], rtol=0, atol=0, msg=name)
+    assert loaded.scaling_factor == 0.18215  # save_pretrained wrote diffusers' default, so the copy states it
     random_init = LatentCodec(cfg, load_weights=False)  # load_weights=False never reads them
     assert not torch.equal(random_init.model.encoder.conv_in.weight, want["encoder.conv_in.weight"])
 

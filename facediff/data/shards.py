@@ -8,6 +8,16 @@ A prepared dataset folder holds `manifest.json` and one folder per split of boun
     parts       binary              PNG-encoded uint8 19-class label map (0 background, 1..18 PART_NAMES order)
     attributes  fixed list<int8>[40] in {0, 1}, ATTRIBUTE_NAMES order
     split       string              "train" | "test"
+
+Optional latent columns, written by `facediff prepare latents` (`facediff/data/latents.py`) beside the above:
+
+    latents          fixed list<float16|float32>[C*h*w]   the autoencoder's scaled latents of the stored image,
+                                                          C-major (reshape to (C, h, w))
+    latents_flipped  same                                 latents of the horizontally mirrored image (optional)
+
+The manifest's `latents` entry describes them: `shape` [C, h, w], `dtype`, `image_size` (the size encoded),
+`flipped` (whether `latents_flipped` exists) and the autoencoder that made them. Shards without these columns
+(schema version 1 from before they existed) read as before: the columns are additive, so the version is unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +47,21 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
+LATENTS = "latents"
+LATENTS_FLIPPED = "latents_flipped"
+LATENT_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def latent_schema(width: int, dtype: str = "float16", flipped: bool = False) -> pa.Schema:
+    """The shard schema plus the latent column(s) of `width` = C*h*w values each."""
+    if dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent dtype must be one of {sorted(LATENT_DTYPES)}, got {dtype!r}")
+    columns = [LATENTS, LATENTS_FLIPPED] if flipped else [LATENTS]
+    schema = SHARD_SCHEMA
+    for name in columns:
+        schema = schema.append(pa.field(name, pa.list_(LATENT_DTYPES[dtype], width)))
+    return schema
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
@@ -58,7 +83,8 @@ class ShardWriter:
     truncated file that looks finished.
     """
 
-    def __init__(self, out: Path, split: str, rows_per_shard: int, row_group_size: int = 64):
+    def __init__(self, out: Path, split: str, rows_per_shard: int, row_group_size: int = 64,
+                 schema: pa.Schema = SHARD_SCHEMA):
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
         self.folder = Path(out) / split
@@ -66,28 +92,48 @@ class ShardWriter:
         self.split = split
         self.rows_per_shard = rows_per_shard
         self.row_group_size = min(row_group_size, rows_per_shard)
+        self.schema = schema
         self.files: list[dict[str, Any]] = []
         self._buffer: list[dict[str, Any]] = []
+        self._tables: list[pa.Table] = []  # rows given as Arrow tables (write_table), in order with _buffer
+
+    def _pending(self) -> int:
+        return len(self._buffer) + sum(t.num_rows for t in self._tables)
 
     def write(self, record: dict[str, Any]) -> None:
         self._buffer.append(record)
-        if len(self._buffer) >= self.rows_per_shard:
+        if self._pending() >= self.rows_per_shard:
             self._flush()
 
+    def write_table(self, table: pa.Table) -> None:
+        """Append rows given as an Arrow table (cast to the schema; avoids a Python object per value)."""
+        table = table.select(self.schema.names).cast(self.schema)
+        if self._buffer:  # keep the order of rows written before as records
+            self._tables.append(pa.Table.from_pylist(self._buffer, schema=self.schema))
+            self._buffer = []
+        while table.num_rows:
+            take = min(table.num_rows, self.rows_per_shard - self._pending())
+            self._tables.append(table.slice(0, take))
+            table = table.slice(take)
+            if self._pending() >= self.rows_per_shard:
+                self._flush()
+
     def close(self) -> list[dict[str, Any]]:
-        if self._buffer:
+        if self._pending():
             self._flush()
         return self.files
 
     def _flush(self) -> None:
         name = f"part-{len(self.files):05d}.parquet"
-        table = pa.Table.from_pylist(self._buffer, schema=SHARD_SCHEMA)
+        rows = self._pending()
+        tables = self._tables + ([pa.Table.from_pylist(self._buffer, schema=self.schema)] if self._buffer else [])
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         tmp = self.folder / f".{name}.tmp"
         # Small row groups let a reader split one shard across several read tasks.
         pq.write_table(table, tmp, row_group_size=self.row_group_size)
         os.replace(tmp, self.folder / name)
-        self.files.append({"path": f"{self.split}/{name}", "rows": len(self._buffer)})
-        self._buffer = []
+        self.files.append({"path": f"{self.split}/{name}", "rows": rows})
+        self._buffer, self._tables = [], []
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -6,7 +6,8 @@
     for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=32): ...
 
 Batches hold "id" int64 (B,), "image" float32 (B,3,S,S) in [-1,1], "parts" uint8 (B,S,S) label maps,
-"attributes" float32 (B,40) and, with part groups, "part_masks" float32 (B,G,S,S).
+"attributes" float32 (B,40), with part groups "part_masks" float32 (B,G,S,S) and, with `use_latents`, "latents"
+float32 (B,C,h,w): the cached autoencoder latents (`facediff prepare latents`) of the image as flipped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ray.data import FileShuffleConfig
 from ray.data.collate_fn import DefaultCollateFn
 
 from facediff.data.celebamask import NUM_ATTRIBUTES, NUM_PART_CLASSES, PART_LABELS, group_parts
-from facediff.data.shards import read_manifest, shard_paths
+from facediff.data.shards import LATENTS, LATENTS_FLIPPED, SHARD_SCHEMA, read_manifest, shard_paths
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +89,23 @@ def _decode_parts(data: bytes, size: int) -> np.ndarray:
     return np.asarray(parts)
 
 
+def _decode_latents(batch: dict[str, np.ndarray], shape: tuple[int, int, int], flip: np.ndarray | None) -> np.ndarray:
+    """The cached latents (B, C, h, w) float32; rows with `flip` take the latents of the mirrored image."""
+    width = int(np.prod(shape))
+    if LATENTS not in batch:
+        raise ValueError(f"no {LATENTS!r} column in the shards: write them with `facediff prepare latents`")
+    hint = f" (the manifest says latents are {'x'.join(map(str, shape))} = {width} values a row)"
+    try:
+        latents = _column_2d(batch[LATENTS], width, LATENTS)
+        if flip is not None and flip.any():
+            if LATENTS_FLIPPED not in batch:
+                raise ValueError(f"no {LATENTS_FLIPPED!r} column for flipped rows")
+            latents = np.where(flip[:, None], _column_2d(batch[LATENTS_FLIPPED], width, LATENTS_FLIPPED), latents)
+    except ValueError as err:
+        raise ValueError(f"{err}{hint}") from None
+    return latents.astype(np.float32).reshape(len(latents), *shape)
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -96,11 +114,14 @@ def decode_batch(
     hflip: bool,
     seed: int,
     epoch: int | None,
+    latent_shape: tuple[int, int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode one batch of shard rows (numpy format); the function `map_batches` runs.
 
     `epoch=None` takes the epoch from Ray Data's execution counter, so a Dataset iterated once per epoch (as
     Ray Train does) flips differently every epoch while staying a function of (seed, epoch, id).
+    With `latent_shape` (C, h, w) the cached latents are returned too: a flipped row takes `latents_flipped`,
+    the exact latents of the mirrored image, never a mirrored latent (only approximately the same).
     """
     if epoch is None:
         epoch = current_execution_index()
@@ -114,6 +135,7 @@ def decode_batch(
     if parts.max(initial=0) >= NUM_PART_CLASSES:
         raise ValueError(f"parts hold label {parts.max()}, the label map has {NUM_PART_CLASSES} classes")
 
+    flip = None
     if hflip:
         # Image and label map are mirrored together so every label stays on its pixels. Side-specific labels
         # (l_/r_ eye, brow, ear) are deliberately NOT swapped: CelebAMask-HQ's l_/r_ names follow the annotators'
@@ -134,6 +156,8 @@ def decode_batch(
     }
     if part_groups is not None:
         out["part_masks"] = group_parts(parts, dict(part_groups))  # built from the (flipped) label map
+    if latent_shape is not None:
+        out["latents"] = _decode_latents(batch, tuple(latent_shape), flip)
     return out
 
 
@@ -151,7 +175,13 @@ def _default_read_parallelism(dataset: Path, split: str, num_files: int) -> int:
     return max(num_files, 2 * cpus, math.ceil(rows / ROWS_PER_BLOCK))
 
 
-def _read_shards(paths: list[str], num_blocks: int, shuffle: FileShuffleConfig | None) -> ray.data.Dataset:
+def _read_shards(
+    paths: list[str],
+    num_blocks: int,
+    shuffle: FileShuffleConfig | None,
+    columns: list[str] | None = None,
+    include_paths: bool = False,
+) -> ray.data.Dataset:
     """`read_parquet` through Ray's V1 Parquet datasource.
 
     Ray 2.60 routes `read_parquet` through DataSourceV2 by default, which (a) ignores `override_num_blocks`
@@ -164,7 +194,8 @@ def _read_shards(paths: list[str], num_blocks: int, shuffle: FileShuffleConfig |
     previous = getattr(context, "use_datasource_v2", False)
     context.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(paths, override_num_blocks=num_blocks, shuffle=shuffle)
+        return ray.data.read_parquet(paths, override_num_blocks=num_blocks, shuffle=shuffle, columns=columns,
+                                     include_paths=include_paths)
     finally:
         context.use_datasource_v2 = previous
 
@@ -180,6 +211,7 @@ def build_dataset(
     epoch: int | None = 0,
     read_parallelism: int | None = None,
     shuffle: bool = False,
+    use_latents: bool = False,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of decoded rows of one split (see `decode_batch` for the columns).
 
@@ -192,6 +224,10 @@ def build_dataset(
     the first batch until the whole split has been read. Mix rows within and across files downstream with
     `iter_train_batches(local_shuffle_buffer_size=...)`; shards are bounded, so file order + a buffer of a few
     hundred rows is a good approximation of a full shuffle.
+
+    use_latents=True adds the cached "latents" column (shards written by `facediff prepare latents`, encoded at
+    `image_size`; with `hflip` they must hold the mirrored images' latents too). Without it the latent columns
+    are not even read.
     """
     if image_size <= 0:
         raise ValueError(f"image_size must be > 0, got {image_size}")
@@ -213,14 +249,33 @@ def build_dataset(
     if shuffle:
         base_seed = int(np.random.SeedSequence([seed, epoch or 0]).generate_state(1)[0])
         file_shuffle = FileShuffleConfig(seed=base_seed, reseed_after_execution=True)
+    latent_shape = _cached_latent_shape(dataset, image_size, hflip) if use_latents else None
     num_blocks = read_parallelism or _default_read_parallelism(dataset, split, len(paths))
-    ds = _read_shards(paths, num_blocks, file_shuffle)
-    return ds.map_batches(
-        decode_batch,
-        batch_size=DECODE_BATCH_ROWS,
-        batch_format="numpy",
-        fn_kwargs=dict(image_size=image_size, part_groups=part_groups, hflip=hflip, seed=seed, epoch=epoch),
-    )
+    # Latent columns are large (12k values a row for 3x64x64); skip reading them when they are not used.
+    columns = None if use_latents else list(SHARD_SCHEMA.names)
+    ds = _read_shards(paths, num_blocks, file_shuffle, columns)
+    kwargs = dict(image_size=image_size, part_groups=part_groups, hflip=hflip, seed=seed, epoch=epoch)
+    if latent_shape is not None:
+        kwargs["latent_shape"] = latent_shape
+    return ds.map_batches(decode_batch, batch_size=DECODE_BATCH_ROWS, batch_format="numpy", fn_kwargs=kwargs)
+
+
+def _cached_latent_shape(dataset: Path, image_size: int, hflip: bool) -> tuple[int, int, int]:
+    """(C, h, w) of the dataset's cached latents, checked against how they will be used."""
+    where = dataset / "manifest.json"
+    info = read_manifest(dataset).get("latents")
+    if info is None:
+        raise ValueError(f"{where}: no cached latents; write them with `facediff prepare latents {dataset} OUT` "
+                         "or set data.use_latents=false")
+    if int(info["image_size"]) != image_size:
+        raise ValueError(f"{where}: latents were encoded at {info['image_size']} px, but image_size is {image_size}")
+    if hflip and not info.get("flipped", False):
+        raise ValueError(f"{where}: latents of mirrored images were not cached (prepared with --no-flipped), "
+                         "so flips cannot be applied; set data.hflip=false or prepare them again")
+    shape = tuple(int(v) for v in info["shape"])
+    if len(shape) != 3:
+        raise ValueError(f"{where}: latents shape {info['shape']} is not [C, h, w]")
+    return shape
 
 
 class _DropNonTensorColumns(DefaultCollateFn):

@@ -3,7 +3,8 @@
 `LatentCodec(cfg.model.autoencoder, load_weights)` wraps a diffusers `VQModel` (`kind: vq`, e.g. the VQ-f4 of
 CompVis/ldm-celebahq-256: 3x64x64 latents at 256 px) or `AutoencoderKL` (`kind: kl`, e.g. Stable Diffusion 2's
 VAE: 4x32x32 at 256 px), built by the shared loader `build_from_ref` (preset architecture and/or pretrained
-weights). The wrapped network never trains: no parameter requires grad and `.train()` leaves it in eval mode.
+weights; a random init is seeded, so it is the same in every process). The wrapped network never trains: no
+parameter requires grad and `.train()` leaves it in eval mode.
 
 Which latents:
 - VQ: the pre-quantisation encoder output (`VQModel.encode(x).latents`), as LDM's CelebA-HQ model was trained
@@ -15,7 +16,9 @@ Which latents:
 Scaling: latents are `(z - shift_factor) * scaling_factor`. `scaling_factor` is `cfg.scaling_factor` when set,
 else the value the autoencoder's config states, else (the config does not state one) the convention of its kind:
 1.0 for VQ (LDM trained on unscaled VQ latents; diffusers would fill in 0.18215, which is SD's KL value) and
-diffusers' AutoencoderKL default 0.18215 (Stable Diffusion's) for KL.
+diffusers' AutoencoderKL default 0.18215 (Stable Diffusion's) for KL. Caveat: `save_pretrained` writes every
+default into config.json, so a VQModel re-saved by diffusers states 0.18215; set `scaling_factor` explicitly
+for such a copy (the published CompVis/ldm-celebahq-256 config states none, so it gets 1.0).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from torch import nn
 
 from facediff.models.pretrained import build_from_ref, preset_config
 
+# Seed of a random-init codec (tiny presets, no weights): every process (Train workers, `prepare latents` actors,
+# sampling) must build the same frozen autoencoder, or cached and on-the-fly latents would disagree.
+RANDOM_INIT_SEED = 0
 CLASSES: dict[str, type[nn.Module]] = {"vq": VQModel, "kl": AutoencoderKL}
 # Used when an autoencoder's config does not state its scaling factor (see the module docstring).
 KIND_DEFAULT_SCALING = {"vq": 1.0, "kl": 0.18215}
@@ -54,21 +60,30 @@ def _check_class(cfg, config: Any, where: str) -> None:
         raise ValueError(f"{where}: is a {name}, but the autoencoder config says kind {cfg.kind!r} ({want})")
 
 
-def latent_shape(cfg, image_size: int) -> tuple[int, int, int]:
-    """(C, H, W) of the latents of an `image_size` image, from the architecture config alone (no weights).
-
-    Uses the preset when the config names one, else reads the pretrained model's config.json (a local folder or
-    the Hugging Face cache; may download a few bytes)."""
+def _architecture(cfg) -> dict[str, Any]:
+    """The autoencoder's config dict without building it: the preset, else the pretrained model's config.json
+    (a local folder or the Hugging Face cache; may download a few bytes)."""
     if cfg.preset is not None:
         config, where = preset_config(cfg.preset), f"preset {cfg.preset!r}"
     else:
         kwargs = {k: v for k, v in (("subfolder", cfg.subfolder), ("revision", cfg.revision)) if v}
-        config, where = CLASSES[cfg.kind].load_config(cfg.pretrained, **kwargs), f"{cfg.pretrained}"
+        config, where = dict(CLASSES[cfg.kind].load_config(cfg.pretrained, **kwargs)), f"{cfg.pretrained}"
     _check_class(cfg, config, where)
+    return config
+
+
+def latent_shape(cfg, image_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the latents of an `image_size` image, from the architecture config alone (no weights)."""
+    config = _architecture(cfg)
     factor = 2 ** (len(config["block_out_channels"]) - 1)  # every encoder block but the last halves the size
     if image_size % factor:
         raise ValueError(f"image size {image_size} is not divisible by the autoencoder's downsampling factor {factor}")
     return int(config["latent_channels"]), image_size // factor, image_size // factor
+
+
+def scaling_factor(cfg) -> float:
+    """The scaling factor a `LatentCodec` of `cfg` uses, from the architecture config alone (no weights)."""
+    return resolve_scaling_factor(cfg, _architecture(cfg))
 
 
 class LatentCodec(nn.Module):
@@ -78,7 +93,9 @@ class LatentCodec(nn.Module):
         super().__init__()
         if cfg.preset is not None:
             _check_class(cfg, preset_config(cfg.preset), f"preset {cfg.preset!r}")
-        model = build_from_ref(CLASSES[cfg.kind], cfg, load_weights)
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream untouched
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = build_from_ref(CLASSES[cfg.kind], cfg, load_weights)
         _check_class(cfg, model.config, cfg.pretrained or f"preset {cfg.preset!r}")
         self.model = model.requires_grad_(False).eval()
         self.kind: str = cfg.kind

@@ -40,7 +40,8 @@ def run_dir(cfg: ExperimentConfig) -> Path:
 
 def build_datasets(cfg: ExperimentConfig) -> dict[str, ray.data.Dataset]:
     d = cfg.data
-    common = dict(image_size=d.image_size, part_groups=d.resolved_part_groups(), read_parallelism=d.read_parallelism)
+    common = dict(image_size=d.image_size, part_groups=d.resolved_part_groups(), read_parallelism=d.read_parallelism,
+                  use_latents=d.use_latents)
     datasets = {
         "train": build_dataset(
             d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, epoch=None, **common

@@ -1,0 +1,183 @@
+"""facediff.data.latents (`prepare latents`) and streaming cached latents with data.use_latents."""
+
+import json
+from pathlib import Path
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from facediff.config.schema import AutoencoderConfig
+from facediff.data.shards import SHARD_SCHEMA, ShardWriter, latent_schema, read_manifest, shard_paths
+from facediff.data.stream import build_dataset, decode_batch, flip_decisions, iter_train_batches
+from facediff.models.autoencoder import LatentCodec
+
+AE = AutoencoderConfig(kind="vq", preset="tiny_vq")
+SHAPE = (3, 8, 8)  # tiny_vq at 32 px
+
+
+def rows(dataset, split, columns=None):
+    """A split's rows as numpy columns (decode_batch's input), in shard order."""
+    table = pq.read_table(shard_paths(dataset, split), columns=columns)
+    return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+@pytest.fixture(scope="module")
+def latent_shards(ray_session, synthetic_shards, tmp_path_factory):
+    from facediff.data.latents import prepare_latents
+
+    out = tmp_path_factory.mktemp("latents") / "vq"
+    prepare_latents(synthetic_shards, out, AE, batch_size=16, progress=False)
+    return out
+
+
+@pytest.mark.ray
+def test_prepare_latents_equal_the_codec_and_keep_every_column(synthetic_shards, latent_shards):
+    manifest = read_manifest(latent_shards)
+    source = read_manifest(synthetic_shards)
+    assert manifest["counts"] == source["counts"] and manifest["counts"]["train"] == 44
+    info = manifest["latents"]
+    assert info["shape"] == list(SHAPE) and info["dtype"] == "float16" and info["flipped"] is True
+    assert info["image_size"] == 32 and info["autoencoder"]["preset"] == "tiny_vq" and info["scaling_factor"] == 1.0
+
+    codec = LatentCodec(AE, load_weights=False)
+    for split in ("train", "test"):
+        before, after = rows(synthetic_shards, split), rows(latent_shards, split)
+        assert after["id"].tolist() == before["id"].tolist()  # every row, in the source order
+        for column in ("image", "parts", "split"):
+            assert after[column].tolist() == before[column].tolist(), column
+        assert np.array_equal(np.stack(after["attributes"]), np.stack(before["attributes"]))
+        assert pq.read_schema(shard_paths(latent_shards, split)[0]).field("latents").type == pa.list_(pa.float16(), 192)
+
+    batch = rows(latent_shards, "train")
+    picked = {k: v[[0, 7, 30]] for k, v in batch.items()}  # ids from several shards
+    images = torch.from_numpy(decode_batch(picked, image_size=32, part_groups=None, hflip=False, seed=0,
+                                           epoch=0)["image"])
+    cached = np.stack(picked["latents"]).astype(np.float32).reshape(3, *SHAPE)
+    cached_flipped = np.stack(picked["latents_flipped"]).astype(np.float32).reshape(3, *SHAPE)
+    # float16 keeps ~11 significant bits: 1e-3 relative
+    np.testing.assert_allclose(cached, codec.encode(images).numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cached_flipped, codec.encode(images.flip(-1)).numpy(), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(cached, cached_flipped, atol=1e-2)  # the mirrored image really was encoded
+
+
+@pytest.mark.ray
+def test_streaming_with_use_latents_gives_the_flipped_rows_mirrored_latents(latent_shards):
+    ds = build_dataset(latent_shards, "train", image_size=32, hflip=True, seed=3, use_latents=True)
+    got = {}
+    for batch in iter_train_batches(ds, batch_size=11, drop_last=False):
+        assert batch["latents"].dtype == torch.float32 and batch["latents"].shape[1:] == SHAPE
+        assert batch["image"].shape[1:] == (3, 32, 32)
+        got.update(zip(batch["id"].tolist(), batch["latents"]))
+    stored = rows(latent_shards, "train")
+    assert sorted(got) == sorted(stored["id"].tolist())
+    flips = flip_decisions(stored["id"], seed=3, epoch=0)
+    assert 0 < flips.sum() < len(flips)
+    for row, (image_id, flip) in enumerate(zip(stored["id"], flips)):
+        want = stored["latents_flipped" if flip else "latents"][row].astype(np.float32).reshape(SHAPE)
+        np.testing.assert_array_equal(got[int(image_id)].numpy(), want)
+
+
+@pytest.mark.ray
+def test_use_latents_refuses_shards_that_cannot_serve_it(synthetic_shards, latent_shards, tmp_path):
+    with pytest.raises(ValueError, match="no cached latents.*prepare latents"):
+        build_dataset(synthetic_shards, "train", image_size=32, use_latents=True)
+    with pytest.raises(ValueError, match="encoded at 32 px, but image_size is 64"):
+        build_dataset(latent_shards, "train", image_size=64, use_latents=True)
+    unflipped = tmp_path / "unflipped"
+    shutil.copytree(latent_shards, unflipped)
+    manifest = json.loads((unflipped / "manifest.json").read_text())
+    manifest["latents"]["flipped"] = False
+    (unflipped / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="mirrored images were not cached.*data.hflip=false"):
+        build_dataset(unflipped, "train", image_size=32, hflip=True, use_latents=True)
+    # Without use_latents the latent columns are not read and the batch is the usual one.
+    batch = next(iter_train_batches(build_dataset(latent_shards, "test", image_size=32, hflip=False), batch_size=4))
+    assert "latents" not in batch and batch["image"].shape == (4, 3, 32, 32)
+
+
+def test_mismatched_latent_column_is_a_clear_error(synthetic_shards):
+    batch = rows(synthetic_shards, "test")
+    batch["latents"] = np.zeros((len(batch["id"]), 100), np.float16)  # 100 values, not 3*8*8
+    kw = dict(image_size=32, part_groups=None, hflip=False, seed=0, epoch=0, latent_shape=SHAPE)
+    with pytest.raises(ValueError, match=r"column 'latents': expected shape \(B, 192\), got \(4, 100\).*3x8x8"):
+        decode_batch(batch, **kw)
+    del batch["latents"]
+    with pytest.raises(ValueError, match="no 'latents' column"):
+        decode_batch(batch, **kw)
+    batch["latents"] = np.zeros((len(batch["id"]), 192), np.float16)
+    with pytest.raises(ValueError, match="no 'latents_flipped' column"):
+        seed = next(s for s in range(100) if flip_decisions(batch["id"], seed=s, epoch=0).any())
+        decode_batch(batch, **{**kw, "hflip": True, "seed": seed})
+
+
+def test_shard_writer_mixes_records_and_tables_in_order(tmp_path):
+    schema = latent_schema(2, "float32")
+    def record(i):
+        return {"id": i, "image": b"i", "parts": b"p", "attributes": [0] * 40, "split": "train", "latents": [i, -i]}
+    writer = ShardWriter(tmp_path, "train", rows_per_shard=4, schema=schema)
+    writer.write(record(0))
+    writer.write_table(pa.Table.from_pylist([record(i) for i in range(1, 7)], schema=schema))
+    writer.write(record(7))
+    writer.write(record(8))
+    files = writer.close()
+    assert [f["rows"] for f in files] == [4, 4, 1]
+    table = pq.read_table([str(tmp_path / f["path"]) for f in files])
+    assert table["id"].to_pylist() == list(range(9)) and table["latents"].to_pylist()[5] == [5.0, -5.0]
+    assert table.schema.field("latents").type == pa.list_(pa.float32(), 2)
+    assert SHARD_SCHEMA.names == table.schema.names[:5]
+
+
+LC_CONFIG = """name: lc_test
+model:
+  family: lc_unet
+  down_block_types: [DownBlock2D, CrossAttnDownBlock2D]
+  up_block_types: [CrossAttnUpBlock2D, UpBlock2D]
+  block_out_channels: [32, 64]
+  autoencoder: {preset: tiny_vq, kind: vq}
+"""
+
+
+def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import facediff.data.latents as latents
+    from facediff.cli import app
+
+    calls = []
+
+    def fake(shards, out, autoencoder, **kw):
+        calls.append((autoencoder, kw))
+        return {"counts": {"train": 1}, "latents": {"shape": [3, 8, 8], "dtype": kw["dtype"], "seconds": 0.0}}
+
+    run = CliRunner().invoke
+    real = latents.prepare_latents
+    monkeypatch.setattr(latents, "prepare_latents", fake)
+    result = run(app, ["prepare", "latents", "in", "out", "--preset", "tiny_kl", "--kind", "kl", "--dtype", "float32",
+                       "--no-flipped", "--actors", "2"])
+    assert result.exit_code == 0, result.output
+    assert calls[-1][0] == AutoencoderConfig(kind="kl", preset="tiny_kl")
+    assert {k: calls[-1][1][k] for k in ("dtype", "flipped", "num_actors", "use_gpu")} == {
+        "dtype": "float32", "flipped": False, "num_actors": 2, "use_gpu": False}
+    assert "3x8x8 float32 latents" in result.output
+
+    config = tmp_path / "lc.yaml"
+    config.write_text(LC_CONFIG)
+    result = run(app, ["prepare", "latents", "in", "out", "--config", str(config), "--scaling-factor", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert calls[-1][0] == AutoencoderConfig(kind="vq", preset="tiny_vq", scaling_factor=0.3)  # option overrides
+
+    tiny_unet = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_unet.yaml")
+    result = run(app, ["prepare", "latents", "in", "out", "--config", tiny_unet])
+    assert result.exit_code == 2 and "no `autoencoder` section" in result.output
+    result = run(app, ["prepare", "latents", "in", "out"])
+    assert result.exit_code == 2 and "give a `preset`" in result.output
+    assert len(calls) == 2
+
+    monkeypatch.setattr(latents, "prepare_latents", real)  # the real job refuses a wrong kind before Ray starts
+    result = run(app, ["prepare", "latents", str(synthetic_shards), str(tmp_path / "o"), "--preset", "sd2_vae"])
+    assert result.exit_code == 2 and "is a AutoencoderKL, but the autoencoder config says kind 'vq'" in result.output
+    assert not (tmp_path / "o").exists()
