@@ -197,6 +197,24 @@ def train(
     typer.echo(f"run folder: {run(_load(path, overrides))}")
 
 
+@app.command("train-segformer")
+def train_segformer(
+    path: Annotated[Path, typer.Argument(help="SegFormer fine-tuning config YAML (configs/segformer/)")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
+) -> None:
+    """Fine-tune SegFormer to segment the part groups (Ray Train, DDP); report test mIoU, save the checkpoint."""
+    from facediff.train.segformer import load_segformer_config, train_segformer as run
+
+    try:
+        cfg = load_segformer_config(path, overrides or [])
+        out = run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    metrics = json.loads((out / "metrics.json").read_text())
+    typer.echo(f"test mIoU {metrics['miou']:.4f}; wrote {out} (load it as a mask encoder with "
+               f"pretrained: {out / 'segformer'})")
+
+
 @app.command()
 def sample(
     model: Annotated[Path, typer.Argument(help="a run folder or an exported model folder")],
