@@ -1,0 +1,93 @@
+"""`ray job submit` against a real local head: the train entry point runs on the cluster and writes its run.
+
+The head is started by this test (`ray start --head --block`, bound to loopback) and stopped through its own
+process handle: SIGTERM makes that `ray start` process stop exactly the Ray processes it started. (`ray stop`
+would stop every Ray instance of this user on the machine, including other tests' clusters.)
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from facediff.train.progress import read_metrics
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).parent / "ray"  # the environment's own Ray CLI (and python, below)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RAY), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _env() -> dict:
+    # Never the session's cluster: no inherited RAY_ADDRESS; every command names this head's address.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"  # a token exists once any ray.init ran here (~/.ray/auth_token): be explicit
+    return env
+
+
+@pytest.mark.timeout(600)
+def test_train_job_submitted_to_local_head(synthetic_shards, tmp_path):
+    env, dashboard = _env(), _free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    temp = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths live under it
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(90):  # the job API answers once the dashboard is up (bounded wait, not a timing check)
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            if _ray(["job", "list", "--address", address], env, timeout=60).returncode == 0:
+                break
+            time.sleep(2)
+        runs, job = tmp_path / "runs", f"facediff-test-{uuid.uuid4().hex[:8]}"
+        submitted = _ray([
+            "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job, "--no-wait",
+            "--", sys.executable, "ray_jobs/train.py", "configs/experiments/tiny_unet.yaml",
+            f"data.path={synthetic_shards}", f"trainer.storage_path={runs}", "trainer.run_name=job",
+            "trainer.batch_size=4", "trainer.total_kimg=0.024", "trainer.checkpoint_every_kimg=0.024",
+            "trainer.log_every_steps=1",
+        ], env)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        status = ""
+        for _ in range(240):
+            status = _ray(["job", "status", job, "--address", address], env, timeout=60).stdout
+            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            time.sleep(2)
+        logs = _ray(["job", "logs", job, "--address", address], env, timeout=60).stdout
+        assert "SUCCEEDED" in status, status + logs[-4000:]
+        assert "run folder:" in logs  # the CLI's own last line, printed by the job's driver
+
+        run = runs / "job"
+        assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]  # 24 images / (2 workers x 4)
+        assert (run / "checkpoint_000000003" / "ema.safetensors").is_file()
+        assert (run / "export" / "model_index.json").is_file()
+    finally:
+        head.terminate()  # the blocking `ray start` stops the processes of the head it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
