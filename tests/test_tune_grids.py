@@ -140,3 +140,12 @@ def test_only_rows_with_the_metric_reach_tune(monkeypatch):
     assert forwarded == [{"kimg": 0.2, "loss": 0.9, "fd_mtcnn_onet": 3.0}]
     with pytest.raises(RuntimeError, match="'fid'.*fd_mtcnn_onet"):
         callback.after_report(None, [{"kimg": 0.3, "fid": 10.0}], None)
+
+
+def test_tune_command_names_a_bad_key():
+    from typer.testing import CliRunner
+
+    from facediff.cli import app
+
+    result = CliRunner().invoke(app, ["tune", str(REPO / "configs" / "tune" / "demo.yaml"), "optimizer.lrr=1"])
+    assert result.exit_code == 2 and "optimizer.lrr" in result.output
