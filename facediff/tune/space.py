@@ -26,7 +26,6 @@ from facediff.config.load import GRID_CONFIG_KEY, parse_override
 from facediff.config.schema import EvalConfig
 
 log = logging.getLogger("facediff.tune")
-IMAGE_METRICS = ("fid", "fd_")  # names (or prefixes) of the image distances the trainer reports
 RUN_DIR = "train"  # a trial's Ray Train run folder inside its Tune trial folder
 
 
