@@ -270,6 +270,22 @@ def evaluate(
 
 
 @app.command()
+def tune(
+    grid: Annotated[Path, typer.Argument(help="Tune grid file (configs/tune/*.yaml)")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="key=value: grid fields (num_samples=2) or training keys for every trial (data.path=...)")] = None,
+) -> None:
+    """Run an ablation grid on Ray Tune with ASHA; re-running the same command resumes the experiment."""
+    from facediff.tune import run_tune
+
+    try:
+        summary = run_tune(grid, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes everything")] = Path("outputs/demo"),
     n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 256,

@@ -125,22 +125,43 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return validate(ExperimentConfig, raw, origins, str(Path(path).resolve()))
 
 
+GRID_CONFIG_KEY = "train_config"  # a search dimension over whole training config files (architecture ablations)
+
+
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[GridConfig, ExperimentConfig]:
-    """Load a Tune grid file and its base training config; every search-space key must exist in the schema."""
+    """Load a Tune grid file and its base training config; every search-space key must exist in the schema.
+
+    The search key `train_config` (a grid or choice of config files, relative to the grid file) swaps the
+    whole training config per trial, for ablations that change the model section rather than one key; every
+    file it names is loaded and validated here, with the grid's `overrides` and every other dimension.
+    """
     origins: dict[tuple, str] = {}
     grid_path = Path(path).resolve()
     raw = apply_overrides(load_raw(grid_path, origins), list(overrides or []), origins)
     grid = validate(GridConfig, raw, origins, str(grid_path))
     base_path = grid_path.parent / grid.train_config
     fixed = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in grid.overrides.items()]
-    base = load_config(base_path, fixed)
+    config_files = [base_path]
+    if (files := grid.search_space.get(GRID_CONFIG_KEY)) is not None:
+        if files.grid is None and files.choice is None:
+            raise ConfigError(f"{grid_path}: search_space.{GRID_CONFIG_KEY}: give a grid or choice of config files")
+        config_files = [grid_path.parent / f for f in (files.grid or files.choice)]
+    try:
+        base = load_config(base_path, fixed)
+        for other in config_files:
+            load_config(other, fixed)
+    except ConfigError as err:
+        raise ConfigError(f"{grid_path}: {err}") from None
     for key, dim in grid.search_space.items():
+        if key == GRID_CONFIG_KEY:
+            continue
         # one probe value per dimension: proves the key exists and the value type fits
         probe = (dim.grid or dim.choice or [None])[0] if (dim.grid or dim.choice) else (dim.uniform or dim.loguniform)[0]
-        try:
-            load_config(base_path, fixed + [f"{key}={yaml.safe_dump(probe, default_flow_style=True).strip()}"])
-        except ConfigError as err:
-            raise ConfigError(f"{grid_path}: search_space.{key}: does not fit {base_path}: {err}") from None
+        for config_file in config_files:
+            try:
+                load_config(config_file, fixed + [f"{key}={yaml.safe_dump(probe, default_flow_style=True).strip()}"])
+            except ConfigError as err:
+                raise ConfigError(f"{grid_path}: search_space.{key}: does not fit {config_file}: {err}") from None
     return grid, base
 
 

@@ -362,6 +362,7 @@ class SchedulerConfig(Strict):
 
 class GridConfig(Strict):
     train_config: str  # the training config every trial starts from, relative to the grid file
+    name: str | None = None  # the experiment folder's name under storage_path; None = the grid file's stem
     reproduces: str = ""  # which table of which paper this grid reproduces
     overrides: dict[str, Any] = {}  # dotted keys applied to every trial
     search_space: dict[str, SearchDimension]

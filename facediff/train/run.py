@@ -71,17 +71,25 @@ def init_ray(cfg: ExperimentConfig) -> None:
     one and training waits forever without an error. Logical CPUs are only a scheduling budget, so a local
     instance declares enough for the workers plus one.
     """
+    init_ray_for(cfg.trainer.num_workers * cfg.trainer.resources_per_worker.get("CPU", 1.0) + 1)
+
+
+def init_ray_for(wanted: float) -> None:
+    """`init_ray` for a job that needs `wanted` logical CPUs (Tune: concurrent trials plus Ray Data)."""
     if ray.is_initialized():
         return
-    wanted = cfg.trainer.num_workers * cfg.trainer.resources_per_worker.get("CPU", 1.0) + 1
     try:
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)))
     except ValueError:  # a cluster is already running (`ray start`, `ray job submit`): use it as it is
         ray.init()
 
 
-def train(cfg: ExperimentConfig, fault: dict | None = None) -> Path:
-    """Fit (or resume) the run and export its EMA model; returns the run folder."""
+def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None) -> Path:
+    """Fit (or resume) the run and export its EMA model; returns the run folder.
+
+    `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
+    trainer's reports to Tune).
+    """
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -103,6 +111,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None) -> Path:
             storage_path=str(out.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last),
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+            callbacks=list(callbacks or []),
         ),
         datasets=build_datasets(cfg),
         dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker evaluates on the whole test split

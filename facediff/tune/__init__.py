@@ -1,0 +1,82 @@
+"""`facediff tune GRID.yaml [key=value ...]`: an ablation grid on Ray Tune with ASHA on the image metric.
+
+Each trial runs `trial.run_trial`, which fits a TorchTrainer (Ray Train V2) and forwards its evaluation reports
+to Tune; ASHA (time attribute `kimg`) stops weak trials early. Everything lands in the experiment folder
+`storage_path/NAME/`: Tune's state, one folder per trial (`<trial_id>/train/` is its Train run with
+checkpoints, `metrics.jsonl`, TensorBoard events and, when it finished, `export/`), and at the end
+`results.csv`, `results.md`, `metric_vs_kimg.png` and `best.json`. Re-running the same command restores the
+experiment: finished and stopped trials are kept, interrupted or errored ones resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from facediff.tune.space import Experiment, load_experiment, param_space
+
+log = logging.getLogger("facediff.tune")
+__all__ = ["Experiment", "load_experiment", "param_space", "run_tune", "required_cpus"]
+
+
+def required_cpus(exp: Experiment) -> float:
+    """Logical CPUs for the concurrent trials (driver + Train workers each) plus one for Ray Data."""
+    per_trial = exp.grid.resources_per_trial.get("CPU", 0.0) + (
+        exp.base.trainer.num_workers * exp.base.trainer.resources_per_worker.get("CPU", 1.0))
+    concurrent = exp.grid.max_concurrent_trials or 1
+    return concurrent * per_trial + 1
+
+
+def _scheduler(exp: Experiment):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = exp.grid.scheduler
+    if s.kind == "fifo":
+        return FIFOScheduler()
+    # stop_last_trials=False: a trial that reaches the end finishes by itself (and exports its model) instead
+    # of being stopped by the scheduler at its last report
+    return ASHAScheduler(time_attr="kimg", max_t=exp.total_kimg, grace_period=s.grace_period_kimg,
+                         reduction_factor=s.reduction_factor, stop_last_trials=False)
+
+
+def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Run (or resume) the experiment of a grid file; returns the best trial's summary and the output files."""
+    from ray import tune
+
+    from facediff.train.run import init_ray_for
+    from facediff.tune.results import best_trial, plot_metric, trial_rows, write_table
+    from facediff.tune.trial import run_trial, trial_dirname
+
+    exp = load_experiment(grid_path, overrides)
+    exp.dir.mkdir(parents=True, exist_ok=True)
+    log.info("experiment %s: %s; metric %s (%s), %s scheduler, trials of %s kimg",
+             exp.name, exp.dir, exp.metric, exp.grid.mode, exp.grid.scheduler.kind, exp.total_kimg)
+    init_ray_for(required_cpus(exp))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=exp),
+                                    dict(exp.grid.resources_per_trial))
+    if tune.Tuner.can_restore(str(exp.dir)):
+        log.info("resuming experiment %s: finished trials are kept, unfinished and errored ones resume", exp.dir)
+        tuner = tune.Tuner.restore(str(exp.dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(exp.grid),
+            tune_config=tune.TuneConfig(
+                metric=exp.metric, mode=exp.grid.mode, scheduler=_scheduler(exp), num_samples=exp.grid.num_samples,
+                max_concurrent_trials=exp.grid.max_concurrent_trials, trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.dir.parent)),
+        )
+    results = tuner.fit()
+    rows = trial_rows(results, exp)
+    csv_path, md_path = write_table(rows, exp)
+    best = best_trial(rows, exp)
+    summary = {
+        "experiment": str(exp.dir), "metric": exp.metric, "trials": len(rows),
+        "stopped_early": sum(r["stopped_early"] for r in rows),
+        "errors": sum(r["outcome"].startswith("error") for r in rows),
+        "table": str(csv_path), "markdown": str(md_path), "plot": str(plot_metric(rows, exp)), "best": best,
+    }
+    log.info("experiment %s done: %d trials, %d stopped early; best %s = %s (%s)", exp.name, len(rows),
+             summary["stopped_early"], exp.metric, best and best[f"best_{exp.metric}"], best and best["checkpoint"])
+    return summary

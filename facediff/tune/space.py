@@ -1,0 +1,137 @@
+"""A grid file as an experiment: command-line overrides, the metric ASHA reads, the Tune param space, and the
+training config of one trial.
+
+Decisions made here, once, before any trial starts:
+- The metric. `metric: fid` resolves to what the trainer will actually report: `fid` where the Inception
+  weights can be had, else the labelled fallback `fd_<features>` (never relabelled as fid). The resolution is
+  logged and used for ASHA, the results table and the plot. Any other metric name is used as written.
+- Reporting. ASHA must see the metric at every result it reads, and the trainer reports an image distance only
+  on evaluation rows. So a trial forwards to Tune only the trainer's rows that hold the metric
+  (`trial.MetricReportCallback`), and an image-distance metric requires `eval.every_kimg` in every trial.
+- Length. Every trial trains `scheduler.max_kimg` (default: the base config's `trainer.total_kimg`); ASHA's
+  `max_t` is that, its time attribute is `kimg`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from facediff.config import ConfigError, ExperimentConfig, GridConfig, load_config, load_grid
+from facediff.config.load import GRID_CONFIG_KEY, parse_override
+from facediff.config.schema import EvalConfig
+
+log = logging.getLogger("facediff.tune")
+RUN_DIR = "train"  # a trial's Ray Train run folder inside its Tune trial folder
+
+
+def is_image_metric(name: str) -> bool:
+    return name == "fid" or name.startswith("fd_")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`key=value` overrides of the grid file (its own fields) and of every trial's training config (the rest).
+
+    `facediff tune demo.yaml num_samples=2 data.path=/x`: `num_samples` is a grid field, `data.path` a training
+    key applied to every trial (as if written under the grid's `overrides:`).
+    """
+    grid_keys, train = [], []
+    for text in overrides:
+        keys, _ = parse_override(text)
+        (grid_keys if keys[0] in GridConfig.model_fields else train).append(text)
+    return grid_keys, [f"overrides.{text}" for text in train]
+
+
+def resolve_metric(requested: str, eval_cfg: EvalConfig) -> str:
+    """The name the trainer will report for `requested`; `fid` becomes `fd_<fallback>` without Inception weights."""
+    if requested != "fid" or eval_cfg.fallback_features == "none":
+        return requested  # with fallback 'none' a trial without the weights fails loudly instead
+    from facediff.eval.metrics import load_inception
+
+    if load_inception(eval_cfg.inception_weights, eval_cfg.fallback_features) is not None:
+        return "fid"
+    return f"fd_{eval_cfg.fallback_features}"
+
+
+def _dump(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+@dataclass
+class Experiment:
+    """Everything a trial needs, resolved on the driver (plain data: Tune ships it to every trial)."""
+
+    grid: GridConfig
+    grid_path: Path
+    base: ExperimentConfig
+    metric: str
+    total_kimg: float
+    dir: Path  # the experiment folder: Tune's state, one folder per trial, the results
+    fixed: list[str] = field(default_factory=list)  # training overrides every trial gets
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def config_files(self) -> list[Path]:
+        files = self.grid.search_space.get(GRID_CONFIG_KEY)
+        names = (files.grid or files.choice) if files else [self.grid.train_config]
+        return [self.grid_path.parent / f for f in names]
+
+    def trial_config(self, params: dict[str, Any], trial_dir: Path) -> ExperimentConfig:
+        """A trial's training config: its config file, the grid's overrides, its sampled values, its folder."""
+        path = self.grid_path.parent / params.get(GRID_CONFIG_KEY, self.grid.train_config)
+        sampled = [f"{k}={_dump(v)}" for k, v in params.items() if k != GRID_CONFIG_KEY]
+        placed = [f"trainer.storage_path={trial_dir}", f"trainer.run_name={RUN_DIR}",
+                  f"trainer.total_kimg={self.total_kimg}"]
+        return load_config(path, self.fixed + sampled + placed)
+
+
+def load_experiment(grid_path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Load and check a grid file (and every training config it names); resolve the metric."""
+    grid_overrides, train_overrides = split_overrides(list(overrides or []))
+    grid, base = load_grid(grid_path, grid_overrides + train_overrides)
+    grid_path = Path(grid_path).resolve()
+    fixed = [f"{k}={_dump(v)}" for k, v in grid.overrides.items()]
+    total_kimg = grid.scheduler.max_kimg or base.trainer.total_kimg
+    if "://" in grid.storage_path:
+        raise ConfigError(f"{grid_path}: storage_path: {grid.storage_path!r}: trials write logs and checkpoints "
+                          "to a filesystem path; on a cluster use shared storage mounted on every node (NFS)")
+    exp = Experiment(grid=grid, grid_path=grid_path, base=base, metric=grid.metric, total_kimg=total_kimg,
+                     dir=Path(grid.storage_path).resolve() / (grid.name or grid_path.stem), fixed=fixed)
+    if grid.scheduler.kind == "asha" and grid.scheduler.grace_period_kimg > total_kimg:
+        raise ConfigError(f"{grid_path}: scheduler.grace_period_kimg ({grid.scheduler.grace_period_kimg}) exceeds "
+                          f"the trials' length ({total_kimg} kimg)")
+    exp.metric = resolve_metric(grid.metric, base.eval)
+    if exp.metric != grid.metric:
+        log.warning("metric: %r requested, but the Inception weights are not available: trials report %r "
+                    "(not comparable with published FIDs); ASHA, the table and the plot use %r",
+                    grid.metric, exp.metric, exp.metric)
+    if is_image_metric(exp.metric):
+        for path in exp.config_files():  # ASHA needs the metric on the rows it reads: evaluation must run
+            cfg = load_config(path, fixed)
+            if cfg.eval.every_kimg is None:
+                raise ConfigError(f"{grid_path}: eval.every_kimg: must be set for metric {exp.metric!r} "
+                                  f"({path.name} leaves it unset); add it under overrides:")
+    return exp
+
+
+def param_space(grid: GridConfig) -> dict[str, Any]:
+    """The grid's search space as a flat Tune param space keyed by the dotted config keys."""
+    from ray import tune
+
+    space = {}
+    for key, dim in grid.search_space.items():
+        if dim.grid is not None:
+            space[key] = tune.grid_search(dim.grid)
+        elif dim.choice is not None:
+            space[key] = tune.choice(dim.choice)
+        elif dim.uniform is not None:
+            space[key] = tune.uniform(*dim.uniform)
+        else:
+            space[key] = tune.loguniform(*dim.loguniform)
+    return space

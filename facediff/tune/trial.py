@@ -1,0 +1,56 @@
+"""One Tune trial: a driver function that builds and fits a TorchTrainer and forwards its reports to Tune.
+
+This is the Ray Train V2 form (`Tuner(TorchTrainer(...))` fails in this Ray version): the trial function calls
+`facediff.train.run.train` with a Ray Train callback that forwards each report to the trial's Tune session.
+The trial's Train run lives in its Tune trial folder (`EXPERIMENT/<trial_id>/train`), so re-running an
+interrupted trial resumes its Train run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+log = logging.getLogger("facediff.tune")
+
+
+class MetricReportCallback(TuneReportCallback):
+    """Forward to Tune only the trainer's reports that carry `metric` (ASHA reads it at every result).
+
+    A report that carries an image distance under another name means the trial reports something other than
+    what the experiment resolved (e.g. Inception weights on a worker node but not on the driver): it fails
+    the trial with both names rather than let ASHA compare different metrics.
+    """
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        row = metrics[0]
+        if self.metric in row:
+            super().after_report(run_context, metrics, checkpoint)
+            return
+        other = [k for k in row if k == "fid" or k.startswith("fd_")]
+        if other:
+            raise RuntimeError(f"the trainer reported {other} but this experiment's metric is {self.metric!r}")
+
+
+def run_trial(params: dict[str, Any], experiment) -> None:
+    """The Tune function trainable (`experiment` comes through `tune.with_parameters`)."""
+    import ray.tune
+
+    from facediff.train.run import train
+
+    trial_dir = Path(experiment.dir) / ray.tune.get_context().get_trial_id()
+    cfg = experiment.trial_config(params, trial_dir)
+    log.info("trial %s: %s", trial_dir.name, {k: v for k, v in params.items()})
+    train(cfg, callbacks=[MetricReportCallback(experiment.metric)])
+
+
+def trial_dirname(trial) -> str:
+    """Trial folders named by trial id: stable across restores and short (values like file paths stay out)."""
+    return trial.trial_id

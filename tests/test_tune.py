@@ -1,0 +1,74 @@
+"""`facediff tune` end to end on CPU: a 4-trial grid of the tiny UNet with ASHA, the results, and a resume."""
+
+import csv
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from facediff.train.progress import read_metrics
+from facediff.tune import run_tune
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+REPO = Path(__file__).resolve().parents[1]
+BAD_LR = 1e-8  # barely moves the weights: its loss stays at the initial one while the others fall
+
+GRID = f"""
+train_config: {REPO / "configs" / "experiments" / "tiny_unet.yaml"}
+reproduces: nothing (test)
+metric: loss  # every report carries it; the {BAD_LR} trial is clearly worse from the first rung
+mode: min
+overrides:
+  trainer.num_workers: 1
+  trainer.resources_per_worker: {{CPU: 0.5}}
+  trainer.batch_size: 16
+  trainer.checkpoint_every_kimg: 0.064
+  trainer.log_every_steps: 2
+  trainer.keep_last: 1
+  optimizer.warmup_steps: 1
+search_space:
+  optimizer.lr: {{grid: [2.0e-3, 1.5e-3, 1.0e-3, {BAD_LR}]}}
+scheduler: {{kind: asha, grace_period_kimg: 0.064, reduction_factor: 2, max_kimg: 0.128}}
+resources_per_trial: {{CPU: 0.25}}
+max_concurrent_trials: 2
+"""
+
+
+@pytest.mark.timeout(900)
+def test_asha_grid_reports_stops_and_resumes(synthetic_shards, tmp_path):
+    grid = tmp_path / "asha.yaml"
+    grid.write_text(GRID)
+    args = [f"data.path={synthetic_shards}", f"storage_path={tmp_path / 'tune'}"]
+    summary = run_tune(grid, args)
+
+    exp = tmp_path / "tune" / "asha"
+    assert summary["experiment"] == str(exp) and summary["metric"] == "loss"
+    with open(exp / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and summary["trials"] == 4 and summary["errors"] == 0
+    assert sorted(float(r["optimizer.lr"]) for r in rows) == sorted([2e-3, 1.5e-3, 1e-3, BAD_LR])
+    for r in rows:  # every trial reported, and every column is filled
+        assert float(r["best_loss"]) > 0 and float(r["kimg"]) > 0, r
+        assert r["outcome"] in ("completed", "stopped early") and r["stopped_early"] in ("True", "False")
+        assert (r["stopped_early"] == "True") == (float(r["kimg"]) < 0.128)
+        assert read_metrics(exp / r["trial"] / "train"), "each trial's Train run logs in its trial folder"
+        assert list((exp / r["trial"] / "train" / "tensorboard").glob("events.out.tfevents*"))
+    bad = next(r for r in rows if float(r["optimizer.lr"]) == BAD_LR)
+    assert bad["stopped_early"] == "True" and float(bad["kimg"]) < 0.128  # ASHA stopped the clearly worse trial
+    assert summary["stopped_early"] >= 1
+    assert any(r["outcome"] == "completed" and float(r["kimg"]) == pytest.approx(0.128) for r in rows)
+
+    markdown = (exp / "results.md").read_text()
+    assert markdown.count("\n| ") == 5 and "best_loss" in markdown  # header + 4 trials
+    assert Image.open(summary["plot"]).size[0] > 100
+    best = summary["best"]
+    assert float(best["optimizer.lr"]) != BAD_LR and Path(best["checkpoint"]).is_dir()
+    assert best["best_loss"] == min(float(r["best_loss"]) for r in rows)
+
+    # the same command again restores the experiment: no trial is run again, the results are the same
+    logged = {r["trial"]: (exp / r["trial"] / "train" / "metrics.jsonl").read_text() for r in rows}
+    again = run_tune(grid, args)
+    assert again["trials"] == 4 and again["best"]["trial"] == best["trial"]
+    assert {t: (exp / t / "train" / "metrics.jsonl").read_text() for t in logged} == logged
+    with open(exp / "results.csv") as f:
+        assert list(csv.DictReader(f)) == rows

@@ -1,0 +1,151 @@
+"""Tune grid files and the pieces of `facediff tune` that need no Ray cluster: loading, metric resolution,
+param space, per-trial configs, report forwarding, the results table."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from facediff.config import ConfigError
+from facediff.config.load import GRID_CONFIG_KEY
+from facediff.tune import load_experiment, param_space
+from facediff.tune.space import resolve_metric, split_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+GRIDS = sorted((REPO / "configs" / "tune").glob("*.yaml"))
+
+
+@pytest.fixture
+def no_inception(monkeypatch):
+    """As offline: no Inception weights (and no 10 s network probe per grid)."""
+    monkeypatch.setattr("facediff.eval.metrics.load_inception", lambda *a, **k: None)
+
+
+def _named_configs(path: Path) -> list[Path]:
+    raw = yaml.safe_load(path.read_text())
+    names = [raw["train_config"]]
+    dim = raw["search_space"].get(GRID_CONFIG_KEY)
+    names += (dim.get("grid") or dim.get("choice") or []) if dim else []
+    return [path.parent / n for n in names]
+
+
+def test_every_ablation_has_a_grid():
+    names = {p.stem for p in GRIDS}
+    assert {"demo", "lr", "warmup", "ema", "unet_architecture", "dit_architecture", "lc_architecture",
+            "ddpm_steps", "autoencoder", "infonce", "infonce_threshold"} <= names
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
+def test_grid_file_loads(path, no_inception):
+    missing = sorted({str(p.resolve().relative_to(REPO)) for p in _named_configs(path) if not p.resolve().is_file()})
+    if missing:
+        pytest.skip(f"{path.name} names training configs that do not exist yet: {missing}")
+    exp = load_experiment(path)
+    assert exp.grid.reproduces, f"{path.name} must say which table of which paper it reproduces"
+    assert exp.metric == ("fd_mtcnn_onet" if exp.grid.metric == "fid" else exp.grid.metric)
+    space = param_space(exp.grid)
+    assert set(space) == set(exp.grid.search_space)
+    # the first value of every dimension gives a valid trial config that carries it
+    params = {k: (d.grid or d.choice or [None])[0] if (d.grid or d.choice) else (d.uniform or d.loguniform)[0]
+              for k, d in exp.grid.search_space.items()}
+    cfg = exp.trial_config(params, Path("/tmp/trial"))
+    assert cfg.trainer.storage_path == "/tmp/trial" and cfg.trainer.total_kimg == exp.total_kimg
+    assert cfg.eval.every_kimg is not None  # ASHA reads the image metric at every rung
+    for key, value in params.items():
+        if key != GRID_CONFIG_KEY:
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert node == value, key
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TRAIN = """
+data: {path: /data/none, image_size: 32}
+model: {family: unet, sample_size: 32, block_out_channels: [32, 64], down_block_types: [DownBlock2D, DownBlock2D],
+        up_block_types: [UpBlock2D, UpBlock2D], norm_num_groups: 16}
+trainer: {total_kimg: 2.0}
+"""
+
+
+def test_overrides_split_between_grid_and_every_trial(tmp_path, no_inception):
+    write(tmp_path / "a.yaml", TRAIN)
+    grid = write(tmp_path / "g.yaml", "train_config: a.yaml\nmetric: loss\n"
+                 "search_space:\n  optimizer.lr: {loguniform: [1.0e-5, 1.0e-3]}\n")
+    assert split_overrides(["num_samples=3", "data.path=/x"]) == (["num_samples=3"], ["overrides.data.path=/x"])
+    exp = load_experiment(grid, ["num_samples=3", "data.path=/x", f"storage_path={tmp_path}/out",
+                                 "scheduler.max_kimg=0.5", "scheduler.grace_period_kimg=0.1"])
+    assert exp.grid.num_samples == 3 and exp.dir == tmp_path / "out" / "g" and exp.total_kimg == 0.5
+    cfg = exp.trial_config({"optimizer.lr": 3e-4}, tmp_path / "t")
+    assert cfg.data.path == "/x" and cfg.optimizer.lr == 3e-4 and cfg.trainer.total_kimg == 0.5
+    assert cfg.trainer.run_name == "train"
+    with pytest.raises(ConfigError, match="data.pth"):
+        load_experiment(grid, ["data.pth=/x"])  # a misspelt training key is named
+
+
+def test_image_metric_needs_evaluation_and_grace_fits(tmp_path, no_inception):
+    write(tmp_path / "a.yaml", TRAIN)
+    grid = write(tmp_path / "g.yaml", "train_config: a.yaml\nsearch_space:\n  optimizer.lr: {grid: [1.0e-4]}\n")
+    with pytest.raises(ConfigError, match="eval.every_kimg"):
+        load_experiment(grid)  # metric fid -> fd_mtcnn_onet, which only evaluation rows carry
+    assert load_experiment(grid, ["eval.every_kimg=0.5"]).metric == "fd_mtcnn_onet"
+    with pytest.raises(ConfigError, match="grace_period_kimg"):
+        load_experiment(grid, ["eval.every_kimg=0.5", "scheduler.grace_period_kimg=5"])
+
+
+def test_config_file_dimension_is_validated(tmp_path, no_inception):
+    write(tmp_path / "a.yaml", TRAIN)
+    write(tmp_path / "b.yaml", TRAIN.replace("[32, 64]", "[16, 32]").replace("16}", "8}"))
+    grid = write(tmp_path / "g.yaml", "train_config: a.yaml\nmetric: loss\nsearch_space:\n"
+                 "  train_config: {grid: [a.yaml, b.yaml]}\n  optimizer.lr: {grid: [1.0e-4]}\n")
+    exp = load_experiment(grid)
+    assert [p.name for p in exp.config_files()] == ["a.yaml", "b.yaml"]
+    cfg = exp.trial_config({"train_config": "b.yaml", "optimizer.lr": 1e-4}, tmp_path / "t")
+    assert cfg.model.block_out_channels == [16, 32] and cfg.name == "b"
+    bad = write(tmp_path / "bad.yaml", "train_config: a.yaml\nmetric: loss\nsearch_space:\n"
+                "  train_config: {grid: [a.yaml, missing.yaml]}\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_experiment(bad)
+    ranged = write(tmp_path / "r.yaml", "train_config: a.yaml\nmetric: loss\nsearch_space:\n"
+                   "  train_config: {uniform: [0, 1]}\n")
+    with pytest.raises(ConfigError, match="grid or choice"):
+        load_experiment(ranged)
+
+
+def test_fid_resolves_to_what_the_trainer_reports(monkeypatch):
+    from facediff.config.schema import EvalConfig
+
+    monkeypatch.setattr("facediff.eval.metrics.load_inception", lambda *a, **k: None)
+    assert resolve_metric("fid", EvalConfig()) == "fd_mtcnn_onet"
+    assert resolve_metric("loss", EvalConfig()) == "loss"
+    monkeypatch.setattr("facediff.eval.metrics.load_inception", lambda *a, **k: object())
+    assert resolve_metric("fid", EvalConfig()) == "fid"
+
+
+def test_only_rows_with_the_metric_reach_tune(monkeypatch):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from facediff.tune.trial import MetricReportCallback
+
+    forwarded = []
+    monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # no Tune session here
+    monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, ctx, m, c: forwarded.append(m[0]))
+    callback = MetricReportCallback("fd_mtcnn_onet")
+    callback.after_report(None, [{"kimg": 0.1, "loss": 1.0}], None)
+    callback.after_report(None, [{"kimg": 0.2, "loss": 0.9, "fd_mtcnn_onet": 3.0}], None)
+    assert forwarded == [{"kimg": 0.2, "loss": 0.9, "fd_mtcnn_onet": 3.0}]
+    with pytest.raises(RuntimeError, match="'fid'.*fd_mtcnn_onet"):
+        callback.after_report(None, [{"kimg": 0.3, "fid": 10.0}], None)
+
+
+def test_tune_command_names_a_bad_key():
+    from typer.testing import CliRunner
+
+    from facediff.cli import app
+
+    result = CliRunner().invoke(app, ["tune", str(REPO / "configs" / "tune" / "demo.yaml"), "optimizer.lrr=1"])
+    assert result.exit_code == 2 and "optimizer.lrr" in result.output
