@@ -156,3 +156,21 @@ def test_info_lists_every_network():
     assert rows["mask_encoder"]["frozen"] > 0 and rows["mask_encoder"]["trainable"] == 256 * 128 + 128
     assert rows["fusion"]["trainable"] == (256 + 128) * 256 + 256
     assert rows["total"]["trainable"] == sum(r["trainable"] for n, r in rows.items() if n != "total") + 256 + 128
+
+
+def test_evaluate_reports_attribute_accuracy_beside_the_distance(synthetic_shards, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from facediff.cli import app
+    from facediff.tasks import build_task
+
+    cfg = load_config(EXPERIMENTS / "tiny_lc_unet.yaml", [f"data.path={synthetic_shards}", "eval.steps=2"])
+    build_task(cfg).export(tmp_path / "export")
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "export"), "--set", "eval.num_samples=8"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert metrics["fd_mtcnn_onet"] > 0 and 0 <= metrics["attr_acc"] <= 1
+    assert "attr_acc/Eyeglasses" in metrics
+    assert (synthetic_shards / "attribute_reader" / "32px" / "model.safetensors").is_file()  # cached for next time
