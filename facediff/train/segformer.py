@@ -58,7 +58,8 @@ class SegformerTrainConfig(Strict):
     image_size: PositiveInt = 256
     part_groups: Literal["default", "full"] | dict[str, list[str]] = "default"
     hflip: bool = True
-    model: PretrainedRef = PretrainedRef(preset="segformer_b0_ade512", pretrained="nvidia/segformer-b0-finetuned-ade-512-512")
+    model: PretrainedRef = PretrainedRef(preset="segformer_b0_ade512",
+                                         pretrained="nvidia/segformer-b0-finetuned-ade-512-512")
     lr: PositiveFloat = 6e-5
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     batch_size: PositiveInt = 8  # per worker
