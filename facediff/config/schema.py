@@ -62,6 +62,20 @@ class DataConfig(Strict):
 
 
 # -------------------------------------------------------------------------------------------------- model
+def check_unet_blocks(cfg):
+    """Shared validator of diffusers UNet configs: one block type per level each way, widths fit the norm groups."""
+    n = len(cfg.block_out_channels)
+    if len(cfg.down_block_types) != n or len(cfg.up_block_types) != n:
+        raise ValueError(
+            f"block_out_channels has {n} entries but down_block_types has {len(cfg.down_block_types)} "
+            f"and up_block_types {len(cfg.up_block_types)}"
+        )
+    bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
+    if bad:
+        raise ValueError(f"block_out_channels {bad} not divisible by norm_num_groups={cfg.norm_num_groups}")
+    return cfg
+
+
 class UNetModelConfig(Strict):
     """Pixel-space `diffusers.UNet2DModel`; field names are its constructor arguments."""
 
@@ -80,16 +94,7 @@ class UNetModelConfig(Strict):
 
     @model_validator(mode="after")
     def _blocks_match(self):
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"block_out_channels has {n} entries but down_block_types has {len(self.down_block_types)} "
-                f"and up_block_types {len(self.up_block_types)}"
-            )
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad:
-            raise ValueError(f"block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups}")
-        return self
+        return check_unet_blocks(self)
 
 
 class DiTModelConfig(Strict):
@@ -183,13 +188,7 @@ class LatentConditionalModelConfig(Strict):
 
     @model_validator(mode="after")
     def _blocks_match(self):
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"block_out_channels has {n} entries but down_block_types has {len(self.down_block_types)} "
-                f"and up_block_types {len(self.up_block_types)}"
-            )
-        return self
+        return check_unet_blocks(self)
 
 
 class LoRAConfig(Strict):
