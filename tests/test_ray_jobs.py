@@ -102,6 +102,10 @@ def _start_head(env: dict, tmp_path: Path):
     head = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         # Fixed default ports (the agent's 52365 above all) are already held by the test session's own Ray:
+         # a head whose job agent cannot bind answers "No available agent to submit job" forever.
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
          "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )

@@ -35,7 +35,7 @@ def test_tiny_conditional_model_trains_evaluates_and_samples_by_attribute(synthe
     result = CliRunner().invoke(app, ["sample", str(export), "--n", "3", "--steps", "2", "--out", str(out),
                                       "--attributes", "Smiling,Eyeglasses", "--set", "eval.attribute_guidance=2"])
     assert result.exit_code == 0, result.output
-    assert np.asarray(Image.open(out)).shape == (2 + 1 * 34, 2 + 3 * 34, 3)
+    assert np.asarray(Image.open(out)).shape == (2 + 2 * 34, 2 + 2 * 34, 3)  # 3 samples tile a 2x2 grid
     result = CliRunner().invoke(app, ["sample", str(run), "--n", "2", "--steps", "2", "--out", str(out),
                                       "--from-test"])
     assert result.exit_code == 0, result.output
