@@ -36,7 +36,8 @@ SWEEP = {
 
 
 def _distances(row: dict) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k == "fid" or k.startswith(("fd_", "attr_acc")))
+    """The image distance and the mean attribute accuracy (per-attribute values stay in metrics.jsonl)."""
+    return ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k in ("fid", "attr_acc") or k.startswith("fd_"))
 
 
 def _run_overrides(shards: Path, runs: Path, kimg: float) -> list[str]:

@@ -75,7 +75,7 @@ def fit_autoencoder(cfg: ExperimentConfig, out: str | Path, steps: int = 400, ba
         loss.backward()
         optimizer.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            log.info("fit-autoencoder step %d/%d  loss %.4f", step + 1, steps, float(loss))
+            log.info("fit-autoencoder step %d/%d  loss %.4f", step + 1, steps, loss.detach().item())
     after = reconstruction_error(model, images, ref.kind)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
