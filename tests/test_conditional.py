@@ -103,8 +103,11 @@ def test_every_trained_part_gets_gradients(name):
     assert task.conditions.attributes.mlp[0].weight.grad.abs().sum() > 0
     if task.has_masks:  # both projections and the embedder train
         assert task.conditions.fuse.weight.grad.abs().sum() > 0
-        projection = [p for n, p in task.conditions.masks.named_parameters() if "proj" in n]
-        assert projection and all(p.grad.abs().sum() > 0 for p in projection)
+        masks = task.conditions.masks
+        assert masks.proj.weight.grad.abs().sum() > 0 and masks.proj.bias.grad.abs().sum() > 0
+        # the fine-tuned backbone learns from the first layer on (its last stage sees one token at 32 px, where
+        # attention's query/key gradients are exactly 0: softmax over a single key is constant)
+        assert masks.backbone.stages[0].patch_embeddings.proj.weight.grad.abs().sum() > 0
 
 
 def test_changing_the_mask_changes_the_conditioning():
