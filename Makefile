@@ -6,7 +6,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench gpu-wheels gpu-check
 setup:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) sync --frozen
@@ -19,3 +19,13 @@ test: setup
 
 bench: setup
 	$(UV) run --frozen python benchmarks/data_throughput.py
+
+# The GPU check (tools/gpu_check/README.md). gpu-wheels runs where PyPI is reachable: the cp312 wheels the GPU
+# machine lacks (ray slimmed, deepspeed built, diffusers, pydantic, ...), pinned to uv.lock, into .gpu-wheels/.
+# gpu-check runs on the GPU machine (carry .gpu-wheels) or in the uv environment; GPU_CHECK_ARGS=--cpu: CPU mode.
+GPU_CHECK_ARGS ?=
+gpu-wheels:
+	$(PYTHON) tools/gpu_check/wheels.py
+
+gpu-check:
+	@bash tools/gpu_check/gpu_check.sh $(GPU_CHECK_ARGS)

@@ -229,21 +229,33 @@ def sample(
         help="conditional models: comma-separated attribute names set to 1 (all others 0), e.g. Smiling,Male")] = None,
     from_test: Annotated[bool, typer.Option(
         help="conditional models: condition sample k on test record k (attributes and part masks)")] = False,
+    prompt: Annotated[Optional[str], typer.Option(help="sd_lora models: a free text prompt for every sample")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="key=value config overrides, "
                                                            "e.g. eval.attribute_guidance=3")] = None,
+    device: Annotated[str, typer.Option(help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")] = "auto",
 ) -> None:
     """Draw samples from a trained model into a PNG grid."""
-    from facediff.sampling import attribute_vector, generate, load_model, save_samples, record_conditions
+    from facediff.sampling import (attribute_vector, generate, load_model, record_conditions, resolve_device,
+                                   save_samples)
 
     try:
+        target = resolve_device(device)
         cfg, task = load_model(model, overrides or [])
-        conditional = cfg.model.family == "lc_unet"
+        task = task.to(target)
+        family = cfg.model.family
+        conditional = family == "lc_unet" or (family == "sd_lora" and cfg.model.conditional)
+        if prompt is not None and family != "sd_lora":
+            raise ValueError(f"{model}: --prompt is for sd_lora models, not {family!r}; use --attributes")
         if (attributes is not None or from_test) and not conditional:
-            raise ValueError(f"{model}: a {cfg.model.family!r} model is unconditional; drop --attributes/--from-test")
-        if conditional and (attributes is None) == (not from_test):
-            raise ValueError("a conditional model needs exactly one of --attributes NAMES or --from-test")
+            raise ValueError(f"{model}: a {family!r} model is unconditional; drop --attributes/--from-test")
+        given = (attributes is not None) + from_test + (prompt is not None)
+        if conditional and given != 1:
+            raise ValueError("a conditional model needs exactly one of --attributes NAMES, --from-test"
+                             + (" or --prompt TEXT" if family == "sd_lora" else ""))
         conditions = None
-        if from_test:
+        if prompt is not None:
+            conditions = {"prompts": [prompt] * n}
+        elif from_test:
             conditions = record_conditions(cfg, n)
         elif attributes is not None:
             conditions = {"attributes": attribute_vector(attributes).expand(n, -1)}
@@ -258,12 +270,13 @@ def evaluate(
     model: Annotated[Path, typer.Argument(help="a run folder or an exported model folder")],
     split: Annotated[str, typer.Option(help="the prepared split to compare against")] = "test",
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="key=value config overrides")] = None,
+    device: Annotated[str, typer.Option(help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")] = "auto",
 ) -> None:
     """FID (or the labelled fallback distance) of a model's samples against a held-out split."""
     from facediff.eval.evaluate import evaluate_run
 
     try:
-        result = evaluate_run(model, split, overrides or [])
+        result = evaluate_run(model, split, overrides or [], device)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
     typer.echo(json.dumps(result))
@@ -283,6 +296,12 @@ def tune(
     except ConfigError as err:
         _fail(str(err))
     typer.echo(json.dumps(summary, indent=2, default=str))
+    if summary["errors"] or not summary["reported_metric"]:
+        typer.secho(f"error: {summary['errors']} of {summary['trials']} trials failed, "
+                    f"{summary['reported_metric']} reported {summary['metric']}"
+                    + (f"; first error: {summary['first_error']}" if summary["first_error"] else "")
+                    + f" (see {summary['markdown']})", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 @app.command()

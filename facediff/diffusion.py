@@ -26,7 +26,7 @@ def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         prediction_type=cfg.prediction_type,
-        clip_sample=cfg.clip_sample,
+        clip_sample=True if cfg.clip_sample is None else cfg.clip_sample,  # None outside an experiment: pixels
     )
 
 
@@ -39,41 +39,75 @@ def build_sampler(name: str, train_scheduler: DDPMScheduler):
 
 
 class DenoisingLoss:
-    """Per-sample MSE between the network output and the target of the scheduler's prediction type."""
+    """Per-sample MSE between the network output and the target of the scheduler's prediction type.
 
-    def __init__(self, scheduler: DDPMScheduler):
+    Noising, targets and one-step x0 estimates are computed in fp32 whatever the network's precision: in bf16,
+    alpha_bar_t rounds to exactly 1 for t < 10 (x_t = x0, an unpredictable epsilon target) and neighbouring
+    timesteps share one noise level. Only the network input is cast, to `input_dtype`.
+    """
+
+    def __init__(self, scheduler: DDPMScheduler, timestep_phases=()):
         self.scheduler = scheduler
         self.prediction_type = scheduler.config.prediction_type
+        self.timestep_phases = list(timestep_phases)
 
-    def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None):
-        """Draw timesteps and noise; returns (x_t, t, noise)."""
-        n = x0.shape[0]
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator, device="cpu")
+    def timestep_weights(self, progress: float) -> torch.Tensor | None:
+        """Relative probabilities of each training timestep at `progress` (0..1) through the run; None = uniform.
+
+        Phases (`diffusion.timestep_phases`) split the run by fraction of its steps; in a phase, timesteps in a
+        band are drawn with the band's weight, all others with weight 1 (a later band overrides an earlier one)."""
+        for phase in self.timestep_phases:
+            if progress < phase.until or phase is self.timestep_phases[-1]:
+                weights = torch.ones(self.scheduler.config.num_train_timesteps, dtype=torch.float64)
+                for band in phase.bands:
+                    weights[band.start:band.stop] = band.weight
+                return weights
+        return None
+
+    def draw_timesteps(self, n: int, generator: torch.Generator | None = None, progress: float = 0.0) -> torch.Tensor:
+        weights = self.timestep_weights(progress)
+        if weights is None:
+            return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+
+    def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, progress: float = 0.0):
+        """Draw timesteps (at `progress` through the run) and noise; returns (x_t, t, noise), all fp32."""
+        x0 = x0.float()
+        t = self.draw_timesteps(x0.shape[0], generator, progress)  # on the CPU generator: same on any device
         noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=torch.float32)
-        t, noise = t.to(x0.device), noise.to(device=x0.device, dtype=x0.dtype)
-        return self.scheduler.add_noise(x0, noise, t), t, noise
+        t, noise = t.to(x0.device), noise.to(x0.device)
+        alpha_bar = self._alpha_bar(t)
+        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise, t, noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
-            return noise
+            return noise.float()
         if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t)
-        return x0
+            alpha_bar = self._alpha_bar(t)
+            return alpha_bar.sqrt() * noise.float() - (1 - alpha_bar).sqrt() * x0.float()
+        return x0.float()
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """One-step estimate of the clean image from the network output (for perceptual losses)."""
-        alpha_bar = self.scheduler.alphas_cumprod.to(device=x_t.device, dtype=x_t.dtype)[t].view(-1, 1, 1, 1)
+        """One-step estimate of the clean image from the network output (for perceptual losses), in fp32."""
+        alpha_bar = self._alpha_bar(t)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        x_t, output = x_t.float(), output.float()
         if self.prediction_type == "epsilon":
             return (x_t - s * output) / a
         if self.prediction_type == "v_prediction":
             return a * x_t - s * output
         return output
 
-    def __call__(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None):
-        x_t, t, noise = self.noise(x0, generator)
-        output = model_fn(x_t, t)
-        per_sample = (output.float() - self.target(x0, noise, t).float()).pow(2).mean(dim=(1, 2, 3))
+    def __call__(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
+                 input_dtype: torch.dtype | None = None, progress: float = 0.0):
+        """`model_fn` receives x_t cast to `input_dtype` (default: x0's dtype); the loss is computed in fp32.
+        `progress`: the fraction of the run done (phased timestep sampling)."""
+        x_t, t, noise = self.noise(x0, generator, progress)
+        output = model_fn(x_t.to(input_dtype or x0.dtype), t)
+        per_sample = (output.float() - self.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         return per_sample, {"x_t": x_t, "t": t, "output": output}
 
 
@@ -88,13 +122,16 @@ def sample(
     dtype: torch.dtype = torch.float32,
     clip: float | None = 1.0,
 ) -> torch.Tensor:
-    """Run the reverse process from pure noise and return x0, clamped to [-clip, clip] (images: 1; latents,
-    which are not bounded: None). Noise comes from `generator` (CPU)."""
+    """Run the reverse process from pure noise and return x0 (fp32), clamped to [-clip, clip] (images: 1;
+    latents, which are not bounded: None). Noise comes from `generator` (CPU). The state and the scheduler's
+    arithmetic stay in fp32; only the network input is cast to `dtype` (the network's precision)."""
+    if steps < 1:
+        raise ValueError(f"sampling steps must be >= 1, got {steps}")
     scheduler.set_timesteps(steps, device=device)
-    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device)
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(x, t)
+        model_input = scheduler.scale_model_input(x, t).to(dtype)
         output = model_fn(model_input, t.expand(shape[0]).to(device))
-        x = scheduler.step(output, t, x, generator=generator).prev_sample
+        x = scheduler.step(output.float(), t, x, generator=generator).prev_sample
     return x if clip is None else x.clamp(-clip, clip)

@@ -26,6 +26,19 @@ def batch_generator(seed: int, *indices: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *indices]).generate_state(1)[0]))
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": the (first) CUDA GPU when there is one, else the CPU; or an explicit torch device ("cuda:1")."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
+    return device
+
+
 def latest_checkpoint(run: Path) -> Path | None:
     found = sorted(p for p in Path(run).glob("checkpoint_*") if p.is_dir())
     return found[-1] if found else None

@@ -9,6 +9,8 @@ from facediff.config.schema import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = """
+data:
+  image_size: 32
 model:
   family: unet
   sample_size: 32

@@ -181,3 +181,17 @@ def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monk
     result = run(app, ["prepare", "latents", str(synthetic_shards), str(tmp_path / "o"), "--preset", "sd2_vae"])
     assert result.exit_code == 2 and "is a AutoencoderKL, but the autoencoder config says kind 'vq'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.ray
+def test_cached_latents_must_come_from_the_models_autoencoder(latent_shards, tmp_path):
+    """Latents of another autoencoder, or another scale, would train a model whose samples decode to nonsense."""
+    from facediff.data.latents import check_cached_latents
+
+    check_cached_latents(latent_shards, AE)  # the autoencoder they were written with
+    with pytest.raises(ValueError, match=r"encoded with autoencoder kind='vq', but model\.autoencoder\.kind is 'kl'"):
+        check_cached_latents(latent_shards, AutoencoderConfig(kind="kl", preset="tiny_kl"))
+    with pytest.raises(ValueError, match=r"autoencoder pretrained=None, but model\.autoencoder\.pretrained"):
+        check_cached_latents(latent_shards, AutoencoderConfig(kind="vq", preset="tiny_vq", pretrained=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"scaled by 1\.0, but .*scaling_factor=0\.5"):
+        check_cached_latents(latent_shards, AutoencoderConfig(kind="vq", preset="tiny_vq", scaling_factor=0.5))

@@ -113,7 +113,7 @@ def rows(dataset):
 def test_shapes_dtypes_and_ranges(rows):
     out = decode(rows, part_groups=DEFAULT_PART_GROUPS)
     n, g = len(rows["id"]), len(DEFAULT_PART_GROUPS)
-    assert set(out) == {"id", "image", "parts", "attributes", "part_masks"}
+    assert set(out) == {"id", "epoch", "flipped", "image", "parts", "attributes", "part_masks"}
     assert out["id"].dtype == np.int64 and out["id"].tolist() == list(range(n))
     assert out["image"].dtype == np.float32 and out["image"].shape == (n, 3, SIZE, SIZE)
     assert out["image"].min() >= -1.0 and out["image"].max() <= 1.0
@@ -122,6 +122,32 @@ def test_shapes_dtypes_and_ranges(rows):
     assert out["attributes"].dtype == np.float32 and out["attributes"].shape == (n, NUM_ATTRIBUTES)
     np.testing.assert_array_equal(out["attributes"], np.stack([attributes_of(i) for i in range(n)]))
     assert out["part_masks"].dtype == np.float32 and out["part_masks"].shape == (n, g, SIZE, SIZE)
+    assert out["epoch"].tolist() == [0] * n  # decode() passes a fixed epoch 0
+
+
+def test_resumed_epoch_skips_consumed_records_and_counts_epochs_from_the_checkpoint(rows, monkeypatch):
+    """Inside Ray Train the epoch is the Dataset's execution count, which restarts at 0 when the pipeline is
+    rebuilt for a resume: `first_epoch` offsets it, and `skip_ids` drop the consumed records of that epoch only."""
+    import facediff.data.stream as stream
+
+    kw = dict(image_size=SIZE, part_groups=None, hflip=True, seed=5, epoch=None, first_epoch=3,
+              skip_ids=np.array([1, 2, 40]))
+    monkeypatch.setattr(stream, "current_execution_index", lambda: 0)
+    first = decode_batch(rows, **kw)
+    assert first["epoch"].tolist() == [3] * (len(rows["id"]) - 3)
+    assert not {1, 2, 40} & set(first["id"].tolist())
+    np.testing.assert_array_equal(first["flipped"], flip_decisions(first["id"], seed=5, epoch=3))
+    monkeypatch.setattr(stream, "current_execution_index", lambda: 1)
+    second = decode_batch(rows, **kw)
+    assert second["epoch"].tolist() == [4] * len(rows["id"]) and {1, 2, 40} <= set(second["id"].tolist())
+
+
+def test_file_order_follows_the_data_epoch_not_the_execution_count():
+    from facediff.data.stream import EpochFileShuffle
+
+    resumed, straight = EpochFileShuffle(7, first_epoch=2), EpochFileShuffle(7, first_epoch=0)
+    assert resumed.get_seed(0) == straight.get_seed(2) and resumed.get_seed(1) == straight.get_seed(3)
+    assert straight.get_seed(0) != straight.get_seed(1)
 
 
 def test_flip_keeps_image_and_parts_aligned(rows):

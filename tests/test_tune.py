@@ -34,6 +34,42 @@ max_concurrent_trials: 2
 """
 
 
+@pytest.mark.timeout(1200)
+def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards, ray_session):
+    """The README's `uv run facediff tune configs/tune/demo.yaml`, run as a user runs it: from the repository,
+    with relative paths into a git-ignored folder, under `uv run` (Ray then runs each trial in a packaged copy
+    of the working directory, where that folder does not exist). Every trial must report the metric.
+
+    It runs before the ASHA test: on the test session's cluster (no dashboard, so no State API) Ray Train's
+    placement-group cleaner cannot free the workers of trials ASHA stopped, and their CPUs stay reserved."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import uuid
+
+    rel = Path("outputs") / f"test-tune-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(synthetic_shards, REPO / rel / "shards")
+    uv = shutil.which("uv") or "uv"
+    # share the test session's cluster (a second local instance would fight over its fixed agent ports)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    try:
+        done = subprocess.run(
+            [uv, "run", "--frozen", "facediff", "tune", "configs/tune/demo.yaml", f"data.path={rel}/shards",
+             f"storage_path={rel}/tune", "search_space={optimizer.lr: {grid: [1.0e-3, 3.0e-4]}}",
+             "scheduler.max_kimg=0.128"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout[done.stdout.index("{"):])
+        assert summary["trials"] == 2 and summary["errors"] == 0 and summary["reported_metric"] == 2
+        with open(REPO / rel / "tune" / "demo" / "results.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 2
+        assert all(float(r["best_fd_mtcnn_onet"]) > 0 for r in rows), rows  # every trial reported the metric
+    finally:
+        shutil.rmtree(REPO / rel, ignore_errors=True)
+
+
 @pytest.mark.timeout(900)
 def test_asha_grid_reports_stops_and_resumes(synthetic_shards, tmp_path):
     grid = tmp_path / "asha.yaml"

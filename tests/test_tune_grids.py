@@ -149,3 +149,22 @@ def test_tune_command_names_a_bad_key():
 
     result = CliRunner().invoke(app, ["tune", str(REPO / "configs" / "tune" / "demo.yaml"), "optimizer.lrr=1"])
     assert result.exit_code == 2 and "optimizer.lrr" in result.output
+
+
+def test_tune_command_fails_when_trials_errored(monkeypatch):
+    """All trials erroring (the README's command once did, with exit 0) is a failed command: exit 1, one line."""
+    from typer.testing import CliRunner
+
+    import facediff.tune
+    from facediff.cli import app
+
+    summary = {"experiment": "x", "metric": "fd_mtcnn_onet", "trials": 4, "stopped_early": 0, "errors": 4,
+               "first_error": "FileNotFoundError: outputs/demo/shards/manifest.json: no manifest",
+               "reported_metric": 0, "table": "t.csv", "markdown": "t.md", "plot": "p.png", "best": None}
+    monkeypatch.setattr(facediff.tune, "run_tune", lambda grid, overrides: summary)
+    result = CliRunner().invoke(app, ["tune", "grid.yaml"])
+    assert result.exit_code == 1
+    assert "4 of 4 trials failed, 0 reported fd_mtcnn_onet; first error: FileNotFoundError" in result.output
+    monkeypatch.setattr(facediff.tune, "run_tune", lambda grid, overrides: {**summary, "errors": 0,
+                                                                           "reported_metric": 4, "first_error": None})
+    assert CliRunner().invoke(app, ["tune", "grid.yaml"]).exit_code == 0

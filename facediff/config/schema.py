@@ -195,17 +195,36 @@ class LoRAConfig(Strict):
     rank: PositiveInt = 8
     alpha: PositiveFloat = 8.0
     dropout: UnitFloat = 0.0
+    # PEFT matches a module whose name is, or ends in ".<target>" (so "conv" targets the down/upsamplers' convs)
     target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class StableDiffusionLoRAModelConfig(Strict):
-    """LoRA (PEFT) on a frozen Stable Diffusion UNet, prompted with the face's attributes."""
+    """LoRA (PEFT) on the UNet of a frozen Stable Diffusion pipeline, prompted with the face's attributes.
+
+    `pipeline` names the whole pipeline: a shipped preset (`sd2_base`, `sd2_768`, `sd15`, `tiny_sd`) and/or
+    pretrained weights (hub id or a local diffusers folder). Its own noise scheduler is used (prediction type
+    included), so the `diffusion` section's schedule keys must stay at their defaults.
+    """
 
     family: Literal["sd_lora"] = "sd_lora"
     pipeline: PretrainedRef
     lora: LoRAConfig = LoRAConfig()
-    prompt_template: str = "a photo of a face, {attributes}"
-    resolution: PositiveInt = 512
+    # conditional: each record's prompt is `prompt_template` over its positive attributes; unconditional: every
+    # record gets the neutral `placeholder_prompt` (the paper's unconditional LoRA rows)
+    conditional: bool = True
+    prompt_template: str = "A photo of a person with {attributes}"
+    placeholder_prompt: str = "A photo of a person"
+    prompt_dropout: UnitFloat = 0.0  # the prompt is replaced by "" (classifier-free guidance's null prompt)
+    guidance_scale: Annotated[float, Field(ge=0)] = 1.0  # 1 = the conditional prediction alone
+    sample_with_lora: bool = True  # false: sample/evaluate the base model ("No Tuning" rows)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_slot(cls, value):
+        if "{attributes}" not in value:
+            raise ValueError("must contain {attributes}, where the attribute phrases go")
+        return value
 
 
 class ControlNetModelConfig(Strict):
@@ -231,13 +250,45 @@ MODEL_FAMILIES = ("unet", "dit", "lc_unet", "sd_lora", "controlnet")
 
 
 # ----------------------------------------------------------------------------------- diffusion and losses
+class TimestepBand(Strict):
+    start: Annotated[int, Field(ge=0)]  # first timestep of the band
+    stop: PositiveInt  # one past its last
+    weight: Annotated[float, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.stop <= self.start:
+            raise ValueError(f"stop ({self.stop}) must exceed start ({self.start})")
+        return self
+
+
+class TimestepPhase(Strict):
+    until: Annotated[float, Field(gt=0, le=1)]  # the phase ends at this fraction of the run's steps
+    bands: list[TimestepBand] = []
+
+
 class DiffusionConfig(Strict):
     num_train_timesteps: PositiveInt = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     beta_start: PositiveFloat = 1e-4
     beta_end: PositiveFloat = 0.02
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    clip_sample: bool = True
+    # Training timesteps: uniform (no phases), or per phase of the run (a fraction of its steps) drawn with
+    # probability proportional to band weights (1 outside every band) - the paper's SD LoRA Setup 1.
+    timestep_phases: list[TimestepPhase] = []
+    # Clamp each sampling step's x0 estimate to [-1, 1]: right for pixels, wrong for latents (unbounded).
+    # None = the family's default (pixel families true, latent families false); true is refused for latents.
+    clip_sample: bool | None = None
+
+    @model_validator(mode="after")
+    def _phases_cover_the_run(self):
+        ends = [phase.until for phase in self.timestep_phases]
+        if ends and (ends != sorted(set(ends)) or ends[-1] != 1.0):
+            raise ValueError(f"timestep_phases: `until` must increase and the last be 1.0 (the run's end), got {ends}")
+        late = [b.stop for phase in self.timestep_phases for b in phase.bands if b.stop > self.num_train_timesteps]
+        if late:
+            raise ValueError(f"timestep_phases: band stops {late} exceed num_train_timesteps={self.num_train_timesteps}")
+        return self
 
 
 class LossConfig(Strict):
@@ -250,6 +301,19 @@ class LossConfig(Strict):
     perceptual_timestep_threshold: PositiveInt = 200  # T
     masked_lpips_weight: Annotated[float, Field(ge=0)] = 0.0  # λ1
     face_feature_weight: Annotated[float, Field(ge=0)] = 0.0  # λ2
+
+
+LATENT_FAMILIES = ("lc_unet", "sd_lora", "controlnet")
+PIPELINE_FAMILIES = ("sd_lora", "controlnet")  # built around a whole Stable Diffusion pipeline
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+LOSS_DEFAULTS = {name: f.default for name, f in LossConfig.model_fields.items()}
+_INFONCE = {"infonce_weight", "infonce_threshold", "infonce_temperature", "infonce_include_self"}
+_PERCEPTUAL = {"perceptual_timestep_threshold", "masked_lpips_weight", "face_feature_weight"}
+# The loss keys each family's task reads; any other key set to a non-default value is an error. Checked by value
+# (not by whether it was written) so that a run's saved, fully resolved config loads back. The perceptual keys
+# are read by no task yet: the controlnet family, which will read them, has no training task.
+LOSS_KEYS_READ: dict[str, set[str]] = {"unet": set(), "dit": set(), "lc_unet": _INFONCE, "sd_lora": set(),
+                                       "controlnet": set()}
 
 
 # ------------------------------------------------------------------------------------ optimiser, trainer
@@ -327,6 +391,31 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _sections_agree(self):
         model = self.model
+        latent = model.family in LATENT_FAMILIES
+        if self.diffusion.clip_sample is None:
+            self.diffusion.clip_sample = not latent
+        elif latent and self.diffusion.clip_sample:
+            raise ValueError(f"diffusion.clip_sample: true clamps x0 to [-1, 1], but a {model.family!r} model "
+                             "denoises latents, which are not bounded; set it to false (the family's default)")
+        if not latent and model.sample_size != self.data.image_size:
+            raise ValueError(f"model.sample_size ({model.sample_size}) must equal data.image_size "
+                             f"({self.data.image_size}): a pixel model denoises the images at their decoded size")
+        if model.family in PIPELINE_FAMILIES:
+            mine = [k for k in SCHEDULE_KEYS if getattr(self.diffusion, k) != DiffusionConfig.model_fields[k].default]
+            if mine:
+                raise ValueError(f"diffusion.{mine[0]}: a {model.family!r} model uses its pipeline's own noise schedule "
+                                 f"(model.pipeline's scheduler config); remove diffusion.{', diffusion.'.join(mine)}")
+            if self.trainer.zero_stage == 3:
+                raise ValueError(f"trainer.zero_stage: 3 would partition the frozen VAE and text encoder of a "
+                                 f"{model.family!r} model, which run outside the engine's forward; use 0-2 (its "
+                                 "trainable weights are a small adapter, so ZeRO-2 already shards what matters)")
+        unread = [key for key, default in LOSS_DEFAULTS.items()
+                  if getattr(self.loss, key) != default and key not in LOSS_KEYS_READ[model.family]]
+        if unread:
+            readers = {key: [f for f, keys in LOSS_KEYS_READ.items() if key in keys] for key in unread}
+            raise ValueError("; ".join(
+                f"loss.{key}: not read by model family {model.family!r} (only by {readers[key] or 'no family yet'}); "
+                "remove it" for key in unread))
         if isinstance(model, LatentConditionalModelConfig) and model.mask_encoder and self.data.part_groups == "none":
             raise ValueError("model.mask_encoder encodes part masks, but data.part_groups is 'none': "
                              "set data.part_groups (e.g. default) or remove the mask encoder")

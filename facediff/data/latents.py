@@ -28,6 +28,7 @@ import ray.data
 import torch
 from tqdm import tqdm
 
+from facediff.config.paths import resolve_reference
 from facediff.config.schema import AutoencoderConfig
 from facediff.data.shards import (
     LATENT_DTYPES, LATENTS, LATENTS_FLIPPED, MANIFEST, SHARD_SCHEMA, ShardWriter, latent_schema, read_manifest,
@@ -85,6 +86,35 @@ def _actors(use_gpu: bool, num_actors: int | None) -> int:
     return num_actors or 1
 
 
+AUTOENCODER_IDENTITY = ("kind", "preset", "pretrained", "subfolder", "revision")
+
+
+def check_cached_latents(dataset: str | Path, autoencoder: AutoencoderConfig) -> None:
+    """The cached latents must come from the model's autoencoder, scaled by the factor the model decodes with:
+    latents of another autoencoder (or scale) train a model whose samples decode to nonsense."""
+    from facediff.models.autoencoder import scaling_factor
+
+    where = Path(dataset) / MANIFEST
+    info = read_manifest(dataset).get("latents")
+    if info is None:
+        raise ValueError(f"{where}: no cached latents; write them with `facediff prepare latents` "
+                         "or set data.use_latents=false")
+    cached = AutoencoderConfig.model_validate(info["autoencoder"])
+    cached = cached.model_copy(update={"pretrained": resolve_reference(cached.pretrained)})
+    ours = autoencoder.model_copy(update={"pretrained": resolve_reference(autoencoder.pretrained)})
+    for key in AUTOENCODER_IDENTITY:
+        if getattr(cached, key) != getattr(ours, key):
+            raise ValueError(f"{where}: the cached latents were encoded with autoencoder {key}={getattr(cached, key)!r}, "
+                             f"but model.autoencoder.{key} is {getattr(ours, key)!r}; prepare the latents again with "
+                             "this model's autoencoder (`facediff prepare latents --config ...`) or set "
+                             "data.use_latents=false")
+    want = scaling_factor(ours)
+    if abs(float(info["scaling_factor"]) - want) > 1e-6 * max(1.0, abs(want)):
+        raise ValueError(f"{where}: the cached latents are scaled by {info['scaling_factor']}, but the model's "
+                         f"autoencoder decodes with model.autoencoder.scaling_factor={want}; prepare them again "
+                         "or set the same scaling_factor")
+
+
 def prepare_latents(
     shards_in: str | Path,
     out: str | Path,
@@ -108,6 +138,8 @@ def prepare_latents(
     the diffusion noise) or float32. rows_per_shard: default the largest input shard.
     """
     shards_in, out = Path(shards_in), Path(out)
+    # the manifest names the autoencoder; a local folder is recorded absolute so training can compare it
+    autoencoder = autoencoder.model_copy(update={"pretrained": resolve_reference(autoencoder.pretrained)})
     if batch_size < 1 or cpus_per_actor <= 0:
         raise ValueError(f"batch_size must be >= 1 and cpus_per_actor > 0, got {batch_size}, {cpus_per_actor}")
     if dtype not in LATENT_DTYPES:

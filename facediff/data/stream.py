@@ -5,8 +5,8 @@
     # inside the loop:
     for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=32): ...
 
-Batches hold "id" int64 (B,), "image" float32 (B,3,S,S) in [-1,1], "parts" uint8 (B,S,S) label maps,
-"attributes" float32 (B,40), with part groups "part_masks" float32 (B,G,S,S) and, with `use_latents`, "latents"
+Batches hold "id" int64 (B,), "epoch" int64 (B,) (the data epoch the row was drawn for), "flipped" uint8 (B,),
+"image" float32 (B,3,S,S) in [-1,1], "parts" uint8 (B,S,S) label maps, "attributes" float32 (B,40), with part groups "part_masks" float32 (B,G,S,S) and, with `use_latents`, "latents"
 float32 (B,C,h,w): the cached autoencoder latents (`facediff prepare latents`) of the image as flipped.
 """
 
@@ -47,6 +47,21 @@ def flip_decisions(ids: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
     """Whether each row is mirrored: a function of (seed, epoch, id) only, never of batching or order,
     so a resumed run repeats the augmentation and a test can predict it."""
     return np.array([np.random.default_rng([seed, epoch, int(i)]).random() < 0.5 for i in ids], dtype=bool)
+
+
+class EpochFileShuffle(FileShuffleConfig):
+    """File order seeded by (seed, data epoch), where the epoch is `first_epoch` + the Dataset's execution count.
+
+    Ray's own `reseed_after_execution` seeds by the execution count alone, which restarts at 0 whenever Ray Train
+    builds its data pipeline anew (a resumed run, a restart after a worker failure); offsetting it by the epoch
+    the run resumes in makes a resumed run read the files in the order the uninterrupted run would have."""
+
+    def __init__(self, seed: int, first_epoch: int = 0):
+        super().__init__(seed=seed, reseed_after_execution=True)
+        self.first_epoch = first_epoch
+
+    def get_seed(self, execution_idx: int = 0) -> int:
+        return int(np.random.SeedSequence([self.seed, self.first_epoch + execution_idx]).generate_state(1)[0])
 
 
 def current_execution_index() -> int:
@@ -115,16 +130,25 @@ def decode_batch(
     seed: int,
     epoch: int | None,
     latent_shape: tuple[int, int, int] | None = None,
+    first_epoch: int = 0,
+    skip_ids: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode one batch of shard rows (numpy format); the function `map_batches` runs.
 
-    `epoch=None` takes the epoch from Ray Data's execution counter, so a Dataset iterated once per epoch (as
-    Ray Train does) flips differently every epoch while staying a function of (seed, epoch, id).
+    `epoch=None` takes the epoch from Ray Data's execution counter (plus `first_epoch`, the epoch a resumed run
+    starts in), so a Dataset iterated once per epoch (as Ray Train does) flips differently every epoch while
+    staying a function of (seed, epoch, id). `skip_ids` (sorted) are dropped from the first execution only:
+    the records a resumed run already consumed in the epoch it resumes in.
     With `latent_shape` (C, h, w) the cached latents are returned too: a flipped row takes `latents_flipped`,
     the exact latents of the mirrored image, never a mirrored latent (only approximately the same).
     """
     if epoch is None:
-        epoch = current_execution_index()
+        execution = current_execution_index()
+        epoch = first_epoch + execution
+        if skip_ids is not None and len(skip_ids) and execution == 0:
+            keep = ~np.isin(np.asarray(batch["id"], dtype=np.int64), skip_ids)
+            if not keep.all():
+                batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
     ids = np.array(batch["id"], dtype=np.int64)  # a copy: the output must not alias read-only input buffers
     n, s = len(ids), image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
@@ -135,7 +159,7 @@ def decode_batch(
     if parts.max(initial=0) >= NUM_PART_CLASSES:
         raise ValueError(f"parts hold label {parts.max()}, the label map has {NUM_PART_CLASSES} classes")
 
-    flip = None
+    flip = np.zeros(n, dtype=bool)
     if hflip:
         # Image and label map are mirrored together so every label stays on its pixels. Side-specific labels
         # (l_/r_ eye, brow, ear) are deliberately NOT swapped: CelebAMask-HQ's l_/r_ names follow the annotators'
@@ -150,6 +174,8 @@ def decode_batch(
         raise ValueError("attributes must be 0 or 1")
     out = {
         "id": ids,
+        "epoch": np.full(n, epoch, dtype=np.int64),
+        "flipped": flip.astype(np.uint8),
         "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1.0,
         "parts": parts,
         "attributes": attributes,
@@ -157,7 +183,7 @@ def decode_batch(
     if part_groups is not None:
         out["part_masks"] = group_parts(parts, dict(part_groups))  # built from the (flipped) label map
     if latent_shape is not None:
-        out["latents"] = _decode_latents(batch, tuple(latent_shape), flip)
+        out["latents"] = _decode_latents(batch, tuple(latent_shape), flip if hflip else None)
     return out
 
 
@@ -212,11 +238,15 @@ def build_dataset(
     read_parallelism: int | None = None,
     shuffle: bool = False,
     use_latents: bool = False,
+    first_epoch: int = 0,
+    skip_ids: set[int] | None = None,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of decoded rows of one split (see `decode_batch` for the columns).
 
     Flips depend on (seed, epoch, id). With a fixed `epoch` every iteration repeats the same flips; with
-    `epoch=None` the epoch is the Dataset's execution count, so each pass over it flips anew (training).
+    `epoch=None` the epoch is `first_epoch` + the Dataset's execution count, so each pass over it flips anew
+    (training); a resumed run passes the epoch it resumes in and the ids it already consumed there (`skip_ids`,
+    dropped from the first pass only), so it continues the uninterrupted run's epochs.
 
     shuffle=True shuffles the order of shard files, seeded by (seed, epoch) and re-seeded on every execution
     of this Dataset (so each epoch over the same Dataset reads files in a different, reproducible order).
@@ -231,8 +261,8 @@ def build_dataset(
     """
     if image_size <= 0:
         raise ValueError(f"image_size must be > 0, got {image_size}")
-    if seed < 0 or (epoch is not None and epoch < 0):
-        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    if seed < 0 or first_epoch < 0 or (epoch is not None and epoch < 0):
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}, first_epoch={first_epoch}")
     if read_parallelism is not None and read_parallelism < 1:
         raise ValueError(f"read_parallelism must be >= 1, got {read_parallelism}")
     if part_groups is not None:
@@ -248,13 +278,16 @@ def build_dataset(
     file_shuffle = None
     if shuffle:
         base_seed = int(np.random.SeedSequence([seed, epoch or 0]).generate_state(1)[0])
-        file_shuffle = FileShuffleConfig(seed=base_seed, reseed_after_execution=True)
+        file_shuffle = EpochFileShuffle(base_seed, first_epoch if epoch is None else 0)
     latent_shape = _cached_latent_shape(dataset, image_size, hflip) if use_latents else None
     num_blocks = read_parallelism or _default_read_parallelism(dataset, split, len(paths))
     # Latent columns are large (12k values a row for 3x64x64); skip reading them when they are not used.
     columns = None if use_latents else list(SHARD_SCHEMA.names)
     ds = _read_shards(paths, num_blocks, file_shuffle, columns)
-    kwargs = dict(image_size=image_size, part_groups=part_groups, hflip=hflip, seed=seed, epoch=epoch)
+    kwargs = dict(image_size=image_size, part_groups=part_groups, hflip=hflip, seed=seed, epoch=epoch,
+                  first_epoch=first_epoch)
+    if skip_ids:
+        kwargs["skip_ids"] = np.array(sorted(skip_ids), dtype=np.int64)
     if latent_shape is not None:
         kwargs["latent_shape"] = latent_shape
     return ds.map_batches(decode_batch, batch_size=DECODE_BATCH_ROWS, batch_format="numpy", fn_kwargs=kwargs)

@@ -1,6 +1,6 @@
 """Image-distance evaluation of a model against a held-out split, in training and standalone.
 
-Generation follows the test records: records are dealt to ranks in turn and each rank draws one image per
+Generation follows the test records: records are dealt to ranks by id and each rank draws one image per
 record (conditioned on that record for conditional families), so samples are made on all workers and the
 metric's states are gathered across ranks by torchmetrics when `compute()` runs. Each batch has its own seed
 (eval seed, step, rank, batch index).
@@ -21,6 +21,7 @@ from facediff.data.stream import decode_batch
 from facediff.eval.metrics import build_image_distance
 from facediff.sampling import batch_generator
 from facediff.tasks import DiffusionTask, build_task
+from facediff.train.distributed import owned_by
 from facediff.train.ema import copy_weights
 
 
@@ -45,30 +46,41 @@ def evaluate_task(
     feed_real: bool = True,
     attribute_metric=None,
 ) -> dict[str, float]:
-    """Feed real test images (unless already in the metric) and as many generated ones
-    (`eval.num_samples`, default one per test record); with `attribute_metric`, also read the conditioned
-    attributes back from the generated images."""
+    """Feed the real test images (unless already in the metric) and generated ones: one per test record
+    (conditioned on it), or `eval.num_samples` in all; with `attribute_metric`, also read the conditioned
+    attributes back from the generated images.
+
+    Records are dealt to ranks by id (`owned_by`), never by stream position: every rank iterates the whole split
+    in its own order, and each record is real data and a condition on exactly one rank. `eval.num_samples` is
+    shared out as evenly as ranks allow; a rank cycles through its records when its share exceeds them."""
     e = cfg.eval
-    wanted, made, seen, batch_index = e.num_samples, 0, 0, 0
+    quota = None if e.num_samples is None else e.num_samples // world + (rank < e.num_samples % world)
+    made, batch_index = 0, 0
     for epoch in range(10**6):
+        owned = 0
         for batch in batches():
-            n = len(batch["image"])
-            # records are dealt to ranks one by one, so every rank works even when batches are few
-            mine = torch.tensor([(seen + j) % world == rank for j in range(n)])
-            batch_index, seen = batch_index + 1, seen + n
-            if epoch == 0 and feed_real and mine.any():
-                metric.update_real(batch["image"][mine].float())
-            take = n if wanted is None else max(0, min(n, wanted - made))
+            mine = owned_by(batch["id"], rank, world)
+            owned += int(mine.sum())
+            if not mine.any():
+                continue
+            if epoch == 0 and feed_real:
+                metric.update_real(batch["image"][mine.to(batch["image"].device)].float())
+            if quota is None:
+                take = int(mine.sum()) if epoch == 0 else 0
+            else:
+                take = max(0, min(int(mine.sum()), quota - made))
+            if take == 0:
+                continue
+            rows = mine.nonzero().squeeze(1)[:take]
+            cut = {k: v[rows.to(v.device)] for k, v in batch.items()}
+            batch_index += 1
+            generator = batch_generator(e.seed, step, rank, batch_index)
+            fake = task.sample(take, generator, e.sampler, e.steps, cut)
             made += take
-            mine[take:] = False
-            if mine.any():
-                cut = {k: v[mine] for k, v in batch.items()}
-                generator = batch_generator(e.seed, step, rank, batch_index)
-                fake = task.sample(int(mine.sum()), generator, e.sampler, e.steps, cut)
-                metric.update_fake(fake)
-                if attribute_metric is not None:
-                    attribute_metric.update(fake, cut["attributes"])
-        if wanted is None or made >= wanted or seen == 0:
+            metric.update_fake(fake)
+            if attribute_metric is not None:
+                attribute_metric.update(fake, cut["attributes"])
+        if quota is None or made >= quota or owned == 0:
             break
     result = {metric.name: float(metric.compute())}  # a collective when torch.distributed is initialised
     metric.reset_fake()
@@ -126,10 +138,17 @@ def local_test_batches(cfg: ExperimentConfig, split: str | None = None) -> Calla
     return batches
 
 
-def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str] = ()) -> dict[str, float]:
-    """`facediff evaluate RUN`: the run's (or export's) EMA model against a split, in this process."""
-    from facediff.sampling import load_model
+def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str] = (),
+                 device: str = "auto") -> dict[str, float]:
+    """`facediff evaluate RUN`: the run's (or export's) EMA model against a split, in this process, on `device`
+    ("auto": the GPU when there is one)."""
+    from facediff.sampling import load_model, resolve_device
 
+    target = resolve_device(device)
     cfg, task = load_model(path, overrides)
-    return evaluate_task(task, cfg, local_test_batches(cfg, split), build_image_distance(cfg.eval),
-                         attribute_metric=build_attribute_metric(cfg))
+    task = task.to(target)
+    metric = build_image_distance(cfg.eval).to(target)
+    attribute_metric = build_attribute_metric(cfg)
+    if attribute_metric is not None:
+        attribute_metric = attribute_metric.to(target)
+    return evaluate_task(task, cfg, local_test_batches(cfg, split), metric, attribute_metric=attribute_metric)

@@ -8,11 +8,13 @@ from facediff.config.schema import ExperimentConfig
 from facediff.tasks.base import DiffusionTask
 from facediff.tasks.latent import LatentConditionalDiffusion
 from facediff.tasks.pixel import PixelDiffusion
+from facediff.tasks.sd_lora import StableDiffusionLoRA
 
 TASKS: dict[str, type[DiffusionTask]] = {
     "unet": PixelDiffusion,
     "dit": PixelDiffusion,
     "lc_unet": LatentConditionalDiffusion,
+    "sd_lora": StableDiffusionLoRA,
 }
 
 

@@ -22,6 +22,8 @@ class DiffusionTask(nn.Module, ABC):
         super().__init__()
         self.cfg = cfg
         self.load_pretrained = load_pretrained
+        # the fraction of the run's steps done, set by the trainer before each step (phased timestep sampling)
+        self.training_progress = 0.0
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

@@ -51,7 +51,7 @@ class LatentConditionalDiffusion(DiffusionTask):
         groups = cfg.data.resolved_part_groups()
         self.conditions = ConditionEncoder(m, len(groups) if groups else 0, load_weights=load_pretrained)
         self.scheduler = diffusion.build_noise_scheduler(cfg.diffusion)
-        self.loss_fn = diffusion.DenoisingLoss(self.scheduler)
+        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
         self.latent_shape = expected
         self.loss_terms: dict[str, torch.Tensor] = {}
 
@@ -64,9 +64,10 @@ class LatentConditionalDiffusion(DiffusionTask):
         return self.conditions.masks is not None
 
     def _latents(self, batch) -> torch.Tensor:
+        """Clean latents in fp32 (noised in fp32, see DenoisingLoss); the codec runs in the task's precision."""
         if self.cfg.data.use_latents:
-            return batch["latents"].to(device=self.device, dtype=self.dtype)
-        return self.codec.encode(batch["image"].to(device=self.device, dtype=self.dtype))
+            return batch["latents"].to(device=self.device, dtype=torch.float32)
+        return self.codec.encode(batch["image"].to(device=self.device, dtype=self.dtype)).float()
 
     def _masks(self, batch) -> torch.Tensor | None:
         return batch["part_masks"].to(device=self.device, dtype=self.dtype) if self.has_masks else None
@@ -84,7 +85,8 @@ class LatentConditionalDiffusion(DiffusionTask):
             keep_masks=self._keep(len(z0), m.mask_dropout, generator),
         )
         per_sample, _ = self.loss_fn(
-            lambda z, t: self.unet(z, t, encoder_hidden_states=context).sample, z0, generator)
+            lambda z, t: self.unet(z, t, encoder_hidden_states=context).sample, z0, generator, input_dtype=self.dtype,
+            progress=self.training_progress)
         mse = per_sample.mean()
         loss = mse
         if self.cfg.loss.infonce_weight > 0:
@@ -120,7 +122,7 @@ class LatentConditionalDiffusion(DiffusionTask):
         scheduler = diffusion.build_sampler(sampler, self.scheduler)
         z = diffusion.sample(self.guided_model_fn(attributes, masks), scheduler, (n, *self.latent_shape), steps,
                              generator, self.device, self.dtype, clip=None)
-        return self.codec.decode(z).float().clamp(-1, 1)
+        return self.codec.decode(z.to(self.dtype)).float().clamp(-1, 1)
 
     def save_networks(self, out: Path) -> None:
         out = Path(out)

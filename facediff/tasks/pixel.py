@@ -20,22 +20,23 @@ class PixelDiffusion(DiffusionTask):
         self.family = cfg.model.family
         self.net = build_network(cfg.model)
         self.scheduler = diffusion.build_noise_scheduler(cfg.diffusion)
-        self.loss_fn = diffusion.DenoisingLoss(self.scheduler)
+        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
         self.image_shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model_output(self.net, x, t)
 
     def forward(self, batch, generator=None):
-        x0 = batch["image"].to(device=self.device, dtype=self.dtype)
-        per_sample, _ = self.loss_fn(self._denoise, x0, generator)
+        x0 = batch["image"].to(device=self.device, dtype=torch.float32)  # noised in fp32, see DenoisingLoss
+        per_sample, _ = self.loss_fn(self._denoise, x0, generator, input_dtype=self.dtype,
+                                     progress=self.training_progress)
         return per_sample.mean()
 
     def sample(self, n, generator, sampler, steps, batch=None):
         scheduler = diffusion.build_sampler(sampler, self.scheduler)
         return diffusion.sample(
             self._denoise, scheduler, (n, *self.image_shape), steps, generator, self.device, self.dtype
-        ).float()
+        )
 
     def save_networks(self, out: Path) -> None:
         if self.family == "unet":

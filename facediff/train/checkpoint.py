@@ -2,7 +2,9 @@
 
 A checkpoint folder holds DeepSpeed's engine state under the tag `state/` (model, optimizer and LR schedule,
 one optimizer partition per rank), `ema.safetensors` (the full averaged weights), `rng_rank{r}.safetensors`
-(each rank's generators) and `trainer_state.json` (step, data epoch and position). Each rank writes its files
+(each rank's generators: the noise generator, the CPU RNG and, on a GPU, the CUDA RNG of its device),
+`data_rank{r}.safetensors` (the ids of the records rank r consumed in the epoch in progress) and
+`trainer_state.json` (step, data epoch and position). Each rank writes its files
 into a local folder; Ray Train merges the ranks' folders in storage and registers the checkpoint only once
 every upload finished, so a crash mid-write leaves the previous checkpoint as the latest.
 """
@@ -21,22 +23,37 @@ from facediff.train.ema import EMA
 TAG = "state"
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+DATA_FILE = "data_rank{rank}.safetensors"
 
 
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # data epoch in progress
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (skipped on resume)
+    batches_in_epoch: int = 0  # micro-batches of `epoch` consumed by each rank (their ids: DATA_FILE)
 
 
-def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.Generator, rank: int) -> None:
+def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the device's own generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.Generator, rank: int,
+         consumed_ids: list[int] | None = None) -> None:
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=TAG)  # collective: every rank writes its partition
-    save_file(
-        {"generator": generator.get_state(), "torch": torch.get_rng_state()},
-        str(directory / f"rng_rank{rank}.safetensors"),
-    )
+    save_file(rng_state(generator), str(directory / f"rng_rank{rank}.safetensors"))
+    save_file({"consumed_ids": torch.tensor(list(consumed_ids or []), dtype=torch.int64)},
+              str(directory / DATA_FILE.format(rank=rank)))
     if rank == 0:
         save_file(ema.state_dict(), str(directory / EMA_FILE))
         (directory / STATE_FILE).write_text(json.dumps(asdict(state)))
@@ -52,13 +69,23 @@ def load(directory: Path, engine, ema: EMA, generator: torch.Generator, rank: in
     ema.load_state_dict(load_file(str(directory / EMA_FILE)))
     rng_file = directory / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():  # absent when resuming with more workers than before: keep the fresh seed
-        rng = load_file(str(rng_file))
-        generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
+        restore_rng(load_file(str(rng_file)), generator)
     state = TrainState(**json.loads((directory / STATE_FILE).read_text()))
     if engine.global_steps != state.step:
         raise RuntimeError(f"{directory}: engine is at step {engine.global_steps}, trainer state says {state.step}")
     return state
+
+
+def consumed_ids(directory: Path) -> set[int]:
+    """The ids every rank consumed in the checkpoint's epoch in progress (skipped when that epoch resumes)."""
+    ids: set[int] = set()
+    for path in sorted(Path(directory).glob(DATA_FILE.format(rank="*"))):
+        ids.update(load_file(str(path))["consumed_ids"].tolist())
+    return ids
+
+
+def read_state(directory: Path) -> TrainState:
+    return TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
 
 
 def load_ema_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -88,5 +88,10 @@ class EMA:
         missing = [name for name in self.names if f"ema.{name}" not in state]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
-        self.shadow = [state[f"ema.{name}"].float().clone() for name in self.names]
+        wrong = [name for name, old in zip(self.names, self.shadow) if state[f"ema.{name}"].shape != old.shape]
+        if wrong:
+            raise ValueError(f"EMA state has other shapes for {len(wrong)} parameters, e.g. {wrong[:3]}")
+        # onto the live averages' device (the worker's GPU), whatever device the file was read to
+        self.shadow = [state[f"ema.{name}"].to(device=old.device, dtype=torch.float32).clone()
+                       for name, old in zip(self.names, self.shadow)]
         self.step = int(state["ema_step"])

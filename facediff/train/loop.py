@@ -8,21 +8,23 @@ report the image-distance metric, which Tune's ASHA reads.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from facediff.config.schema import ExperimentConfig
 from facediff.data.stream import iter_train_batches
 from facediff.tasks import build_task
 from facediff.train import checkpoint
 from facediff.train.checkpoint import TrainState
+from facediff.train.distributed import mean_across_ranks, seed_worker_rng
 from facediff.train.ema import EMA
 from facediff.train.engine import build_engine, images_per_step, total_steps
 from facediff.train.progress import RunLog
@@ -35,12 +37,34 @@ def _every(kimg: float | None, ips: int) -> int | None:
     return None if kimg is None else max(1, round(kimg * 1000 / ips))
 
 
-def _mean_across_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+class DataTrace:
+    """Optional record of what a rank trained on (`loop_config["trace_dir"]`): one JSON line per micro-batch with
+    the step it counts towards, the run's progress (phased timesteps), its epoch, ids and flips. Tests compare an interrupted run's data with an
+    uninterrupted one's; each worker start is its own `attempt`."""
+
+    def __init__(self, folder: str | None, rank: int):
+        self.file = None
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(folder) / f"rank{rank}-{uuid.uuid4().hex}.jsonl", "a")
+            self.attempt = self.file.name
+
+    def write(self, step: int, batch: dict[str, torch.Tensor], progress: float) -> None:
+        if self.file is not None:
+            row = {"step": step, "progress": progress, "epoch": batch["epoch"].tolist(), "id": batch["id"].tolist(),
+                   "flipped": batch["flipped"].tolist()}
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+
+def _check_resumed_data(batch, state: TrainState, skipped: set[int]) -> None:
+    """The data pipeline must continue where the checkpoint left off (see `run.resume_point`)."""
+    epochs = set(batch["epoch"].tolist())
+    if epochs != {state.epoch}:
+        raise RuntimeError(f"data epoch {sorted(epochs)} reached the loop, but the run is in epoch {state.epoch}: "
+                           "the dataset was built for another checkpoint than the one resumed from")
+    if skipped and skipped & set(batch["id"].tolist()):
+        raise RuntimeError("records consumed before the checkpoint came again in the resumed epoch")
 
 
 def _maybe_crash(step: int, fault: dict | None) -> None:
@@ -59,15 +83,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(cfg.trainer.seed)  # the global RNG (dropout) starts seeded too
+    seed_worker_rng(cfg.trainer.seed, rank)  # each rank its own dropout stream
     task = build_task(cfg).to(device)  # seeded itself: identical initial weights on every rank
     engine = build_engine(task, cfg, world)
     ema = EMA(engine.module, cfg.trainer.ema)
     generator = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank)
-    state = TrainState()
+    state, consumed = TrainState(), set()  # consumed: ids used in the epoch in progress, by every rank
     if (resume_from := ray.train.get_checkpoint()) is not None:
         with resume_from.as_directory() as folder:
             state = checkpoint.load(Path(folder), engine, ema, generator, rank)
+            consumed = checkpoint.consumed_ids(Path(folder))
+    skipped = set(consumed)  # the data pipeline drops these from the resumed epoch (`run.resume_point`)
+    trace = DataTrace(loop_config.get("trace_dir"), rank)
 
     ips, total = images_per_step(cfg, world), total_steps(cfg, world)
     checkpoint_every = _every(cfg.trainer.checkpoint_every_kimg, ips)
@@ -87,14 +114,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=cfg.trainer.seed * 10_007 + state.epoch,  # a different, seeded order each epoch
         )
         for index, batch in enumerate(batches):
-            if index < state.batches_in_epoch:
-                continue  # consumed before the checkpoint this run resumed from
+            if index == 0:
+                _check_resumed_data(batch, state, skipped)
+            engine.module.training_progress = state.step / total  # a function of the step: resumes in phase
+            trace.write(state.step + 1, batch, engine.module.training_progress)
+            consumed.update(batch["id"].tolist())
             loss = engine(batch, generator)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
             engine.step()
-            state.batches_in_epoch = index + 1
+            state.batches_in_epoch += 1
             window_loss, window_n = window_loss + loss.item(), window_n + 1
             for name, value in getattr(engine.module, "loss_terms", {}).items():  # e.g. loss_mse, loss_infonce
                 window_terms[name] = window_terms.get(name, 0.0) + float(value)
@@ -109,13 +139,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             eval_now = evaluator is not None and (done or state.step % eval_every == 0)
             if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
                 continue
+            means = mean_across_ranks(
+                {"loss": window_loss / max(1, window_n),
+                 **{name: total / max(1, window_n) for name, total in sorted(window_terms.items())}},
+                device)  # one collective, on the device the process group serves (NCCL: the GPU)
             metrics = {
                 "step": state.step,
                 "time": time.time(),
                 "kimg": state.step * ips / 1000,
                 "epoch": state.epoch,
-                "loss": _mean_across_ranks(window_loss / max(1, window_n)),
-                **{name: _mean_across_ranks(total / max(1, window_n)) for name, total in sorted(window_terms.items())},
+                **means,
                 "lr": lr,
                 "ema_decay": decay,
                 "images_per_s": window_n * cfg.trainer.batch_size * world / (time.time() - window_start),
@@ -124,22 +157,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(evaluator.evaluate(ema, engine.module, state.step))
             if run_log is not None:
                 run_log.write(metrics)
-            _report(metrics, engine, ema, state, generator, rank, save_now)
+            _report(metrics, engine, ema, state, generator, rank, save_now, consumed)
             window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
             if done:
                 break
         else:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            consumed, skipped = set(), set()
     if run_log is not None:
         run_log.close()
 
 
-def _report(metrics, engine, ema, state, generator, rank, with_checkpoint: bool) -> None:
+def _report(metrics, engine, ema, state, generator, rank, with_checkpoint: bool, consumed: set[int]) -> None:
     if not with_checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="facediff-ckpt-") as folder:
-        checkpoint.save(Path(folder), engine, ema, state, generator, rank)
+        checkpoint.save(Path(folder), engine, ema, state, generator, rank, sorted(consumed))
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),

@@ -7,9 +7,12 @@ schedule, EMA and data position from there.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -17,10 +20,12 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from facediff.config import dump_config
+from facediff.config import dump_config, resolve_paths
 from facediff.config.schema import ExperimentConfig
+from facediff.data.latents import check_cached_latents
 from facediff.data.stream import build_dataset
 from facediff.tasks import DiffusionTask, build_task
+from facediff.train import checkpoint
 from facediff.train.checkpoint import load_ema_weights
 from facediff.train.loop import train_loop_per_worker
 
@@ -38,17 +43,62 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.trainer.storage_path).resolve() / run_name(cfg)
 
 
-def build_datasets(cfg: ExperimentConfig) -> dict[str, ray.data.Dataset]:
+# Ray Train V2 keeps the run's registered checkpoints in this file of the run folder (ray.train.v2 constants)
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+@dataclass
+class ResumePoint:
+    """Where the data of a resumed run continues: the epoch in progress and the records used in it."""
+
+    checkpoint: str | None = None  # folder name of the checkpoint Ray Train resumes from
+    epoch: int = 0
+    consumed: set[int] = field(default_factory=set)
+
+
+def resume_point(run: Path) -> ResumePoint:
+    """The checkpoint Ray Train will hand to the workers (the latest registered one in its snapshot, never a
+    folder whose upload did not finish) and the data position it holds."""
+    snapshot = Path(run) / RAY_CHECKPOINT_SNAPSHOT
+    if not snapshot.is_file():
+        return ResumePoint()
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    name = latest.get("checkpoint_dir_name")
+    if not name or not (Path(run) / name / checkpoint.STATE_FILE).is_file():
+        return ResumePoint()
+    folder = Path(run) / name
+    return ResumePoint(name, checkpoint.read_state(folder).epoch, checkpoint.consumed_ids(folder))
+
+
+def _dataset_options(cfg: ExperimentConfig) -> dict:
     d = cfg.data
-    common = dict(image_size=d.image_size, part_groups=d.resolved_part_groups(), read_parallelism=d.read_parallelism,
-                  use_latents=d.use_latents)
-    datasets = {
-        "train": build_dataset(
-            d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, epoch=None, **common
-        )
-    }
+    return dict(image_size=d.image_size, part_groups=d.resolved_part_groups(), read_parallelism=d.read_parallelism,
+                use_latents=d.use_latents)
+
+
+def train_dataset(experiment: dict, run: str) -> ray.data.Dataset:
+    """The training split as the run continues from its latest checkpoint: epochs (flips, file order) counted
+    from the checkpoint's epoch, and the records already consumed in it left out of the first pass.
+
+    Ray Train calls this (a dataset factory) each time it starts the workers, in a new `fit()` and after a
+    worker failure alike, so the pipeline is built for the checkpoint the workers are about to restore."""
+    cfg = ExperimentConfig.model_validate(experiment)
+    point = resume_point(Path(run))
+    if point.checkpoint:
+        log.info("data resumes in epoch %d at %s, %d records of it already consumed",
+                 point.epoch, point.checkpoint, len(point.consumed))
+    d = cfg.data
+    return build_dataset(d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, epoch=None,
+                         first_epoch=point.epoch, skip_ids=point.consumed, **_dataset_options(cfg))
+
+
+def build_datasets(cfg: ExperimentConfig, run: Path) -> dict:
+    train = functools.partial(train_dataset, cfg.model_dump(mode="json"), str(run))
+    train()  # checks shards, manifest and options now, in the driver, with a readable error
+    datasets = {"train": train}
     if cfg.eval.every_kimg is not None:
-        datasets["test"] = build_dataset(d.path, d.eval_split, hflip=False, shuffle=False, **common)
+        d = cfg.data
+        datasets["test"] = build_dataset(d.path, d.eval_split, hflip=False, shuffle=False, **_dataset_options(cfg))
     return datasets
 
 
@@ -84,12 +134,17 @@ def init_ray_for(wanted: float) -> None:
         ray.init()
 
 
-def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None) -> Path:
+def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
+          trace_dir: str | Path | None = None) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder.
 
     `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
-    trainer's reports to Tune).
+    trainer's reports to Tune). `fault` (tests) makes a worker crash once at a step; `trace_dir` makes every
+    rank log the ids, epochs and flips it trained on (`loop.DataTrace`).
     """
+    cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
+    if cfg.data.use_latents:
+        check_cached_latents(cfg.data.path, cfg.model.autoencoder)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -100,7 +155,8 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     init_ray(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "log_dir": str(out), "fault": fault},
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "log_dir": str(out), "fault": fault,
+                           "trace_dir": str(trace_dir) if trace_dir else None},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
@@ -113,7 +169,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
         ),
-        datasets=build_datasets(cfg),
+        datasets=build_datasets(cfg, out),
         dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker evaluates on the whole test split
     )
     result = trainer.fit()

@@ -34,7 +34,6 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pydantic import Field, field_validator
 from torch import Tensor
 
@@ -42,6 +41,7 @@ from facediff.config.load import apply_overrides, dump_config, load_raw, validat
 from facediff.config.schema import DataConfig, PositiveFloat, PositiveInt, PretrainedRef, Strict
 from facediff.data.celebamask import NUM_PART_CLASSES, PART_LABELS
 from facediff.models.segformer import IMAGE_MEAN, IMAGE_STD, group_palette
+from facediff.train.distributed import owned_by, sum_across_ranks
 
 log = logging.getLogger("facediff.segformer")
 MODEL_DIR = "segformer"
@@ -146,10 +146,9 @@ class IoUCounter:
         self.intersection += both
         self.union += torch.bincount(pred, minlength=n).double() + torch.bincount(target, minlength=n).double() - both
 
-    def all_reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            for t in (self.intersection, self.union):
-                dist.all_reduce(t)
+    def all_reduce(self, device: torch.device | str = "cpu") -> None:
+        """Sum the counts over ranks, on `device` (the worker's: an NCCL group reduces GPU tensors only)."""
+        self.intersection, self.union = sum_across_ranks([self.intersection, self.union], device)
 
     def result(self, names: list[str]) -> dict[str, Any]:
         """Per-class IoU (None where a class is in neither prediction nor truth) and `miou` over the part groups
@@ -161,21 +160,24 @@ class IoUCounter:
 
 def evaluate_segmenter(model, batches, lut: Tensor, names: list[str], rank: int = 0, world: int = 1,
                        keep: int = 0) -> tuple[dict[str, Any], list[tuple[Tensor, Tensor, Tensor]]]:
-    """IoU over `batches` (every rank sees all of them and takes every world-th); also returns up to `keep`
-    (image, predicted, true) triples for a preview."""
-    counter, kept = IoUCounter(len(names)), []
+    """IoU over `batches` (every rank sees all of them and takes the records dealt to it by id, so each record
+    counts once whatever order each rank reads them in); also returns up to `keep` (image, predicted, true)
+    triples for a preview. The counts are summed over ranks on the batches' device."""
+    counter, kept, device = IoUCounter(len(names)), [], "cpu"
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if index % world != rank:
+        for batch in batches:
+            mine = owned_by(batch["id"], rank, world).to(batch["image"].device)
+            if not mine.any():
                 continue
-            target = lut.to(batch["parts"].device)[batch["parts"].long()]
-            pred = predict(model, batch["image"])
+            device = batch["image"].device
+            target = lut.to(device)[batch["parts"][mine].long()]
+            pred = predict(model, batch["image"][mine])
             counter.update(pred, target)
             for k in range(min(keep - len(kept), len(pred))):
-                kept.append((batch["image"][k].cpu(), pred[k].cpu(), target[k].cpu()))
-    counter.all_reduce()
+                kept.append((batch["image"][mine][k].cpu(), pred[k].cpu(), target[k].cpu()))
+    counter.all_reduce(device)
     model.train(was_training)
     return counter.result(names), kept
 

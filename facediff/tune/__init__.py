@@ -48,6 +48,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     from facediff.tune.trial import run_trial, trial_dirname
 
     exp = load_experiment(grid_path, overrides)
+    exp.check_data()
     exp.dir.mkdir(parents=True, exist_ok=True)
     log.info("experiment %s: %s; metric %s (%s), %s scheduler, trials of %s kimg",
              exp.name, exp.dir, exp.metric, exp.grid.mode, exp.grid.scheduler.kind, exp.total_kimg)
@@ -71,10 +72,13 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     rows = trial_rows(results, exp)
     csv_path, md_path = write_table(rows, exp)
     best = best_trial(rows, exp)
+    errors = [r for r in results if r.error is not None]
     summary = {
         "experiment": str(exp.dir), "metric": exp.metric, "trials": len(rows),
         "stopped_early": sum(r["stopped_early"] for r in rows),
-        "errors": sum(r["outcome"].startswith("error") for r in rows),
+        "errors": len(errors),
+        "first_error": str(errors[0].error).strip().splitlines()[-1][:300] if errors else None,
+        "reported_metric": sum(r[f"best_{exp.metric}"] is not None for r in rows),
         "table": str(csv_path), "markdown": str(md_path), "plot": str(plot_metric(rows, exp)), "best": best,
     }
     log.info("experiment %s done: %d trials, %d stopped early; best %s = %s (%s)", exp.name, len(rows),

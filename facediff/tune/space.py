@@ -8,12 +8,16 @@ Decisions made here, once, before any trial starts:
 - Reporting. ASHA must see the metric at every result it reads, and the trainer reports an image distance only
   on evaluation rows. So a trial forwards to Tune only the trainer's rows that hold the metric
   (`trial.MetricReportCallback`), and an image-distance metric requires `eval.every_kimg` in every trial.
+- Paths. Every training config a trial can use is loaded, checked and path-resolved here (against the
+  directory the command runs in), and shipped to the trials as data: a trial runs in Ray's packaged copy of
+  the working directory, where relative paths and git-ignored folders do not exist.
 - Length. Every trial trains `scheduler.max_kimg` (default: the base config's `trainer.total_kimg`); ASHA's
   `max_t` is that, its time attribute is `kimg`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +25,10 @@ from typing import Any
 
 import yaml
 
-from facediff.config import ConfigError, ExperimentConfig, GridConfig, load_config, load_grid
-from facediff.config.load import GRID_CONFIG_KEY, parse_override
+from facediff.config import ConfigError, ExperimentConfig, GridConfig, load_config, load_grid, resolve_paths
+from facediff.config.load import CLI, GRID_CONFIG_KEY, apply_overrides, parse_override, validate
 from facediff.config.schema import EvalConfig
+from facediff.data.shards import read_manifest
 
 log = logging.getLogger("facediff.tune")
 RUN_DIR = "train"  # a trial's Ray Train run folder inside its Tune trial folder
@@ -72,23 +77,37 @@ class Experiment:
     total_kimg: float
     dir: Path  # the experiment folder: Tune's state, one folder per trial, the results
     fixed: list[str] = field(default_factory=list)  # training overrides every trial gets
+    # each training config file a trial may use (as the grid names it): resolved, with `fixed` applied
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.dir.name
 
-    def config_files(self) -> list[Path]:
+    def config_names(self) -> list[str]:
         files = self.grid.search_space.get(GRID_CONFIG_KEY)
-        names = (files.grid or files.choice) if files else [self.grid.train_config]
-        return [self.grid_path.parent / f for f in names]
+        return list((files.grid or files.choice) if files else [self.grid.train_config])
+
+    def config_files(self) -> list[Path]:
+        return [self.grid_path.parent / f for f in self.config_names()]
+
+    def check_data(self) -> None:
+        """Every trial would fail on a missing dataset: say so once, before Ray starts."""
+        for name, cfg in self.configs.items():
+            try:
+                read_manifest(cfg["data"]["path"])
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"{self.grid_path}: data.path (of {name}): {err}") from None
 
     def trial_config(self, params: dict[str, Any], trial_dir: Path) -> ExperimentConfig:
-        """A trial's training config: its config file, the grid's overrides, its sampled values, its folder."""
-        path = self.grid_path.parent / params.get(GRID_CONFIG_KEY, self.grid.train_config)
+        """A trial's training config: its config file (resolved on the driver), the grid's overrides, its
+        sampled values, its folder. Reads no file: it runs inside Ray."""
+        name = params.get(GRID_CONFIG_KEY, self.grid.train_config)
         sampled = [f"{k}={_dump(v)}" for k, v in params.items() if k != GRID_CONFIG_KEY]
-        placed = [f"trainer.storage_path={trial_dir}", f"trainer.run_name={RUN_DIR}",
+        placed = [f"trainer.storage_path={Path(trial_dir).resolve()}", f"trainer.run_name={RUN_DIR}",
                   f"trainer.total_kimg={self.total_kimg}"]
-        return load_config(path, self.fixed + sampled + placed)
+        raw = apply_overrides(copy.deepcopy(self.configs[name]), sampled + placed, {})
+        return validate(ExperimentConfig, raw, {}, f"{self.grid_path} ({name}, {CLI})")
 
 
 def load_experiment(grid_path: str | Path, overrides: list[str] | None = None) -> Experiment:
@@ -106,6 +125,8 @@ def load_experiment(grid_path: str | Path, overrides: list[str] | None = None) -
     if grid.scheduler.kind == "asha" and grid.scheduler.grace_period_kimg > total_kimg:
         raise ConfigError(f"{grid_path}: scheduler.grace_period_kimg ({grid.scheduler.grace_period_kimg}) exceeds "
                           f"the trials' length ({total_kimg} kimg)")
+    exp.configs = {name: resolve_paths(load_config(path, fixed)).model_dump(mode="json")
+                   for name, path in zip(exp.config_names(), exp.config_files())}
     exp.metric = resolve_metric(grid.metric, base.eval)
     if exp.metric != grid.metric:
         log.warning("metric: %r requested, but the Inception weights are not available: trials report %r "

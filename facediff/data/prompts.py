@@ -1,0 +1,98 @@
+"""Text prompts from CelebA attribute vectors, worded as the paper's Stable Diffusion prompts.
+
+The paper prompts SD with the face's positive attributes in header order, e.g. "A photo of a person with arched
+eyebrows, attractive, brown hair, heavy makeup, high cheekbones, mouth slightly open, no beard, oval face,
+smiling, wearing lipstick, young". Each phrase is the attribute name lower-cased with underscores as spaces;
+the table is written out (not computed) so that a reworded phrase is a visible, reviewed change.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+import torch
+
+from facediff.data.celebamask import ATTRIBUTE_NAMES
+
+ATTRIBUTE_PHRASES: dict[str, str] = {
+    "5_o_Clock_Shadow": "5 o clock shadow",
+    "Arched_Eyebrows": "arched eyebrows",
+    "Attractive": "attractive",
+    "Bags_Under_Eyes": "bags under eyes",
+    "Bald": "bald",
+    "Bangs": "bangs",
+    "Big_Lips": "big lips",
+    "Big_Nose": "big nose",
+    "Black_Hair": "black hair",
+    "Blond_Hair": "blond hair",
+    "Blurry": "blurry",
+    "Brown_Hair": "brown hair",
+    "Bushy_Eyebrows": "bushy eyebrows",
+    "Chubby": "chubby",
+    "Double_Chin": "double chin",
+    "Eyeglasses": "eyeglasses",
+    "Goatee": "goatee",
+    "Gray_Hair": "gray hair",
+    "Heavy_Makeup": "heavy makeup",
+    "High_Cheekbones": "high cheekbones",
+    "Male": "male",
+    "Mouth_Slightly_Open": "mouth slightly open",
+    "Mustache": "mustache",
+    "Narrow_Eyes": "narrow eyes",
+    "No_Beard": "no beard",
+    "Oval_Face": "oval face",
+    "Pale_Skin": "pale skin",
+    "Pointy_Nose": "pointy nose",
+    "Receding_Hairline": "receding hairline",
+    "Rosy_Cheeks": "rosy cheeks",
+    "Sideburns": "sideburns",
+    "Smiling": "smiling",
+    "Straight_Hair": "straight hair",
+    "Wavy_Hair": "wavy hair",
+    "Wearing_Earrings": "wearing earrings",
+    "Wearing_Hat": "wearing hat",
+    "Wearing_Lipstick": "wearing lipstick",
+    "Wearing_Necklace": "wearing necklace",
+    "Wearing_Necktie": "wearing necktie",
+    "Young": "young",
+}
+assert tuple(ATTRIBUTE_PHRASES) == ATTRIBUTE_NAMES, "ATTRIBUTE_PHRASES must follow the header order"
+
+DEFAULT_TEMPLATE = "A photo of a person with {attributes}"
+DEFAULT_PLACEHOLDER = "A photo of a person"  # the prompt of a face with no positive attribute
+SEPARATOR = ", "
+
+# The pieces CLIP's pre-tokeniser splits text into: letter runs, single digits, other non-space runs.
+_PIECES = re.compile(r"[^\W\d_]+|\d|(?:[^\w\s]|_)+")
+
+
+def attribute_prompt(attributes: Sequence[float] | torch.Tensor, template: str = DEFAULT_TEMPLATE,
+                     placeholder: str = DEFAULT_PLACEHOLDER) -> str:
+    """The prompt of one 40-vector of 0/1 attributes (floats, ints or bools; anything > 0.5 is positive)."""
+    values = [float(v) for v in (attributes.tolist() if isinstance(attributes, torch.Tensor) else attributes)]
+    if len(values) != len(ATTRIBUTE_NAMES):
+        raise ValueError(f"expected {len(ATTRIBUTE_NAMES)} attributes, got {len(values)}")
+    positive = [ATTRIBUTE_PHRASES[name] for name, v in zip(ATTRIBUTE_NAMES, values) if v > 0.5]
+    if not positive:
+        return placeholder
+    return template.format(attributes=SEPARATOR.join(positive))
+
+
+def attribute_prompts(batch: torch.Tensor | Sequence[Sequence[float]], template: str = DEFAULT_TEMPLATE,
+                      placeholder: str = DEFAULT_PLACEHOLDER) -> list[str]:
+    """One prompt per row of a (B, 40) attribute batch."""
+    return [attribute_prompt(row, template, placeholder) for row in batch]
+
+
+def _literal_text(template: str) -> str:
+    """The template without its `{...}` fields."""
+    return " ".join(literal for literal, *_ in string.Formatter().parse(template))
+
+
+def prompt_words(template: str = DEFAULT_TEMPLATE, placeholder: str = DEFAULT_PLACEHOLDER) -> list[str]:
+    """Sorted lower-case pieces (words, digits, punctuation such as ",") of every prompt the template can make:
+    the vocabulary the tiny tokenizer turns into single tokens."""
+    texts = [_literal_text(template), placeholder, SEPARATOR, *ATTRIBUTE_PHRASES.values()]
+    return sorted({piece for text in texts for piece in _PIECES.findall(text.lower())})

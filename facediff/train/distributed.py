@@ -1,0 +1,68 @@
+"""Collectives and per-rank randomness for the training workers.
+
+Collectives take the worker's device explicitly: under `use_gpu` Ray Train creates an NCCL-only process group,
+which cannot reduce CPU tensors, so every value is moved to the device the group serves (the worker's GPU, or
+the CPU under gloo) before it is reduced, and back afterwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def sum_across_ranks(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Element-wise sums over ranks of equally shaped lists of tensors, in one all-reduce on `device`.
+
+    Returned on the tensors' original devices, in float64 (counts of pixels and sums of losses stay exact)."""
+    if not is_distributed() or not tensors:
+        return [t.double() for t in tensors]
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
+    dist.all_reduce(flat)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].reshape(t.shape).to(t.device))
+        start += t.numel()
+    return out
+
+
+def mean_across_ranks(values: dict[str, float], device: torch.device | str) -> dict[str, float]:
+    """The mean over ranks of each named scalar (one collective for all of them)."""
+    if not is_distributed() or not values:
+        return dict(values)
+    names = list(values)
+    (total,) = sum_across_ranks([torch.tensor([values[k] for k in names], dtype=torch.float64)], device)
+    world = dist.get_world_size()
+    return {name: float(v) / world for name, v in zip(names, total.tolist())}
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one rank's global RNG (dropout, DeepSpeed internals): distinct per rank, fixed per (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def seed_worker_rng(seed: int, rank: int) -> None:
+    """Seed this worker's global CPU and CUDA RNGs for its own dropout stream. Initial weights do not depend on
+    it: `build_task` seeds its own build from `trainer.seed`, identically on every rank."""
+    torch.manual_seed(rank_seed(seed, rank))  # seeds every CUDA device too
+
+
+def owned_by(ids: torch.Tensor | np.ndarray, rank: int, world: int) -> torch.Tensor:
+    """Which records of a batch belong to `rank`: a fixed function of each record's id, never of its position.
+
+    Every rank iterates the whole evaluation split, but Ray Data does not keep row order, so ranks disagree on
+    positions; dealing by id gives every record to exactly one rank. ids are mixed (splitmix64) first so that
+    regular id patterns (all even, say) still spread evenly."""
+    x = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x % np.uint64(world)).astype(np.int64) == rank)
