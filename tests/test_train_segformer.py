@@ -68,10 +68,12 @@ def test_tiny_run_learns_and_saves_a_loadable_encoder(ray_session, synthetic_sha
     assert metrics["iou"]["skin"] > 0.3
     assert (out / "preview.png").stat().st_size > 0 and (out / "config.yaml").is_file()
 
-    # the saved model reproduces the reported number (counts summed over 2 ranks == one process over all)
+    # the saved model reproduces the reported number (counts summed over 2 ranks == one process over all). Not to
+    # the last digit: each rank predicts only the records dealt to it, and another batch composition changes the
+    # kernels' float rounding, which flips a few argmax ties (measured: 0.5253 vs 0.5257)
     saved = SegformerForSemanticSegmentation.from_pretrained(out / "segformer")
     assert saved.config.num_labels == 4 and saved.config.id2label[1] == "hair"
-    assert _test_miou(saved, synthetic_shards, groups) == pytest.approx(metrics["miou"], abs=1e-6)
+    assert _test_miou(saved, synthetic_shards, groups) == pytest.approx(metrics["miou"], abs=2e-3)
 
     # ... and conditional configs can name it as their mask encoder
     ref = MaskEncoderConfig(preset="tiny_segformer", pretrained=str(out / "segformer"), input="labels")

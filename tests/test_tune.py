@@ -60,7 +60,10 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
              "scheduler.max_kimg=0.128"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
         assert done.returncode == 0, done.stderr[-3000:]
-        summary = json.loads(done.stdout[done.stdout.index("{"):])
+        lines = done.stdout.splitlines()  # Ray prints its own dicts to stdout too: take the summary's block
+        first = max(k for k, line in enumerate(lines) if line == "{")
+        last = next(k for k in range(first, len(lines)) if lines[k] == "}")
+        summary = json.loads("\n".join(lines[first:last + 1]))
         assert summary["trials"] == 2 and summary["errors"] == 0 and summary["reported_metric"] == 2
         with open(REPO / rel / "tune" / "demo" / "results.csv") as f:
             rows = list(csv.DictReader(f))
