@@ -39,15 +39,14 @@ def _every(kimg: float | None, ips: int) -> int | None:
 
 class DataTrace:
     """Optional record of what a rank trained on (`loop_config["trace_dir"]`): one JSON line per micro-batch with
-    the step it counts towards, the run's progress (phased timesteps), its epoch, ids and flips. Tests compare an interrupted run's data with an
-    uninterrupted one's; each worker start is its own `attempt`."""
+    the step it counts towards, the run's progress (phased timesteps), its epoch, ids and flips. Tests compare an
+    interrupted run's data with an uninterrupted one's; each worker start writes its own file."""
 
     def __init__(self, folder: str | None, rank: int):
         self.file = None
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
             self.file = open(Path(folder) / f"rank{rank}-{uuid.uuid4().hex}.jsonl", "a")
-            self.attempt = self.file.name
 
     def write(self, step: int, batch: dict[str, torch.Tensor], progress: float) -> None:
         if self.file is not None:
