@@ -83,7 +83,9 @@ def prepare_synthetic(
 def prepare_latents(
     shards: Annotated[Path, typer.Argument(help="a prepared dataset folder (holds manifest.json)")],
     out: Annotated[Path, typer.Argument(help="new folder for the shards with cached latents")],
-    config: Annotated[Optional[Path], typer.Option(help="take model.autoencoder from this experiment config")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="take the autoencoder of this experiment config's model "
+                                                       "(lc_unet: model.autoencoder; sd_lora/controlnet: the "
+                                                       "pipeline's VAE)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="architecture preset, e.g. tiny_vq or sd2_vae")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="weights: hub id or local folder")] = None,
     subfolder: Annotated[Optional[str], typer.Option(help="e.g. vqvae (LDM) or vae (Stable Diffusion)")] = None,
@@ -108,9 +110,12 @@ def prepare_latents(
 
     fields = {}
     if config is not None:
-        autoencoder = getattr(_load(config, []).model, "autoencoder", None)
+        from facediff.config.schema import model_autoencoder
+
+        autoencoder = model_autoencoder(_load(config, []).model)
         if autoencoder is None:
-            _fail(f"{config}: its model has no `autoencoder` section (a latent model, family lc_unet, has one)")
+            _fail(f"{config}: its model denoises pixels and has no autoencoder (latent families: lc_unet, sd_lora, "
+                  "controlnet)")
         fields = autoencoder.model_dump(exclude_unset=False)
     given = dict(preset=preset, pretrained=pretrained, subfolder=subfolder, revision=revision, kind=kind,
                  scaling_factor=scaling_factor)

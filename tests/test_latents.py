@@ -195,3 +195,37 @@ def test_cached_latents_must_come_from_the_models_autoencoder(latent_shards, tmp
         check_cached_latents(latent_shards, AutoencoderConfig(kind="vq", preset="tiny_vq", pretrained=str(tmp_path)))
     with pytest.raises(ValueError, match=r"scaled by 1\.0, but .*scaling_factor=0\.5"):
         check_cached_latents(latent_shards, AutoencoderConfig(kind="vq", preset="tiny_vq", scaling_factor=0.5))
+
+
+@pytest.mark.ray
+def test_sd_lora_trains_on_latents_cached_with_its_pipelines_vae(ray_session, synthetic_shards, tmp_path):
+    """`prepare latents --config` of an SD config caches the pipeline's own VAE latents: the task's loss on them
+    equals its loss encoding the same images on the fly, and the cache check names a mismatched pipeline."""
+    from facediff.config import load_config
+    from facediff.config.schema import model_autoencoder
+    from facediff.data.latents import check_cached_latents, prepare_latents
+    from facediff.tasks import build_task
+
+    config = Path(__file__).resolve().parents[1] / "configs/experiments/tiny_sd_lora.yaml"
+    cfg = load_config(config, ["model.prompt_dropout=0"])
+    autoencoder = model_autoencoder(cfg.model)
+    assert (autoencoder.kind, autoencoder.preset, autoencoder.subfolder) == ("kl", "tiny_sd/vae", None)
+    out = tmp_path / "sd"
+    prepare_latents(synthetic_shards, out, autoencoder, batch_size=16, progress=False)
+    assert read_manifest(out)["latents"]["shape"] == [4, 8, 8]
+    check_cached_latents(out, autoencoder)
+    with pytest.raises(ValueError, match=r"autoencoder preset='tiny_sd/vae', but model\.autoencoder\.preset is 'tiny_kl'"):
+        check_cached_latents(out, AutoencoderConfig(kind="kl", preset="tiny_kl"))
+
+    picked = {k: v[:6] for k, v in rows(out, "train").items()}
+    decoded = decode_batch(picked, image_size=32, part_groups=None, hflip=False, seed=0, epoch=0,
+                           latent_shape=(4, 8, 8))
+    cached_cfg = load_config(config, ["model.prompt_dropout=0", f"data.path={out}", "data.use_latents=true"])
+    on_the_fly, cached = build_task(cfg), build_task(cached_cfg)
+    batch = {k: torch.from_numpy(decoded[k]) for k in ("image", "attributes", "latents")}
+    expected = on_the_fly.backbone.encode_images(batch["image"])
+    assert torch.allclose(batch["latents"], expected, atol=2e-3 * expected.abs().max().item())
+    losses = [task(batch, torch.Generator().manual_seed(3)).item() for task in (on_the_fly, cached)]
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-2)
+    no_images = {"attributes": batch["attributes"], "latents": batch["latents"]}
+    assert cached(no_images, torch.Generator().manual_seed(3)).item() == pytest.approx(losses[1])

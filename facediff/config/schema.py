@@ -419,9 +419,25 @@ class ExperimentConfig(Strict):
         if isinstance(model, LatentConditionalModelConfig) and model.mask_encoder and self.data.part_groups == "none":
             raise ValueError("model.mask_encoder encodes part masks, but data.part_groups is 'none': "
                              "set data.part_groups (e.g. default) or remove the mask encoder")
-        if self.data.use_latents and not isinstance(model, LatentConditionalModelConfig):
-            raise ValueError(f"data.use_latents needs a latent model family, not {model.family!r}")
+        if self.data.use_latents and model_autoencoder(model) is None:
+            raise ValueError(f"data.use_latents needs a latent model family (lc_unet, sd_lora, controlnet), "
+                             f"not {model.family!r}")
         return self
+
+
+def model_autoencoder(model) -> AutoencoderConfig | None:
+    """The frozen autoencoder a model family denoises the latents of (None for pixel families): `lc_unet`'s own,
+    or the VAE of a Stable Diffusion pipeline, named so that `prepare latents` and the task build the same one
+    (the `pipeline/vae` component of its preset; the pipeline's `vae` subfolder)."""
+    if isinstance(model, LatentConditionalModelConfig):
+        return model.autoencoder
+    pipeline = getattr(model, "pipeline", None)
+    if pipeline is None:
+        return None
+    return AutoencoderConfig(
+        kind="kl", preset=f"{pipeline.preset}/vae" if pipeline.preset else None, pretrained=pipeline.pretrained,
+        subfolder=f"{pipeline.subfolder}/vae" if pipeline.subfolder else ("vae" if pipeline.pretrained else None),
+        revision=pipeline.revision)
 
 
 # ------------------------------------------------------------------------------------------------- tune

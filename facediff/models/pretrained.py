@@ -40,9 +40,16 @@ def _read_preset(name: str) -> str:
 
 
 def preset_config(name: str) -> dict[str, Any]:
-    """The architecture config of a shipped preset (a fresh dict each call)."""
-    config = json.loads(_read_preset(name))
+    """The architecture config of a shipped preset (a fresh dict each call). `pipeline/component` names one
+    network of a whole-pipeline preset, e.g. `sd2_base/vae` (so `prepare latents` can use an SD pipeline's VAE)."""
+    pipeline, _, component = name.partition("/")
+    config = json.loads(_read_preset(pipeline))
     config.pop("_comment", None)  # presets document their source in `_comment`
+    if component:
+        if not isinstance(config.get(component), dict):
+            networks = [k for k, v in config.items() if isinstance(v, dict)]
+            raise ValueError(f"preset {pipeline!r} has no network {component!r}; it has {networks}")
+        config = config[component]
     return config
 
 

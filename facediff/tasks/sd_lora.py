@@ -64,7 +64,10 @@ class StableDiffusionLoRA(DiffusionTask):
             drop = (torch.rand(len(prompts), generator=generator) < p).tolist()
             prompts = ["" if d else prompt for prompt, d in zip(prompts, drop)]
         context = self.backbone.encode_prompts(prompts).to(self.dtype)
-        z0 = self.backbone.encode_images(batch["image"].to(self.device)).float()  # noised in fp32
+        if self.cfg.data.use_latents:  # cached by `prepare latents --config` with this pipeline's VAE
+            z0 = batch["latents"].to(device=self.device, dtype=torch.float32)
+        else:
+            z0 = self.backbone.encode_images(batch["image"].to(self.device)).float()  # noised in fp32
         per_sample, _ = self.loss_fn(lambda z, t: self.unet(z, t, encoder_hidden_states=context).sample, z0,
                                      generator, input_dtype=self.dtype, progress=self.training_progress)
         return per_sample.mean()

@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from facediff.config import dump_config, resolve_paths
-from facediff.config.schema import ExperimentConfig
+from facediff.config.schema import ExperimentConfig, model_autoencoder
 from facediff.data.latents import check_cached_latents
 from facediff.data.stream import build_dataset
 from facediff.tasks import DiffusionTask, build_task
@@ -144,7 +144,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
     if cfg.data.use_latents:
-        check_cached_latents(cfg.data.path, cfg.model.autoencoder)
+        check_cached_latents(cfg.data.path, model_autoencoder(cfg.model))
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
