@@ -48,3 +48,81 @@ def info_nce(
     if not has_positive.any():
         return embeddings.sum() * 0.0
     return (log_denominator - log_numerator)[has_positive].mean()
+
+
+# ------------------------------------------------------------------------------- mask-aware perceptual loss
+def masked_lpips(lpips_net, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Masked LPIPS (paper 2, Eq. 2): LPIPS's spatial distance map between `x` and `y`, averaged over each
+    person's mask and summed over persons. Returns (B,).
+
+    lpips_net: an `lpips.LPIPS` module; x, y (B, 3, H, W) in [-1, 1]; masks (B, K, H, W) in {0, 1}, one channel
+    per person (an absent person is an all-zero mask and adds nothing). The spatial map is LPIPS's own: every
+    layer's weighted feature distance brought to image size (bilinear) and summed over layers, so with one
+    all-ones mask this equals `lpips_net(x, y)` up to that interpolation.
+    """
+    if x.shape != y.shape or x.ndim != 4 or masks.ndim != 4 or masks.shape[0] != x.shape[0]:
+        raise ValueError(f"expected x, y (B, 3, H, W) and masks (B, K, H, W), got {tuple(x.shape)}, "
+                         f"{tuple(y.shape)}, {tuple(masks.shape)}")
+    spatial = lpips_net.spatial
+    lpips_net.spatial = True  # its forward reads the flag: the per-pixel map instead of the spatial mean
+    try:
+        distance = lpips_net(x, y).float()  # (B, 1, H, W)
+    finally:
+        lpips_net.spatial = spatial
+    if masks.shape[-2:] != distance.shape[-2:]:
+        masks = F.interpolate(masks.float(), size=distance.shape[-2:], mode="nearest")
+    masks = masks.float()
+    area = masks.sum(dim=(2, 3))
+    per_person = (distance * masks).sum(dim=(2, 3)) / area.clamp_min(1.0)
+    return per_person.masked_fill(area == 0, 0.0).sum(dim=1)
+
+
+def person_masks(persons: torch.Tensor, max_persons: int | None = None) -> torch.Tensor:
+    """Per-person binary masks (B, K, H, W) from label maps (B, H, W) (0 background, k person k, 255 crowd),
+    built on the maps' device in one comparison. K is the largest person label in the batch (or `max_persons`)."""
+    labels = persons.long()
+    valid = labels.masked_fill(labels == 255, 0)
+    k = int(valid.max().item()) if valid.numel() else 0
+    k = min(k, max_persons) if max_persons else k
+    ids = torch.arange(1, k + 1, device=persons.device).view(1, -1, 1, 1)
+    return (valid.unsqueeze(1) == ids).float()
+
+
+def face_crops(images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:
+    """Differentiable crops (N, 3, size, size) of the valid boxes (B, F, 4) [x0, y0, x1, y1] in pixels."""
+    from torchvision.ops import roi_align
+
+    rows = torch.arange(len(images), device=images.device).unsqueeze(1).expand(valid.shape)[valid]
+    rois = torch.cat([rows.unsqueeze(1).to(boxes.dtype), boxes[valid]], dim=1).to(images.dtype)
+    return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+def face_feature_loss(face_features, x: torch.Tensor, y: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor,
+                      layer_weights: dict[str, float], size: int) -> torch.Tensor:
+    """Face loss (paper 2, Eq. 1): for every face k and layer l of the face-embedding network,
+    α_l · ||FE_l(crop_k(x)) − FE_l(crop_k(y))||, summed over layers and over the faces of a sample. Returns (B,).
+
+    face_features(crops) -> {layer: (N, ...)} (`models.perceptual.FaceFeatures`); boxes (B, F, 4) in pixels of
+    x, y (B, 3, H, W) in [-1, 1]; valid (B, F) bool marks real faces (padding and absent faces add nothing).
+    The norm is the root-mean-square of the feature difference (the L2 norm over sqrt(#elements)), so layers of
+    different sizes are on one scale and α stays a plain weight."""
+    out = x.new_zeros(len(x), dtype=torch.float32)
+    valid = valid.bool()
+    if not valid.any():
+        return out + 0.0 * x.sum()  # keeps the graph connected when no sample has a face
+    fake = face_features(face_crops(x, boxes, valid, size))
+    with torch.no_grad():
+        real = face_features(face_crops(y, boxes, valid, size))
+    per_face = sum(weight * (fake[name].float() - real[name].float()).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
+                   for name, weight in layer_weights.items())
+    rows = torch.arange(len(x), device=x.device).unsqueeze(1).expand(valid.shape)[valid]
+    return out.index_add(0, rows, per_face)
+
+
+def mask_aware_loss(ldm: torch.Tensor, lpips_term: torch.Tensor, face_term: torch.Tensor, below: torch.Tensor,
+                    lpips_weight: float, face_weight: float) -> torch.Tensor:
+    """Per-sample total (paper 2, Eq. 3): λ1·L_lpips + λ2·L_face + (1 − λ1 − λ2)·L_LDM where t < T (`below`),
+    plain L_LDM elsewhere (λ1 = λ2 = 0 there). All inputs (B,); the perceptual terms of samples at t ≥ T are
+    ignored (they are not computed)."""
+    perceptual = lpips_weight * lpips_term + face_weight * face_term + (1 - lpips_weight - face_weight) * ldm
+    return torch.where(below, perceptual, ldm)

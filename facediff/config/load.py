@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from facediff.config.schema import MODEL_FAMILIES, ExperimentConfig, GridConfig
+from facediff.config.grid import GridConfig
+from facediff.config.schema import MODEL_FAMILIES, ExperimentConfig
 
 CLI = "command line"
 T = TypeVar("T", bound=BaseModel)

@@ -3,7 +3,7 @@
 One schema serves every model family: the sections `data`, `model`, `diffusion`, `loss`, `optimizer`, `trainer`
 (with DeepSpeed and EMA) and `eval` are shared, and `model` is a union tagged by `family`, so adding a family
 means adding one model class here and one task in `facediff.tasks`. Ray Tune grid files have their own schema
-(`GridConfig`) whose search-space keys are checked against `ExperimentConfig`.
+(`GridConfig`, in `grid.py`) whose search-space keys are checked against `ExperimentConfig`.
 
 Every model forbids unknown keys: a misspelt key is an error, never silently ignored.
 """
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from facediff.config.models import (  # noqa: F401  (re-exported: the model section's classes)
+    MODEL_FAMILIES, AttributeEmbedderConfig, AutoencoderConfig, ControlNetModelConfig, DiTModelConfig,
+    LatentConditionalModelConfig, LoRAConfig, MaskEncoderConfig, ModelConfig, PerceptualLossConfig, PretrainedRef,
+    StableDiffusionLoRAModelConfig, UNetModelConfig, check_unet_blocks,
+)
+from facediff.config.types import PositiveFloat, PositiveInt, Strict, UnitFloat
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, PART_NAMES
-
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-UnitFloat = Annotated[float, Field(ge=0, le=1)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
 
 # --------------------------------------------------------------------------------------------------- data
 class DataConfig(Strict):
@@ -59,194 +56,6 @@ class DataConfig(Strict):
         if self.part_groups == "full":
             return {name: (name,) for name in PART_NAMES}
         return {group: tuple(parts) for group, parts in self.part_groups.items()}
-
-
-# -------------------------------------------------------------------------------------------------- model
-def check_unet_blocks(cfg):
-    """Shared validator of diffusers UNet configs: one block type per level each way, widths fit the norm groups."""
-    n = len(cfg.block_out_channels)
-    if len(cfg.down_block_types) != n or len(cfg.up_block_types) != n:
-        raise ValueError(
-            f"block_out_channels has {n} entries but down_block_types has {len(cfg.down_block_types)} "
-            f"and up_block_types {len(cfg.up_block_types)}"
-        )
-    bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
-    if bad:
-        raise ValueError(f"block_out_channels {bad} not divisible by norm_num_groups={cfg.norm_num_groups}")
-    return cfg
-
-
-class UNetModelConfig(Strict):
-    """Pixel-space `diffusers.UNet2DModel`; field names are its constructor arguments."""
-
-    family: Literal["unet"] = "unet"
-    sample_size: PositiveInt = 128
-    in_channels: PositiveInt = 3
-    out_channels: PositiveInt = 3
-    layers_per_block: PositiveInt = 2
-    block_out_channels: list[PositiveInt] = [128, 256, 512, 512]
-    down_block_types: list[str] = ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]
-    up_block_types: list[str] = ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
-    attention_head_dim: PositiveInt | None = 8
-    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
-    norm_num_groups: PositiveInt = 32
-    dropout: UnitFloat = 0.0
-
-    @model_validator(mode="after")
-    def _blocks_match(self):
-        return check_unet_blocks(self)
-
-
-class DiTModelConfig(Strict):
-    """Pixel-space `diffusers.DiTTransformer2DModel`, unconditional through one constant class label."""
-
-    family: Literal["dit"] = "dit"
-    sample_size: PositiveInt = 128
-    patch_size: PositiveInt = 4
-    in_channels: PositiveInt = 3
-    out_channels: PositiveInt = 3
-    num_layers: PositiveInt = 6
-    num_attention_heads: PositiveInt = 8
-    attention_head_dim: PositiveInt = 64
-    dropout: UnitFloat = 0.1
-
-    @model_validator(mode="after")
-    def _patch_divides(self):
-        if self.sample_size % self.patch_size:
-            raise ValueError(f"sample_size {self.sample_size} not divisible by patch_size {self.patch_size}")
-        return self
-
-
-class PretrainedRef(Strict):
-    """Where pretrained weights come from: a hub id or a local folder, loaded only when a job asks for them.
-
-    `preset` names an architecture config that ships with facediff (random init, offline); `pretrained` names
-    weights. With both, the weights must fit the preset's architecture.
-    """
-
-    preset: str | None = None
-    pretrained: str | None = None
-    subfolder: str | None = None
-    revision: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.preset is None and self.pretrained is None:
-            raise ValueError("give a `preset` (architecture shipped with facediff) or `pretrained` (hub id or path)")
-        return self
-
-
-class AutoencoderConfig(PretrainedRef):
-    kind: Literal["vq", "kl"] = "vq"
-    scaling_factor: PositiveFloat | None = None  # None = from the autoencoder's own config
-
-
-class AttributeEmbedderConfig(Strict):
-    """MLP from the 40-d multi-hot attribute vector to `tokens` cross-attention tokens of width `dim`."""
-
-    hidden: list[PositiveInt] = [512, 512]
-    dim: PositiveInt = 256
-    tokens: PositiveInt = 1
-    dropout: UnitFloat = 0.1
-
-
-class MaskEncoderConfig(PretrainedRef):
-    """SegFormer over the grouped part masks (`data.part_groups`), pooled and projected to `proj_dim`."""
-
-    input: Literal["channels", "labels"] = "channels"
-    frozen: bool = True
-    proj_dim: PositiveInt = 128
-
-
-class LatentConditionalModelConfig(Strict):
-    """`UNet2DConditionModel` over a frozen autoencoder, conditioned on attributes (and part masks).
-
-    The UNet fields are its constructor arguments; `sample_size`/`in_channels` must match the autoencoder's
-    latents at `data.image_size` (checked when the task is built).
-    """
-
-    family: Literal["lc_unet"] = "lc_unet"
-    sample_size: PositiveInt = 64
-    in_channels: PositiveInt = 3
-    out_channels: PositiveInt = 3
-    layers_per_block: PositiveInt = 2
-    block_out_channels: list[PositiveInt] = [128, 128, 256, 256, 512, 512]
-    down_block_types: list[str]
-    up_block_types: list[str]
-    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
-    attention_head_dim: PositiveInt = 8
-    cross_attention_dim: PositiveInt = 256
-    use_linear_projection: bool = True
-    norm_num_groups: PositiveInt = 32
-    autoencoder: AutoencoderConfig
-    attribute_embedder: AttributeEmbedderConfig = AttributeEmbedderConfig()
-    mask_encoder: MaskEncoderConfig | None = None  # None: attributes only
-    # Condition dropout for classifier-free guidance: each sample's attributes (masks) are replaced by a learned
-    # null condition with this probability, independently.
-    attribute_dropout: UnitFloat = 0.1
-    mask_dropout: UnitFloat = 0.1
-
-    @model_validator(mode="after")
-    def _blocks_match(self):
-        return check_unet_blocks(self)
-
-
-class LoRAConfig(Strict):
-    rank: PositiveInt = 8
-    alpha: PositiveFloat = 8.0
-    dropout: UnitFloat = 0.0
-    # PEFT matches a module whose name is, or ends in ".<target>" (so "conv" targets the down/upsamplers' convs)
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-class StableDiffusionLoRAModelConfig(Strict):
-    """LoRA (PEFT) on the UNet of a frozen Stable Diffusion pipeline, prompted with the face's attributes.
-
-    `pipeline` names the whole pipeline: a shipped preset (`sd2_base`, `sd2_768`, `sd15`, `tiny_sd`) and/or
-    pretrained weights (hub id or a local diffusers folder). Its own noise scheduler is used (prediction type
-    included), so the `diffusion` section's schedule keys must stay at their defaults.
-    """
-
-    family: Literal["sd_lora"] = "sd_lora"
-    pipeline: PretrainedRef
-    lora: LoRAConfig = LoRAConfig()
-    # conditional: each record's prompt is `prompt_template` over its positive attributes; unconditional: every
-    # record gets the neutral `placeholder_prompt` (the paper's unconditional LoRA rows)
-    conditional: bool = True
-    prompt_template: str = "A photo of a person with {attributes}"
-    placeholder_prompt: str = "A photo of a person"
-    prompt_dropout: UnitFloat = 0.0  # the prompt is replaced by "" (classifier-free guidance's null prompt)
-    guidance_scale: Annotated[float, Field(ge=0)] = 1.0  # 1 = the conditional prediction alone
-    sample_with_lora: bool = True  # false: sample/evaluate the base model ("No Tuning" rows)
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _has_slot(cls, value):
-        if "{attributes}" not in value:
-            raise ValueError("must contain {attributes}, where the attribute phrases go")
-        return value
-
-
-class ControlNetModelConfig(Strict):
-    """A ControlNet branch beside a frozen Stable Diffusion UNet, conditioned on person masks."""
-
-    family: Literal["controlnet"] = "controlnet"
-    pipeline: PretrainedRef
-    controlnet: PretrainedRef | None = None  # None = initialise from the SD UNet's encoder
-    conditioning_channels: PositiveInt = 3
-    prompt: str = "a photo of people"
-    resolution: PositiveInt = 512
-
-
-ModelConfig = Annotated[
-    UNetModelConfig
-    | DiTModelConfig
-    | LatentConditionalModelConfig
-    | StableDiffusionLoRAModelConfig
-    | ControlNetModelConfig,
-    Field(discriminator="family"),
-]
-MODEL_FAMILIES = ("unet", "dit", "lc_unet", "sd_lora", "controlnet")
 
 
 # ----------------------------------------------------------------------------------- diffusion and losses
@@ -310,10 +119,9 @@ LOSS_DEFAULTS = {name: f.default for name, f in LossConfig.model_fields.items()}
 _INFONCE = {"infonce_weight", "infonce_threshold", "infonce_temperature", "infonce_include_self"}
 _PERCEPTUAL = {"perceptual_timestep_threshold", "masked_lpips_weight", "face_feature_weight"}
 # The loss keys each family's task reads; any other key set to a non-default value is an error. Checked by value
-# (not by whether it was written) so that a run's saved, fully resolved config loads back. The perceptual keys
-# are read by no task yet: the controlnet family, which will read them, has no training task.
+# (not by whether it was written) so that a run's saved, fully resolved config loads back.
 LOSS_KEYS_READ: dict[str, set[str]] = {"unet": set(), "dit": set(), "lc_unet": _INFONCE, "sd_lora": set(),
-                                       "controlnet": set()}
+                                       "controlnet": _PERCEPTUAL}
 
 
 # ------------------------------------------------------------------------------------ optimiser, trainer
@@ -419,8 +227,12 @@ class ExperimentConfig(Strict):
         if isinstance(model, LatentConditionalModelConfig) and model.mask_encoder and self.data.part_groups == "none":
             raise ValueError("model.mask_encoder encodes part masks, but data.part_groups is 'none': "
                              "set data.part_groups (e.g. default) or remove the mask encoder")
-        if self.data.use_latents and model_autoencoder(model) is None:
-            raise ValueError(f"data.use_latents needs a latent model family (lc_unet, sd_lora, controlnet), "
+        if model.family == "controlnet" and self.loss.masked_lpips_weight + self.loss.face_feature_weight > 1:
+            raise ValueError(f"loss.masked_lpips_weight + loss.face_feature_weight = "
+                             f"{self.loss.masked_lpips_weight + self.loss.face_feature_weight:g} exceeds 1: the "
+                             "denoising loss gets weight 1 - λ1 - λ2 below the threshold (paper Eq. 3)")
+        if self.data.use_latents and (model_autoencoder(model) is None or model.family == "controlnet"):
+            raise ValueError(f"data.use_latents needs a family that trains on cached latents (lc_unet, sd_lora), "
                              f"not {model.family!r}")
         return self
 
@@ -438,42 +250,3 @@ def model_autoencoder(model) -> AutoencoderConfig | None:
         kind="kl", preset=f"{pipeline.preset}/vae" if pipeline.preset else None, pretrained=pipeline.pretrained,
         subfolder=f"{pipeline.subfolder}/vae" if pipeline.subfolder else ("vae" if pipeline.pretrained else None),
         revision=pipeline.revision)
-
-
-# ------------------------------------------------------------------------------------------------- tune
-class SearchDimension(Strict):
-    """Exactly one of: a grid (every value, crossed with the other grids), a random choice, or a range."""
-
-    grid: list[Any] | None = None
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[PositiveFloat, PositiveFloat] | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
-        return self
-
-
-class SchedulerConfig(Strict):
-    kind: Literal["asha", "fifo"] = "asha"
-    grace_period_kimg: PositiveFloat = 1.0
-    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
-    max_kimg: PositiveFloat | None = None  # None = the base config's trainer.total_kimg
-
-
-class GridConfig(Strict):
-    train_config: str  # the training config every trial starts from, relative to the grid file
-    name: str | None = None  # the experiment folder's name under storage_path; None = the grid file's stem
-    reproduces: str = ""  # which table of which paper this grid reproduces
-    overrides: dict[str, Any] = {}  # dotted keys applied to every trial
-    search_space: dict[str, SearchDimension]
-    num_samples: PositiveInt = 1
-    metric: str = "fid"
-    mode: Literal["min", "max"] = "min"
-    scheduler: SchedulerConfig = SchedulerConfig()
-    resources_per_trial: dict[str, PositiveFloat] = {"CPU": 1.0}
-    max_concurrent_trials: PositiveInt | None = None
-    storage_path: str = "runs/tune"

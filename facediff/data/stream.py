@@ -8,6 +8,7 @@
 Batches hold "id" int64 (B,), "epoch" int64 (B,) (the data epoch the row was drawn for), "flipped" uint8 (B,),
 "image" float32 (B,3,S,S) in [-1,1], "parts" uint8 (B,S,S) label maps, "attributes" float32 (B,40), with part groups "part_masks" float32 (B,G,S,S) and, with `use_latents`, "latents"
 float32 (B,C,h,w): the cached autoencoder latents (`facediff prepare latents`) of the image as flipped.
+COCO people shards (`prepare coco`) decode to their own columns: see `coco_stream.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ray.data import FileShuffleConfig
 from ray.data.collate_fn import DefaultCollateFn
 
 from facediff.data.celebamask import NUM_ATTRIBUTES, NUM_PART_CLASSES, PART_LABELS, group_parts
+from facediff.data.coco_stream import COCO_KIND, decode_coco_batch
 from facediff.data.shards import LATENTS, LATENTS_FLIPPED, SHARD_SCHEMA, read_manifest, shard_paths
 
 if TYPE_CHECKING:
@@ -149,6 +151,12 @@ def decode_batch(
             keep = ~np.isin(np.asarray(batch["id"], dtype=np.int64), skip_ids)
             if not keep.all():
                 batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    if "persons" in batch:  # a COCO people dataset (`prepare coco`): its own columns
+        if part_groups is not None or latent_shape is not None:
+            raise ValueError("COCO people shards have no face-part maps or cached latents: set data.part_groups "
+                             "to none and data.use_latents to false")
+        return decode_coco_batch(batch, image_size=image_size, hflip=hflip, seed=seed, epoch=epoch,
+                                 flip_decisions=flip_decisions)
     ids = np.array(batch["id"], dtype=np.int64)  # a copy: the output must not alias read-only input buffers
     n, s = len(ids), image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
@@ -282,7 +290,8 @@ def build_dataset(
     latent_shape = _cached_latent_shape(dataset, image_size, hflip) if use_latents else None
     num_blocks = read_parallelism or _default_read_parallelism(dataset, split, len(paths))
     # Latent columns are large (12k values a row for 3x64x64); skip reading them when they are not used.
-    columns = None if use_latents else list(SHARD_SCHEMA.names)
+    coco = read_manifest(dataset).get("kind") == COCO_KIND
+    columns = None if use_latents or coco else list(SHARD_SCHEMA.names)
     ds = _read_shards(paths, num_blocks, file_shuffle, columns)
     kwargs = dict(image_size=image_size, part_groups=part_groups, hflip=hflip, seed=seed, epoch=epoch,
                   first_epoch=first_epoch)

@@ -14,6 +14,7 @@ only once the tokenizer is used, so shape-only builds (`torch.device("meta")`, `
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -140,11 +141,13 @@ class StableDiffusionBackbone(nn.Module):
         z = dist.sample(generator) if generator is not None else dist.mean
         return (z - self.shift_factor) * self.scaling_factor
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1]. Not under no_grad: perceptual losses backpropagate through it."""
+    def decode_latents(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1]. Not under no_grad: perceptual losses backpropagate through it
+        (with `clamp=False`: clamping would zero the gradient of every saturated pixel)."""
         p = next(self.vae.parameters())
         z = latents.to(device=p.device, dtype=p.dtype) / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z).sample.clamp(-1.0, 1.0)
+        images = self.vae.decode(z).sample
+        return images.clamp(-1.0, 1.0) if clamp else images
 
     # ------------------------------------------------------------------------------------------ prompts
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -200,3 +203,19 @@ class StableDiffusionBackbone(nn.Module):
         """A plain diffusers `StableDiffusionPipeline` folder: `StableDiffusionPipeline.from_pretrained(folder)`
         loads it without facediff."""
         self.pipeline().save_pretrained(str(folder))
+
+
+EXPORTED_BASE = "base"  # where an export keeps a base pipeline that exists only as random weights
+
+
+def export_random_base(ref, out) -> None:
+    """Save the base pipeline beside an export when it has no pretrained weights (random tiny presets): a fresh
+    build is the same base (seeded), so plain diffusers can load the export without facediff."""
+    if ref.pretrained is None:
+        StableDiffusionBackbone(ref, load_weights=False).save_pipeline(Path(out) / EXPORTED_BASE)
+
+
+def exported_base_ref(ref, out):
+    """The pipeline an export was made on: its `base/` folder when it holds one, else `ref` itself."""
+    folder = Path(out) / EXPORTED_BASE
+    return ref.model_copy(update={"pretrained": str(folder), "subfolder": None}) if folder.is_dir() else ref

@@ -6,6 +6,7 @@ import torch
 
 from facediff.config.schema import ExperimentConfig
 from facediff.tasks.base import DiffusionTask
+from facediff.tasks.controlnet import ControlNetPeople
 from facediff.tasks.latent import LatentConditionalDiffusion
 from facediff.tasks.pixel import PixelDiffusion
 from facediff.tasks.sd_lora import StableDiffusionLoRA
@@ -15,6 +16,7 @@ TASKS: dict[str, type[DiffusionTask]] = {
     "dit": PixelDiffusion,
     "lc_unet": LatentConditionalDiffusion,
     "sd_lora": StableDiffusionLoRA,
+    "controlnet": ControlNetPeople,
 }
 
 

@@ -19,12 +19,11 @@ from peft.utils import get_peft_model_state_dict
 from facediff import diffusion
 from facediff.config.schema import ExperimentConfig
 from facediff.data.prompts import attribute_prompts
-from facediff.models.stable_diffusion import StableDiffusionBackbone
+from facediff.models.stable_diffusion import StableDiffusionBackbone, export_random_base, exported_base_ref
 from facediff.tasks.base import DiffusionTask
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "default"
-BASE_DIR = "base"
 
 
 def lora_config(m) -> LoraConfig:
@@ -126,18 +125,14 @@ class StableDiffusionLoRA(DiffusionTask):
         metadata = self.unet.peft_config[ADAPTER].to_dict()
         StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=self.lora_state_dict(), weight_name=LORA_FILE,
                                                   unet_lora_adapter_metadata=metadata)
-        if self.cfg.model.pipeline.pretrained is None:
-            # random base weights exist nowhere else: a fresh build is the same base (seeded), without the adapter
-            StableDiffusionBackbone(self.cfg.model.pipeline, load_weights=False).save_pipeline(out / BASE_DIR)
+        export_random_base(self.cfg.model.pipeline, out)  # a fresh build is the base without the adapter
 
     def load_exported(self, out: Path) -> None:
         from diffusers import StableDiffusionPipeline
 
         out = Path(out)
-        ref = self.cfg.model.pipeline
-        if (out / BASE_DIR).is_dir():
-            ref = ref.model_copy(update={"pretrained": str(out / BASE_DIR), "subfolder": None})
-        self.backbone = StableDiffusionBackbone(ref, load_weights=True).freeze()
+        self.backbone = StableDiffusionBackbone(exported_base_ref(self.cfg.model.pipeline, out),
+                                                load_weights=True).freeze()
         self.scheduler = self.backbone.noise_scheduler
         self.loss_fn = diffusion.DenoisingLoss(self.scheduler, self.cfg.diffusion.timestep_phases)
         pipe = self.backbone.pipeline()

@@ -50,7 +50,10 @@ def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> N
 def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.Generator, rank: int,
          consumed_ids: list[int] | None = None) -> None:
     directory = Path(directory)
-    engine.save_checkpoint(str(directory), tag=TAG)  # collective: every rank writes its partition
+    # collective: every rank writes its partition. Frozen weights are left out (every build of the task makes them
+    # identically: seeded, or read from the same pretrained files), so an SD family's checkpoint holds its
+    # adapter / ControlNet, not another copy of the 1.3 B-parameter pipeline.
+    engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=True)
     save_file(rng_state(generator), str(directory / f"rng_rank{rank}.safetensors"))
     save_file({"consumed_ids": torch.tensor(list(consumed_ids or []), dtype=torch.int64)},
               str(directory / DATA_FILE.format(rank=rank)))
@@ -63,7 +66,7 @@ def load(directory: Path, engine, ema: EMA, generator: torch.Generator, rank: in
     directory = Path(directory)
     if not (directory / STATE_FILE).is_file():
         raise FileNotFoundError(f"{directory}: not a facediff checkpoint (no {STATE_FILE})")
-    path, _ = engine.load_checkpoint(str(directory), tag=TAG)
+    path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=False)  # frozen keys absent
     if path is None:  # DeepSpeed returns (None, None) instead of raising
         raise FileNotFoundError(f"{directory / TAG}: DeepSpeed found no engine state to resume from")
     ema.load_state_dict(load_file(str(directory / EMA_FILE)))

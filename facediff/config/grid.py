@@ -1,0 +1,49 @@
+"""The schema of a Ray Tune grid file (`facediff tune GRID.yaml`): the training config every trial starts from,
+the search space over its dotted keys (checked against `ExperimentConfig` by `load_grid`), the metric and the
+ASHA scheduler."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from facediff.config.types import PositiveFloat, PositiveInt, Strict
+
+
+class SearchDimension(Strict):
+    """Exactly one of: a grid (every value, crossed with the other grids), a random choice, or a range."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[PositiveFloat, PositiveFloat] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        return self
+
+
+class SchedulerConfig(Strict):
+    kind: Literal["asha", "fifo"] = "asha"
+    grace_period_kimg: PositiveFloat = 1.0
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    max_kimg: PositiveFloat | None = None  # None = the base config's trainer.total_kimg
+
+
+class GridConfig(Strict):
+    train_config: str  # the training config every trial starts from, relative to the grid file
+    name: str | None = None  # the experiment folder's name under storage_path; None = the grid file's stem
+    reproduces: str = ""  # which table of which paper this grid reproduces
+    overrides: dict[str, Any] = {}  # dotted keys applied to every trial
+    search_space: dict[str, SearchDimension]
+    num_samples: PositiveInt = 1
+    metric: str = "fid"
+    mode: Literal["min", "max"] = "min"
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources_per_trial: dict[str, PositiveFloat] = {"CPU": 1.0}
+    max_concurrent_trials: PositiveInt | None = None
+    storage_path: str = "runs/tune"

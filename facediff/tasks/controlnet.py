@@ -1,0 +1,182 @@
+"""ControlNet with the mask-aware perceptual loss (`controlnet`; paper 2): a `ControlNetModel` made from the
+frozen Stable Diffusion UNet (`from_unet`: its encoder copied, zero convolutions), trained on captioned people
+images. The ControlNet is the task's only trainable network (one optimizer, the EMA, the checkpoint); the SD
+UNet, VAE and text encoder, LPIPS and the face network are frozen.
+
+Loss per sample (Eq. 1-4): the denoising MSE L_LDM; for samples with t < T (`loss.perceptual_timestep_threshold`)
+also the one-step estimate x̂0 (in fp32, through the scheduler's prediction type) decoded by the frozen VAE with
+gradients, then masked LPIPS against the real image over each person's mask (λ1) and the face-feature distance
+on the face boxes (λ2): λ1·L_lpips + λ2·L_face + (1 − λ1 − λ2)·L_LDM. Decoding and the perceptual networks run
+only on the samples below T, so the extra cost scales with T/1000.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel
+
+from facediff import diffusion
+from facediff.config.schema import ExperimentConfig
+from facediff.data.coco_stream import MAX_PERSON_BOXES, decode_captions
+from facediff.losses import face_feature_loss, mask_aware_loss, masked_lpips, person_masks
+from facediff.models.pretrained import build_from_ref
+from facediff.models.stable_diffusion import StableDiffusionBackbone, export_random_base, exported_base_ref
+from facediff.tasks.base import DiffusionTask
+
+CONTROLNET_DIR = "controlnet"
+CONDITIONING_CHANNELS = (16, 32, 96, 256)  # diffusers' default embedding; one stride-2 conv between entries
+
+
+def controlnet_from_unet(unet, vae_factor: int) -> ControlNetModel:
+    """ControlNet initialised from `unet`; its conditioning embedding downsamples the pixel-space condition
+    image by the VAE's factor (8 for SD: diffusers' default; fewer convs for tiny VAEs)."""
+    stages = int(math.log2(vae_factor)) + 1
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS[:stages])
+
+
+class ControlNetPeople(DiffusionTask):
+    def __init__(self, cfg: ExperimentConfig, load_pretrained: bool = True):
+        super().__init__(cfg, load_pretrained)
+        m, loss = cfg.model, cfg.loss
+        self.backbone = StableDiffusionBackbone(m.pipeline, load_weights=load_pretrained).freeze()
+        self.latent_shape = self.backbone.latent_shape(cfg.data.image_size)
+        self.vae_factor = cfg.data.image_size // self.latent_shape[-1]
+        if m.controlnet is not None and (load_pretrained or m.controlnet.preset):
+            self.controlnet = build_from_ref(ControlNetModel, m.controlnet, load_pretrained)
+        else:  # shape-only builds of a pretrained ControlNet without a preset: the UNet-derived one has its shapes
+            self.controlnet = controlnet_from_unet(self.backbone.unet, self.vae_factor)
+        self.controlnet.requires_grad_(True).float()
+        self.scheduler = self.backbone.noise_scheduler
+        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
+        p = m.perceptual
+        self.lpips = self.face_features = None
+        if loss.masked_lpips_weight > 0:
+            from facediff.models.perceptual import PerceptualLPIPS
+
+            self.lpips = PerceptualLPIPS(p.lpips_net, p.lpips_trunk if load_pretrained else "random")
+        if loss.face_feature_weight > 0:
+            from facediff.models.perceptual import FaceFeatures
+
+            self.face_features = FaceFeatures(p.face_net if load_pretrained else "random", list(p.face_layers))
+        if (self.lpips or self.face_features) is not None and p.checkpoint_decoder:
+            self.backbone.vae.enable_gradient_checkpointing()
+        self.loss_terms: dict[str, torch.Tensor] = {}
+
+    @property
+    def unet(self):
+        return self.backbone.unet
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def prompts(self, batch, generator=None) -> list[str]:
+        prompts = list(batch["prompts"]) if "prompts" in batch else decode_captions(batch["caption"])
+        p = self.cfg.model.prompt_dropout
+        if p > 0 and generator is not None:  # drawn on the CPU generator: the same on any device
+            drop = (torch.rand(len(prompts), generator=generator) < p).tolist()
+            prompts = ["" if d else prompt for prompt, d in zip(prompts, drop)]
+        return prompts
+
+    def conditioning(self, batch, n: int) -> torch.Tensor:
+        """The ControlNet's pixel-space input in [0, 1] (diffusers' convention), (n, 3, S, S)."""
+        size = self.cfg.data.image_size
+        if self.cfg.model.conditioning == "constant":
+            return torch.zeros(n, 3, size, size, device=self.device, dtype=self.dtype)
+        if batch is None or "persons" not in batch:
+            raise ValueError("model.conditioning is 'persons': sampling needs person maps (batch={'persons': ...})")
+        persons = batch["persons"][:n].to(self.device)
+        people = ((persons > 0) & (persons != 255)).to(self.dtype)  # crowd regions count as background
+        return people.unsqueeze(1).expand(-1, 3, -1, -1)
+
+    def denoise(self, z, t, context, cond):
+        down, mid = self.controlnet(z, t, encoder_hidden_states=context, controlnet_cond=cond.to(z.dtype),
+                                    return_dict=False)
+        return self.unet(z, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+
+    # -------------------------------------------------------------------------------------------- loss
+    def forward(self, batch, generator=None):
+        images = batch["image"].to(device=self.device, dtype=torch.float32)
+        context = self.backbone.encode_prompts(self.prompts(batch, generator)).to(self.dtype)
+        cond = self.conditioning(batch, len(images))
+        z0 = self.backbone.encode_images(images).float()  # noised in fp32
+        ldm, aux = self.loss_fn(lambda z, t: self.denoise(z, t, context, cond), z0, generator,
+                                input_dtype=self.dtype, progress=self.training_progress)
+        loss = self.cfg.loss
+        below = aux["t"] < loss.perceptual_timestep_threshold
+        lpips_term, face_term = torch.zeros_like(ldm), torch.zeros_like(ldm)
+        rows = below.nonzero().squeeze(1)
+        if len(rows) and (self.lpips or self.face_features) is not None:
+            x0 = self.loss_fn.predict_x0(aux["x_t"][rows], aux["t"][rows], aux["output"][rows])
+            fake = self.backbone.decode_latents(x0, clamp=False).float()
+            real = images[rows]
+            if self.lpips is not None:
+                masks = person_masks(batch["persons"][rows.to(batch["persons"].device)].to(self.device),
+                                     MAX_PERSON_BOXES)
+                lpips_term = lpips_term.index_copy(0, rows, masked_lpips(self.lpips, fake, real, masks).float())
+            if self.face_features is not None:
+                pick = rows.to(batch["face_boxes"].device)
+                boxes = batch["face_boxes"][pick].to(device=self.device, dtype=torch.float32)
+                valid = batch["face_valid"][pick].to(self.device).bool()
+                p = self.cfg.model.perceptual
+                term = face_feature_loss(self.face_features, fake, real, boxes, valid, p.face_layers, p.face_size)
+                face_term = face_term.index_copy(0, rows, term)
+        total = mask_aware_loss(ldm, lpips_term, face_term, below, loss.masked_lpips_weight, loss.face_feature_weight)
+        n_below = max(1, len(rows))
+        self.loss_terms = {"loss_ldm": ldm.mean().detach(), "loss_lpips": lpips_term.sum().detach() / n_below,
+                           "loss_face": face_term.sum().detach() / n_below,
+                           "below_threshold": below.float().mean().detach()}
+        return total.mean()
+
+    # ---------------------------------------------------------------------------------------- sampling
+    def guided_model_fn(self, prompts: list[str], cond: torch.Tensor):
+        scale = self.cfg.model.guidance_scale
+        context = self.backbone.encode_prompts(prompts).to(self.dtype)
+        if scale == 1:
+            return lambda z, t: self.denoise(z, t, context, cond)
+        both = torch.cat([self.backbone.encode_prompts([""] * len(prompts)).to(self.dtype), context])
+
+        def model_fn(z, t):
+            uncond, conditional = self.denoise(z.repeat(2, 1, 1, 1), t.repeat(2), both, cond.repeat(2, 1, 1, 1)).chunk(2)
+            return uncond + scale * (conditional - uncond)
+
+        return model_fn
+
+    def sample(self, n, generator, sampler, steps, batch=None):
+        """Images of `batch["prompts"]` (free text) or of its "caption" column (a test record's caption)."""
+        if batch is None or not ("prompts" in batch or "caption" in batch):
+            raise ValueError("controlnet samples from prompts: pass batch={'prompts': [...]} (or test records)")
+        prompts = self.prompts(batch)[:n]
+        cond = self.conditioning(batch, n)
+        scheduler = diffusion.build_sampler(sampler, self.scheduler)
+        z = diffusion.sample(self.guided_model_fn(prompts, cond), scheduler, (n, *self.latent_shape), steps,
+                             generator, self.device, self.dtype, clip=None)
+        return self.backbone.decode_latents(z).float()
+
+    # ------------------------------------------------------------------------------------------ export
+    def save_networks(self, out: Path) -> None:
+        out = Path(out)
+        self.controlnet.save_pretrained(out / CONTROLNET_DIR)
+        export_random_base(self.cfg.model.pipeline, out)
+
+    def load_exported(self, out: Path) -> None:
+        out = Path(out)
+        self.backbone = StableDiffusionBackbone(exported_base_ref(self.cfg.model.pipeline, out),
+                                                load_weights=True).freeze()
+        self.scheduler = self.backbone.noise_scheduler
+        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, self.cfg.diffusion.timestep_phases)
+        self.controlnet = ControlNetModel.from_pretrained(out / CONTROLNET_DIR)
+
+    def networks(self):
+        nets = {"controlnet": self.controlnet, "unet": self.unet, "vae": self.backbone.vae,
+                "text_encoder": self.backbone.text_encoder}
+        if self.lpips is not None:
+            nets["lpips"] = self.lpips
+        if self.face_features is not None:
+            nets["face_net"] = self.face_features
+        return nets
