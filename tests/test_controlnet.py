@@ -188,3 +188,17 @@ def test_config_refusals():
         load_config(TINY, ["loss.masked_lpips_weight=0.7"])
     with pytest.raises(ConfigError, match=r"data\.use_latents needs a family that trains on cached latents"):
         load_config(TINY, ["data.use_latents=true"])
+
+
+def test_training_steps_change_the_controlnet_and_leave_the_base_bit_identical():
+    cfg = load_config(TINY, ["model.prompt_dropout=0", "loss.perceptual_timestep_threshold=1000"])
+    task, fresh = build_task(cfg), build_task(cfg)
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        task(tiny_batch(4), generator).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    after, before = task.state_dict(), fresh.state_dict()
+    moved = [k for k in after if k.startswith("controlnet.") and not torch.equal(after[k], before[k])]
+    assert moved and all(torch.equal(after[k], before[k]) for k in after if not k.startswith("controlnet."))
