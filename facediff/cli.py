@@ -79,6 +79,55 @@ def prepare_synthetic(
     typer.echo(f"wrote {n} synthetic faces to {out}")
 
 
+@prepare_app.command("coco")
+def prepare_coco(
+    root: Annotated[Path, typer.Argument(help="COCO 2017 root (train2017/, val2017/, annotations/)")],
+    out: Annotated[Path, typer.Argument(help="output folder for shards and manifest.json")],
+    splits: Annotated[str, typer.Option(help="comma-separated: train, val or both")] = "train,val",
+    image_size: Annotated[int, typer.Option(help="stored square side: shorter side resized, centre crop")] = 512,
+    min_person_area: Annotated[float, typer.Option(
+        help="keep images whose person masks cover at least this share of the image")] = 0.1,
+    face_threshold: Annotated[float, typer.Option(help="lowest MTCNN score kept as a face box")] = 0.9,
+    faces: Annotated[bool, typer.Option(help="detect face boxes with MTCNN (else the face columns are empty)")] = True,
+    rows_per_shard: int = 1000,
+    workers: Annotated[Optional[int], typer.Option(help="processes; default one per core")] = None,
+    overwrite: bool = False,
+) -> None:
+    """Select the COCO images with people and write them as Parquet shards with captions, masks and boxes."""
+    from facediff.data.annotations import AnnotationError
+    from facediff.data.coco import prepare_coco as run
+
+    try:
+        manifest = run(
+            root, out, splits=[s.strip() for s in splits.split(",") if s.strip()], image_size=image_size,
+            min_person_area=min_person_area, face_threshold=face_threshold, detect_faces=faces,
+            rows_per_shard=rows_per_shard, workers=workers, overwrite=overwrite,
+        )
+    except (AnnotationError, FileNotFoundError, FileExistsError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {manifest['counts']} records to {out} ({manifest['images_per_second']} images/s), "
+               f"excluded {manifest['excluded']}, skipped {len(manifest['skipped'])}")
+
+
+@prepare_app.command("synthetic-coco")
+def prepare_synthetic_coco(
+    out: Annotated[Path, typer.Argument(help="folder to write the COCO-layout tree into")],
+    n: Annotated[int, typer.Option(help="number of scenes")] = 64,
+    size: Annotated[int, typer.Option(help="longer image side in pixels (640 x 480 and the like)")] = 640,
+    seed: int = 0,
+    val_fraction: Annotated[float, typer.Option(help="share of the scenes in val2017")] = 0.2,
+    workers: Optional[int] = None,
+) -> None:
+    """Write simple people scenes in the official COCO 2017 layout (plus truth.json), for `prepare coco`."""
+    from facediff.data.synthetic_coco import write_synthetic_coco
+
+    try:
+        write_synthetic_coco(out, n=n, size=size, seed=seed, val_fraction=val_fraction, workers=workers)
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(f"wrote {n} synthetic people scenes to {out}")
+
+
 @prepare_app.command("latents")
 def prepare_latents(
     shards: Annotated[Path, typer.Argument(help="a prepared dataset folder (holds manifest.json)")],
