@@ -333,3 +333,53 @@ def test_overwrite_replaces_and_a_failed_run_keeps_the_old_dataset(tree, prepare
                             workers=2, progress=False)
     assert manifest["splits"] == ["train"] and not (out / "val").exists()
     assert [r["id"] for r in rows_of(out, "train")] == [r["id"] for r in rows_of(prepared[0], "train")]
+
+
+# ------------------------------------------------------------------------------ streaming (decode, no Ray)
+def decoded(out, split, *, hflip, epoch=0, size=S):
+    from facediff.data.stream import decode_batch
+
+    table = pq.read_table(shards.shard_paths(out, split))
+    columns = {name: np.asarray(table[name].to_pylist(), dtype=object) for name in table.column_names}
+    return decode_batch(columns, image_size=size, part_groups=None, hflip=hflip, seed=0, epoch=epoch), columns
+
+
+def test_decoded_batches_have_the_contract_shapes_and_dtypes(prepared):
+    from facediff.data.coco_stream import CAPTION_BYTES, MAX_FACES, MAX_PERSON_BOXES, decode_captions
+
+    out, _ = prepared
+    batch, columns = decoded(out, "train", hflip=False)
+    n = len(columns["id"])
+    expected = {"image": ((n, 3, S, S), np.float32), "persons": ((n, S, S), np.uint8),
+                "person_boxes": ((n, MAX_PERSON_BOXES, 4), np.float32), "person_valid": ((n, MAX_PERSON_BOXES), np.uint8),
+                "face_boxes": ((n, MAX_FACES, 4), np.float32), "face_valid": ((n, MAX_FACES), np.uint8),
+                "face_scores": ((n, MAX_FACES), np.float32), "caption": ((n, CAPTION_BYTES), np.uint8)}
+    for key, (shape, dtype) in expected.items():
+        assert batch[key].shape == shape and batch[key].dtype == dtype, key
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    for row, caption in enumerate(decode_captions(batch["caption"])):  # one of the record's own captions
+        assert caption in list(columns["captions"][row])
+    assert batch["person_valid"].sum(1).tolist() == [len(b) for b in columns["person_boxes"]]
+    again, _ = decoded(out, "train", hflip=False, epoch=1)
+    assert (again["caption"] != batch["caption"]).any()  # another epoch draws other captions
+
+
+def test_flip_mirrors_image_person_map_and_boxes_together(prepared):
+    out, _ = prepared
+    plain, _ = decoded(out, "train", hflip=False)
+    flipped, _ = decoded(out, "train", hflip=True)
+    rows = np.nonzero(flipped["flipped"])[0]
+    assert 0 < len(rows) < len(plain["id"])
+    for r in rows:
+        assert np.array_equal(flipped["image"][r], plain["image"][r][:, :, ::-1])
+        assert np.array_equal(flipped["persons"][r], plain["persons"][r][:, ::-1])
+        for key, valid in (("person_boxes", "person_valid"), ("face_boxes", "face_valid")):
+            keep = plain[valid][r].astype(bool)
+            before, after = plain[key][r][keep], flipped[key][r][keep]
+            assert np.allclose(after[:, [0, 2]], S - before[:, [2, 0]]) and np.allclose(after[:, [1, 3]], before[:, [1, 3]])
+        for k, box in enumerate(flipped["person_boxes"][r][flipped["person_valid"][r].astype(bool)], start=1):
+            ys, xs = np.nonzero(flipped["persons"][r] == k)  # person k's pixels stay inside its mirrored box
+            if len(xs):
+                assert xs.min() >= np.floor(box[0]) - 1 and xs.max() <= np.ceil(box[2]) + 1
+    unflipped = np.nonzero(flipped["flipped"] == 0)[0]
+    assert np.array_equal(flipped["persons"][unflipped], plain["persons"][unflipped])
