@@ -35,6 +35,15 @@ def build_attribute_metric(cfg: ExperimentConfig):
     return AttributeAccuracy(load_or_train_attribute_reader(cfg.data.path, cfg.data.image_size, progress=False))
 
 
+def build_people_metric(cfg: ExperimentConfig):
+    """Face rate, confidence and face-crop distance for the people family (None otherwise)."""
+    if cfg.model.family != "controlnet":
+        return None
+    from facediff.eval.people import PeopleMetric
+
+    return PeopleMetric(build_image_distance(cfg.eval))
+
+
 def evaluate_task(
     task: DiffusionTask,
     cfg: ExperimentConfig,
@@ -45,10 +54,12 @@ def evaluate_task(
     world: int = 1,
     feed_real: bool = True,
     attribute_metric=None,
+    people_metric=None,
 ) -> dict[str, float]:
     """Feed the real test images (unless already in the metric) and generated ones: one per test record
     (conditioned on it), or `eval.num_samples` in all; with `attribute_metric`, also read the conditioned
-    attributes back from the generated images.
+    attributes back from the generated images; with `people_metric`, also face rate, confidence and the face-crop
+    distance (real crops at the records' face boxes).
 
     Records are dealt to ranks by id (`owned_by`), never by stream position: every rank iterates the whole split
     in its own order, and each record is real data and a condition on exactly one rank. `eval.num_samples` is
@@ -64,7 +75,11 @@ def evaluate_task(
             if not mine.any():
                 continue
             if epoch == 0 and feed_real:
-                metric.update_real(batch["image"][mine.to(batch["image"].device)].float())
+                real = batch["image"][mine.to(batch["image"].device)].float()
+                metric.update_real(real)
+                if people_metric is not None:
+                    pick = mine.to(batch["face_boxes"].device)
+                    people_metric.update_real(real, batch["face_boxes"][pick], batch["face_valid"][pick])
             if quota is None:
                 take = int(mine.sum()) if epoch == 0 else 0
             else:
@@ -80,6 +95,8 @@ def evaluate_task(
             metric.update_fake(fake)
             if attribute_metric is not None:
                 attribute_metric.update(fake, cut["attributes"])
+            if people_metric is not None:
+                people_metric.update_fake(fake)
         if quota is None or made >= quota or owned == 0:
             break
     result = {metric.name: float(metric.compute())}  # a collective when torch.distributed is initialised
@@ -87,6 +104,9 @@ def evaluate_task(
     if attribute_metric is not None:
         result.update(attribute_metric.compute())  # a collective too
         attribute_metric.reset()
+    if people_metric is not None:
+        result.update(people_metric.compute())  # a collective too
+        people_metric.reset_fake()
     return result
 
 
@@ -100,6 +120,10 @@ class Evaluator:
         self.attribute_metric = build_attribute_metric(cfg)
         if self.attribute_metric is not None:
             self.attribute_metric = self.attribute_metric.to(device)
+        self.people_metric = build_people_metric(cfg)
+        if self.people_metric is not None:
+            self.people_metric = self.people_metric.to(device)
+            self.people_metric.crop_distance.to(device)
         self.task = build_task(cfg).eval().to(device)  # a plain copy that receives the EMA weights
         self.test_shard = test_shard
         self.real_done = False
@@ -116,7 +140,8 @@ class Evaluator:
             copy_weights(trained, self.task)
         # the real statistics are fixed: feed them once, keep them between evaluations
         result = evaluate_task(self.task, self.cfg, self._batches, self.metric, step, self.rank, self.world,
-                               feed_real=not self.real_done, attribute_metric=self.attribute_metric)
+                               feed_real=not self.real_done, attribute_metric=self.attribute_metric,
+                               people_metric=self.people_metric)
         self.real_done = True
         return result
 
@@ -151,4 +176,9 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
     attribute_metric = build_attribute_metric(cfg)
     if attribute_metric is not None:
         attribute_metric = attribute_metric.to(target)
-    return evaluate_task(task, cfg, local_test_batches(cfg, split), metric, attribute_metric=attribute_metric)
+    people_metric = build_people_metric(cfg)
+    if people_metric is not None:
+        people_metric = people_metric.to(target)
+        people_metric.crop_distance.to(target)
+    return evaluate_task(task, cfg, local_test_batches(cfg, split), metric, attribute_metric=attribute_metric,
+                         people_metric=people_metric)
