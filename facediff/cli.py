@@ -363,13 +363,22 @@ def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes everything")] = Path("outputs/demo"),
     n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 256,
     kimg: Annotated[float, typer.Option(help="thousands of images to train each model on")] = 4.0,
-    conditional: Annotated[bool, typer.Option(help="also the latent attribute-conditioned stage")] = True,
+    stages: Annotated[str, typer.Option(help="comma-separated: pixel, conditional, sd_lora, controlnet")] =
+    "pixel,conditional",
+    conditional: Annotated[bool, typer.Option(help="--no-conditional leaves the conditional stage out")] = True,
 ) -> None:
     """End to end, offline: synthetic faces -> shards -> tiny pixel UNet and tiny latent conditional UNet, each on
-    2 DeepSpeed workers -> samples, an attribute sweep, curves."""
+    2 DeepSpeed workers -> samples, an attribute sweep, curves; `--stages` adds the SD LoRA and ControlNet ones."""
     from facediff.demo import run_demo
 
-    typer.echo(run_demo(out, n=n, kimg=kimg, conditional=conditional))
+    chosen = tuple(s.strip() for s in stages.split(",") if s.strip() and (conditional or s.strip() != "conditional"))
+    try:
+        summary = run_demo(out, n=n, kimg=kimg, stages=chosen)
+    except ValueError as err:
+        if "--stages" not in str(err):
+            raise
+        _fail(str(err))
+    typer.echo(summary)
 
 
 @app.command("fit-autoencoder")

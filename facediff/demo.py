@@ -3,7 +3,10 @@
 Stage 1, pixel space: synthetic faces -> shards -> a tiny UNet trained by Ray Train on 2 DeepSpeed workers ->
 samples and curves. Stage 2, latent conditional: a tiny VQ autoencoder fitted on the same shards -> a tiny
 attribute-conditioned UNet over its latents -> an attribute sweep (each row one test face's attributes, each
-column one attribute switched, the same noise along a row).
+column one attribute switched, the same noise along a row). Opt-in stages (`--stages`): `sd_lora`, the tiny SD
+pipeline + LoRA prompted with the attributes (the same sweep, as prompts), and `controlnet`, embedded people
+scenes in the COCO layout -> `prepare coco` -> the tiny ControlNet with the mask-aware perceptual loss -> samples
+of validation captions and the people measure.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from facediff.viz import labelled_grid, plot_curves, preview_dataset
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 CONFIG = EXPERIMENTS / "tiny_unet.yaml"
 CONDITIONAL_CONFIG = EXPERIMENTS / "tiny_lc_unet.yaml"
+LORA_CONFIG = EXPERIMENTS / "tiny_sd_lora.yaml"
+CONTROLNET_CONFIG = EXPERIMENTS / "tiny_controlnet.yaml"
+STAGES = ("pixel", "conditional", "sd_lora", "controlnet")
+DEFAULT_STAGES = ("pixel", "conditional")
 HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
 # Column label -> attribute edits; all are visible on the synthetic faces (see facediff/data/synthetic.py).
 SWEEP = {
@@ -84,7 +91,56 @@ def conditional_stage(out: Path, shards: Path, kimg: float) -> list[str]:
     ]
 
 
-def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0, conditional: bool = True) -> str:
+def sd_lora_stage(out: Path, shards: Path, kimg: float) -> list[str]:
+    cfg = load_config(LORA_CONFIG, _run_overrides(shards, out / "runs", kimg))
+    run = train(cfg)
+    rows = read_metrics(run)
+    _, task = load_model(run)
+    images = attribute_sweep(task, record_conditions(cfg, 4), list(SWEEP.values()), "ddim", 50, seed=0)
+    sweep = out / "lora_attribute_sweep.png"
+    labelled_grid(images, ncols=len(SWEEP), column_labels=list(SWEEP)).save(sweep)
+    last = rows[-1]
+    return [
+        f"  SD + LoRA run                  {run}",
+        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {_distances(last)}",
+        f"  diffusers LoRA export          {run / 'export'}",
+        f"  attribute sweep (prompts)      {sweep}",
+    ]
+
+
+def controlnet_stage(out: Path, kimg: float) -> list[str]:
+    from facediff.data.coco import prepare_coco
+    from facediff.data.synthetic_coco import write_synthetic_coco
+
+    raw, shards = out / "synthetic-coco", out / "coco-shards"
+    write_synthetic_coco(raw, n=64, size=320, seed=0)
+    manifest = prepare_coco(raw, shards, image_size=64, rows_per_shard=16, overwrite=True)
+    cfg = load_config(CONTROLNET_CONFIG, _run_overrides(shards, out / "runs", kimg) + ["eval.steps=10"])
+    run = train(cfg)
+    rows = read_metrics(run)
+    _, task = load_model(run)
+    captions = ["two people standing in front of a blue wall", "a person standing on a beach",
+                "three people in a park", "a woman standing in front of a building"]
+    grid = save_samples(generate(task, 8, "dpm++", 20, seed=0, conditions={"prompts": captions * 2}),
+                        out / "controlnet_samples.png")
+    last = rows[-1]
+    people = ", ".join(f"{k} {last[k]:.2f}" for k in last if k.startswith("face_"))
+    return [
+        f"  COCO-layout people scenes      {raw}",
+        f"  people shards + manifest       {shards}  {manifest['counts']}",
+        f"  ControlNet run                 {run}",
+        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f} "
+        f"(LDM {last.get('loss_ldm', float('nan')):.3f}, LPIPS {last.get('loss_lpips', float('nan')):.3f}, "
+        f"face {last.get('loss_face', float('nan')):.4f}); {_distances(last)}; {people}",
+        f"  ControlNet export (diffusers)  {run / 'export' / 'controlnet'}",
+        f"  samples of captions            {grid}",
+    ]
+
+
+def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0, stages: tuple[str, ...] = DEFAULT_STAGES) -> str:
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"--stages: unknown or no stages {unknown}; choose from {', '.join(STAGES)}")
     out = Path(out).resolve()
     raw, shards = out / "synthetic-celebamask", out / "shards"
     write_synthetic_celebamask(raw, n=n, size=64, seed=0)
@@ -96,8 +152,13 @@ def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0, conditional: bool
         f"  synthetic CelebAMask-HQ tree   {raw}",
         f"  Parquet shards + manifest      {shards}  {manifest['counts']}",
         f"  dataset preview                {preview}",
-        *pixel_stage(out, shards, kimg),
     ]
-    if conditional:
+    if "pixel" in stages:
+        lines += pixel_stage(out, shards, kimg)
+    if "conditional" in stages:
         lines += conditional_stage(out, shards, kimg)
+    if "sd_lora" in stages:
+        lines += sd_lora_stage(out, shards, min(kimg, 1.0))
+    if "controlnet" in stages:
+        lines += controlnet_stage(out, min(kimg, 0.2))
     return "\n".join(lines)
