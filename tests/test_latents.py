@@ -172,10 +172,14 @@ def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monk
 
     tiny_unet = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_unet.yaml")
     result = run(app, ["prepare", "latents", "in", "out", "--config", tiny_unet])
-    assert result.exit_code == 2 and "no `autoencoder` section" in result.output
+    assert result.exit_code == 2 and "its model denoises pixels and has no autoencoder" in result.output
+    sd_lora = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_sd_lora.yaml")
+    result = run(app, ["prepare", "latents", "in", "out", "--config", sd_lora])
+    assert result.exit_code == 0, result.output
+    assert calls[-1][0] == AutoencoderConfig(kind="kl", preset="tiny_sd/vae")  # the pipeline's own VAE
     result = run(app, ["prepare", "latents", "in", "out"])
     assert result.exit_code == 2 and "give a `preset`" in result.output
-    assert len(calls) == 2
+    assert len(calls) == 3
 
     monkeypatch.setattr(latents, "prepare_latents", real)  # the real job refuses a wrong kind before Ray starts
     result = run(app, ["prepare", "latents", str(synthetic_shards), str(tmp_path / "o"), "--preset", "sd2_vae"])
