@@ -14,8 +14,7 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray cluster for the whole test session (ray.init costs seconds and ~1.7 GB)."""
+def ray_cluster():
     import ray
 
     ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False)
@@ -23,6 +22,15 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(ray_cluster):
+    """One local Ray cluster for the whole test session (ray.init costs seconds and ~1.7 GB); started again if a
+    test module stopped it to run on a fresh one of its own (test_tune.py)."""
+    if not ray_cluster.is_initialized():
+        ray_cluster.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False)
+    return ray_cluster
 
 
 REPO = Path(__file__).resolve().parents[1]

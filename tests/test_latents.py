@@ -26,7 +26,7 @@ def rows(dataset, split, columns=None):
 
 
 @pytest.fixture(scope="module")
-def latent_shards(ray_session, synthetic_shards, tmp_path_factory):
+def latent_shards(ray_cluster, synthetic_shards, tmp_path_factory):
     from facediff.data.latents import prepare_latents
 
     out = tmp_path_factory.mktemp("latents") / "vq"

@@ -9,7 +9,7 @@ from PIL import Image
 from facediff.train.progress import read_metrics
 from facediff.tune import run_tune
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("tune_ray")]
 REPO = Path(__file__).resolve().parents[1]
 BAD_LR = 1e-8  # barely moves the weights: its loss stays at the initial one while the others fall
 
@@ -34,8 +34,27 @@ max_concurrent_trials: 2
 """
 
 
+@pytest.fixture(scope="module")
+def tune_ray():
+    """A Ray instance of these tests' own. The session's cluster has run every earlier Train job of the suite;
+    in a full run the ASHA grid starved on it (its Ray Data tasks waited for CPUs for 10 minutes) although it
+    passes on a fresh one, so these tests start clean (stopping the session's; a later test that asks for
+    `ray_session` gets it back)."""
+    import ray
+
+    from conftest import RAY_NUM_CPUS
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.timeout(1200)
-def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards, ray_session):
+def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards, tune_ray):
     """The README's `uv run facediff tune configs/tune/demo.yaml`, run as a user runs it: from the repository,
     with relative paths into a git-ignored folder, under `uv run` (Ray then runs each trial in a packaged copy
     of the working directory, where that folder does not exist). Every trial must report the metric.
@@ -52,7 +71,7 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
     shutil.copytree(synthetic_shards, REPO / rel / "shards")
     uv = shutil.which("uv") or "uv"
     # share the test session's cluster (a second local instance would fight over its fixed agent ports)
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": tune_ray.get_runtime_context().gcs_address}
     try:
         done = subprocess.run(
             [uv, "run", "--frozen", "facediff", "tune", "configs/tune/demo.yaml", f"data.path={rel}/shards",
