@@ -321,8 +321,10 @@ def sample(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="a run folder or an exported model folder")],
-    split: Annotated[str, typer.Option(help="the prepared split to compare against")] = "test",
+    model: Annotated[Path, typer.Argument(help="a run folder, an exported model folder, or an experiment config "
+                                               "(the model untrained, e.g. plain SD under a fresh ControlNet)")],
+    split: Annotated[Optional[str], typer.Option(help="the prepared split to compare against; default the "
+                                                      "config's data.eval_split")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="key=value config overrides")] = None,
     device: Annotated[str, typer.Option(help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")] = "auto",
 ) -> None:

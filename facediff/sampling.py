@@ -45,12 +45,18 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, DiffusionTask]:
-    """A run folder (uses its latest checkpoint) or an exported model folder (written by `export`).
+    """A run folder (uses its latest checkpoint), an exported model folder (written by `export`), or an experiment
+    config file (the model as built, untrained).
 
     `overrides` change the stored config (e.g. `data.path=...` when the data moved, `eval.steps=...`)."""
     from facediff.train.run import load_task_with_ema
 
     path = Path(path)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        # an experiment config, untrained: its pretrained networks as published (for controlnet a fresh branch,
+        # whose zero convolutions add exactly nothing: plain Stable Diffusion, Table 1's "Stable Diffusion" row)
+        cfg = load_config(path, list(overrides))
+        return cfg, build_task(cfg).eval()
     if (path / "config.yaml").is_file():
         cfg = load_config(path / "config.yaml", list(overrides))
         ckpt = latest_checkpoint(path)

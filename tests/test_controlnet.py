@@ -202,3 +202,19 @@ def test_training_steps_change_the_controlnet_and_leave_the_base_bit_identical()
     after, before = task.state_dict(), fresh.state_dict()
     moved = [k for k in after if k.startswith("controlnet.") and not torch.equal(after[k], before[k])]
     assert moved and all(torch.equal(after[k], before[k]) for k in after if not k.startswith("controlnet."))
+
+
+def test_an_untrained_config_is_plain_stable_diffusion():
+    """`facediff evaluate CONFIG` builds the model untrained; a fresh ControlNet's zero convolutions add exactly
+    nothing, so it is the plain SD pipeline (Table 1's "Stable Diffusion" row)."""
+    from facediff.sampling import load_model
+
+    cfg, task = load_model(TINY)
+    assert cfg.model.family == "controlnet" and not task.training
+    z = torch.randn(2, *task.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    context = task.backbone.encode_prompts(["two people", "a man"])
+    with torch.no_grad():
+        with_branch = task.denoise(z, t, context, task.conditioning(None, 2))
+        plain = task.unet(z, t, encoder_hidden_states=context).sample
+    assert torch.equal(with_branch, plain)
