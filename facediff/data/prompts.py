@@ -96,3 +96,12 @@ def prompt_words(template: str = DEFAULT_TEMPLATE, placeholder: str = DEFAULT_PL
     the vocabulary the tiny tokenizer turns into single tokens."""
     texts = [_literal_text(template), placeholder, SEPARATOR, *ATTRIBUTE_PHRASES.values()]
     return sorted({piece for text in texts for piece in _PIECES.findall(text.lower())})
+
+
+def drop_prompts(prompts: list[str], p: float, generator=None) -> list[str]:
+    """Each prompt replaced by "" (classifier-free guidance's null prompt) with probability `p`, drawn on the
+    CPU generator: the same on any device."""
+    if p <= 0:
+        return list(prompts)
+    drop = (torch.rand(len(prompts), generator=generator) < p).tolist()
+    return ["" if d else prompt for prompt, d in zip(prompts, drop)]

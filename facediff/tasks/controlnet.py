@@ -21,6 +21,7 @@ from diffusers import ControlNetModel
 from facediff import diffusion
 from facediff.config.schema import ExperimentConfig
 from facediff.data.coco_stream import MAX_PERSON_BOXES, decode_captions
+from facediff.data.prompts import drop_prompts
 from facediff.losses import face_feature_loss, mask_aware_loss, masked_lpips, person_masks
 from facediff.models.pretrained import build_from_ref
 from facediff.models.stable_diffusion import StableDiffusionBackbone, export_random_base, exported_base_ref
@@ -76,11 +77,9 @@ class ControlNetPeople(DiffusionTask):
     # ------------------------------------------------------------------------------------------ inputs
     def prompts(self, batch, generator=None) -> list[str]:
         prompts = list(batch["prompts"]) if "prompts" in batch else decode_captions(batch["caption"])
-        p = self.cfg.model.prompt_dropout
-        if p > 0 and generator is not None:  # drawn on the CPU generator: the same on any device
-            drop = (torch.rand(len(prompts), generator=generator) < p).tolist()
-            prompts = ["" if d else prompt for prompt, d in zip(prompts, drop)]
-        return prompts
+        if generator is None:  # sampling: the prompts as given
+            return prompts
+        return drop_prompts(prompts, self.cfg.model.prompt_dropout, generator)
 
     def conditioning(self, batch, n: int) -> torch.Tensor:
         """The ControlNet's pixel-space input in [0, 1] (diffusers' convention), (n, 3, S, S)."""

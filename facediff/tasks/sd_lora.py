@@ -18,7 +18,7 @@ from peft.utils import get_peft_model_state_dict
 
 from facediff import diffusion
 from facediff.config.schema import ExperimentConfig
-from facediff.data.prompts import attribute_prompts
+from facediff.data.prompts import attribute_prompts, drop_prompts
 from facediff.models.stable_diffusion import StableDiffusionBackbone, export_random_base, exported_base_ref
 from facediff.tasks.base import DiffusionTask
 
@@ -57,11 +57,7 @@ class StableDiffusionLoRA(DiffusionTask):
         return attribute_prompts(attributes.cpu(), m.prompt_template, m.placeholder_prompt)
 
     def forward(self, batch, generator=None):
-        prompts = self.prompts(batch["attributes"])
-        p = self.cfg.model.prompt_dropout
-        if p > 0:  # drawn on the CPU generator: the same on any device
-            drop = (torch.rand(len(prompts), generator=generator) < p).tolist()
-            prompts = ["" if d else prompt for prompt, d in zip(prompts, drop)]
+        prompts = drop_prompts(self.prompts(batch["attributes"]), self.cfg.model.prompt_dropout, generator)
         context = self.backbone.encode_prompts(prompts).to(self.dtype)
         if self.cfg.data.use_latents:  # cached by `prepare latents --config` with this pipeline's VAE
             z0 = batch["latents"].to(device=self.device, dtype=torch.float32)
