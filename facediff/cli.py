@@ -246,9 +246,15 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
 ) -> None:
     """Train with Ray Train + DeepSpeed; re-running the same run name resumes it."""
-    from facediff.train.run import train as run
+    from facediff.config import resolve_paths
+    from facediff.train.run import check_inputs, train as run
 
-    typer.echo(f"run folder: {run(_load(path, overrides))}")
+    cfg = _load(path, overrides)
+    try:
+        check_inputs(resolve_paths(cfg))
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"run folder: {run(cfg)}")
 
 
 @app.command("train-segformer")

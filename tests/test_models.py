@@ -14,17 +14,14 @@ from facediff.models.info import count_parameters, describe
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 
-# Trainable parameters of each shipped architecture. r1-r6 are the seed paper's pixel UNet ablation table;
-# d1/d2 (and the tiny presets) were measured on diffusers 0.42 DiTTransformer2DModel / UNet2DModel.
+# Trainable parameters of each shipped architecture. r3, r5, r6 are the seed paper's Appendix A-A UNets (it
+# prints no counts); DiT-Small/Large (and the tiny presets) were measured on diffusers 0.42.
 EXPECTED = {
-    "unet_r1": ("UNet2DModel", 106_380_035),
-    "unet_r2": ("UNet2DModel", 25_636_483),
     "unet_r3": ("UNet2DModel", 288_906_627),
-    "unet_r4": ("UNet2DModel", 93_343_107),
     "unet_r5": ("UNet2DModel", 118_793_987),
     "unet_r6": ("UNet2DModel", 166_489_763),
-    "dit_d1": ("DiTTransformer2DModel", 31_304_240),
-    "dit_d2": ("DiTTransformer2DModel", 138_270_000),
+    "dit_small_2k7": ("DiTTransformer2DModel", 31_304_240),
+    "dit_large_2k7": ("DiTTransformer2DModel", 138_270_000),
     "tiny_unet": ("UNet2DModel", 1_002_883),
     "tiny_dit": ("DiTTransformer2DModel", 205_424),
 }
@@ -87,10 +84,10 @@ def test_info_cli_prints_counts_and_json():
 
     from facediff.cli import app
 
-    path = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "unet_r2.yaml")
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "unet_r5.yaml")
     text = CliRunner().invoke(app, ["info", path])
-    assert text.exit_code == 0 and "25,636,483" in text.output
+    assert text.exit_code == 0 and "118,793,987" in text.output
     as_json = CliRunner().invoke(app, ["info", path, "--json"])
-    assert json.loads(as_json.output) == [{"name": "unet", "class": "UNet2DModel", "trainable": 25636483, "frozen": 0}]
+    assert json.loads(as_json.output) == [{"name": "unet", "class": "UNet2DModel", "trainable": 118793987, "frozen": 0}]
     bad = CliRunner().invoke(app, ["info", path, "model.layers_per_blok=3"])
     assert bad.exit_code == 2 and "command line: model.layers_per_blok: unknown key" in bad.output

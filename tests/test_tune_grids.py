@@ -32,7 +32,7 @@ def _named_configs(path: Path) -> list[Path]:
 def test_every_ablation_has_a_grid():
     names = {p.stem for p in GRIDS}
     assert {"demo", "lr", "warmup", "ema", "unet_architecture", "dit_architecture", "lc_architecture",
-            "ddpm_steps", "autoencoder", "infonce", "infonce_threshold"} <= names
+            "ddpm_steps", "autoencoder", "train_size", "infonce", "segmentation", "mask_ldm"} <= names
 
 
 @pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])

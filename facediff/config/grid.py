@@ -34,6 +34,14 @@ class SchedulerConfig(Strict):
     max_kimg: PositiveFloat | None = None  # None = the base config's trainer.total_kimg
 
 
+class PaperRow(Strict):
+    """A row of the paper's table that one grid point reproduces, with the number the paper printed."""
+
+    row: str  # the row as the paper labels it
+    point: dict[str, Any]  # its values of the grid's search dimensions (every `grid` dimension)
+    fid: PositiveFloat
+
+
 class GridConfig(Strict):
     train_config: str  # the training config every trial starts from, relative to the grid file
     name: str | None = None  # the experiment folder's name under storage_path; None = the grid file's stem
@@ -47,3 +55,29 @@ class GridConfig(Strict):
     resources_per_trial: dict[str, PositiveFloat] = {"CPU": 1.0}
     max_concurrent_trials: PositiveInt | None = None
     storage_path: str = "runs/tune"
+    # The paper's rows this grid reproduces: the results table prints each one's FID beside the trial's metric.
+    paper_rows: list[PaperRow] = []
+
+    @model_validator(mode="after")
+    def _rows_are_grid_points(self):
+        grids = {key: dim.grid for key, dim in self.search_space.items() if dim.grid is not None}
+        seen = []
+        for row in self.paper_rows:
+            if set(row.point) != set(grids):
+                raise ValueError(f"paper_rows: {row.row!r}: point must give exactly the grid dimensions "
+                                 f"{sorted(grids)}, got {sorted(row.point)}")
+            off = [k for k, v in row.point.items() if v not in grids[k]]
+            if off:
+                raise ValueError(f"paper_rows: {row.row!r}: {off[0]}={row.point[off[0]]!r} is not in its grid "
+                                 f"{grids[off[0]]}")
+            if row.point in seen:
+                raise ValueError(f"paper_rows: {row.row!r}: another row has the same point {row.point}")
+            seen.append(row.point)
+        return self
+
+    def paper_row(self, values: dict[str, Any]) -> PaperRow | None:
+        """The paper row of the trial with these search-space values, if it reproduces one."""
+        for row in self.paper_rows:
+            if all(values.get(k) == v for k, v in row.point.items()):
+                return row
+        return None

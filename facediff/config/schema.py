@@ -35,6 +35,13 @@ class DataConfig(Strict):
     shuffle: bool = True
     read_parallelism: PositiveInt | None = None  # Ray Data blocks; None = max(files, 2 x CPUs, rows / 128)
     use_latents: bool = False  # read the cached `latents` column written by `facediff prepare latents`
+    # The training split must hold exactly this many records (checked against the manifest when a run starts):
+    # the paper's data regimes (2,700 or 27,000 faces) are prepared datasets, and this catches a config of one
+    # regime pointed at the other. None = whatever the dataset holds.
+    train_records: PositiveInt | None = None
+    # Normalize([0.5], [0.5]): pixel models denoise images in [-1, 1]; false keeps them in [0, 1] (Table VI's
+    # `no_norm` runs). Pixel families only: latent families always encode images in [-1, 1].
+    normalize: bool = True
 
     @field_validator("part_groups")
     @classmethod
@@ -205,6 +212,9 @@ class ExperimentConfig(Strict):
         elif latent and self.diffusion.clip_sample:
             raise ValueError(f"diffusion.clip_sample: true clamps x0 to [-1, 1], but a {model.family!r} model "
                              "denoises latents, which are not bounded; set it to false (the family's default)")
+        if latent and not self.data.normalize:
+            raise ValueError(f"data.normalize: false is read by the pixel families only; a {model.family!r} model's "
+                             "autoencoder takes images in [-1, 1]; remove it")
         if not latent and model.sample_size != self.data.image_size:
             raise ValueError(f"model.sample_size ({model.sample_size}) must equal data.image_size "
                              f"({self.data.image_size}): a pixel model denoises the images at their decoded size")

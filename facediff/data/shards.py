@@ -159,6 +159,22 @@ def read_manifest(dataset: Path) -> dict[str, Any]:
     return manifest
 
 
+def split_rows(dataset: Path, split: str) -> int:
+    """Records of one split, as counted in the manifest."""
+    return sum(int(entry.get("rows", 0)) for entry in read_manifest(dataset)["shards"].get(split, []))
+
+
+def check_train_records(dataset: Path, split: str, expected: int | None) -> None:
+    """`data.train_records`: the training split holds exactly the data regime the config names (None: any).
+    Reads the manifest either way, so a folder that is not a prepared dataset is refused."""
+    found = split_rows(dataset, split)
+    if expected is not None and found != expected:
+        raise ValueError(
+            f"data.train_records: the config trains on {expected} records, but {Path(dataset) / MANIFEST} holds "
+            f"{found} in split {split!r}; point data.path at a dataset prepared with `--train-size {expected}` "
+            "(or change data.train_records)")
+
+
 def shard_paths(dataset: Path, split: str) -> list[str]:
     """Absolute paths of one split's shards, as listed in the manifest (checked to exist)."""
     manifest = read_manifest(dataset)

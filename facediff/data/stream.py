@@ -29,7 +29,7 @@ from ray.data.collate_fn import DefaultCollateFn
 
 from facediff.data.celebamask import NUM_ATTRIBUTES, NUM_PART_CLASSES, PART_LABELS, group_parts
 from facediff.data.coco_stream import COCO_KIND, decode_coco_batch
-from facediff.data.shards import LATENTS, LATENTS_FLIPPED, SHARD_SCHEMA, read_manifest, shard_paths
+from facediff.data.shards import LATENTS, LATENTS_FLIPPED, SHARD_SCHEMA, read_manifest, shard_paths, split_rows
 
 if TYPE_CHECKING:
     import torch
@@ -203,8 +203,7 @@ def _default_read_parallelism(dataset: Path, split: str, num_files: int) -> int:
     longer fused into the read). Without this, a few small shards collapse into one read+decode task and the
     first batch waits for the whole epoch.
     """
-    entries = read_manifest(dataset)["shards"][split]
-    rows = sum(int(entry.get("rows", 0)) for entry in entries)
+    rows = split_rows(dataset, split)
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
     return max(num_files, 2 * cpus, math.ceil(rows / ROWS_PER_BLOCK))
 

@@ -22,21 +22,26 @@ class PixelDiffusion(DiffusionTask):
         self.scheduler = diffusion.build_noise_scheduler(cfg.diffusion)
         self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
         self.image_shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
+        # Batches and samples are images in [-1, 1] everywhere else; only the network's space changes.
+        self.normalize = cfg.data.normalize
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model_output(self.net, x, t)
 
     def forward(self, batch, generator=None):
         x0 = batch["image"].to(device=self.device, dtype=torch.float32)  # noised in fp32, see DenoisingLoss
+        if not self.normalize:
+            x0 = (x0 + 1) / 2  # Table VI's no_norm: the network denoises pixels in [0, 1]
         per_sample, _ = self.loss_fn(self._denoise, x0, generator, input_dtype=self.dtype,
                                      progress=self.training_progress)
         return per_sample.mean()
 
     def sample(self, n, generator, sampler, steps, batch=None):
         scheduler = diffusion.build_sampler(sampler, self.scheduler)
-        return diffusion.sample(
+        images = diffusion.sample(
             self._denoise, scheduler, (n, *self.image_shape), steps, generator, self.device, self.dtype
         )
+        return images if self.normalize else (images * 2 - 1).clamp(-1, 1)
 
     def save_networks(self, out: Path) -> None:
         if self.family == "unet":

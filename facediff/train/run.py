@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from facediff.config import dump_config, resolve_paths
 from facediff.config.schema import ExperimentConfig, model_autoencoder
 from facediff.data.latents import check_cached_latents
+from facediff.data.shards import check_train_records, shard_paths
 from facediff.data.stream import build_dataset
 from facediff.tasks import DiffusionTask, build_task
 from facediff.train import checkpoint
@@ -92,6 +93,18 @@ def train_dataset(experiment: dict, run: str) -> ray.data.Dataset:
                          first_epoch=point.epoch, skip_ids=point.consumed, **_dataset_options(cfg))
 
 
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """The dataset a run reads, checked before any output or Ray process exists (ValueError/FileNotFoundError
+    naming the file and key): its splits' shards, the data regime (`data.train_records`), the cached latents."""
+    d = cfg.data
+    shard_paths(d.path, d.train_split)
+    if cfg.eval.every_kimg is not None:
+        shard_paths(d.path, d.eval_split)
+    check_train_records(d.path, d.train_split, d.train_records)
+    if d.use_latents:
+        check_cached_latents(d.path, model_autoencoder(cfg.model))
+
+
 def build_datasets(cfg: ExperimentConfig, run: Path) -> dict:
     train = functools.partial(train_dataset, cfg.model_dump(mode="json"), str(run))
     train()  # checks shards, manifest and options now, in the driver, with a readable error
@@ -143,8 +156,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     rank log the ids, epochs and flips it trained on (`loop.DataTrace`).
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
-    if cfg.data.use_latents:
-        check_cached_latents(cfg.data.path, model_autoencoder(cfg.model))
+    check_inputs(cfg)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))

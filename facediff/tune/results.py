@@ -45,10 +45,13 @@ def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
         else:
             outcome = "completed"
         checkpoint = _latest_checkpoint(trial_dir / RUN_DIR)
+        paper = exp.grid.paper_row(result.config or {})
         rows.append({
             "trial": trial_dir.name,
             **{key: (result.config or {}).get(key) for key in exp.grid.search_space},
+            **({"paper_row": paper.row if paper else ""} if exp.grid.paper_rows else {}),
             f"best_{exp.metric}": best,
+            **({"paper_fid": paper.fid if paper else None} if exp.grid.paper_rows else {}),
             "kimg": round(kimg, 6),
             "stopped_early": outcome == "stopped early",
             "outcome": outcome if result.error is None else f"error: {type(result.error).__name__}",
@@ -80,7 +83,11 @@ def write_table(rows: list[dict], exp: Experiment) -> tuple[Path, Path]:
         f"Grid: `{exp.grid_path}`" + (f"; reproduces: {exp.grid.reproduces}" if exp.grid.reproduces else ""),
         f"Metric: `{exp.metric}` ({exp.grid.mode})" + (
             f", requested as `{exp.grid.metric}`" if exp.metric != exp.grid.metric else ""),
-        f"Scheduler: {exp.grid.scheduler.kind}; trials train {exp.total_kimg} kimg", "",
+        f"Scheduler: {exp.grid.scheduler.kind}; trials train {exp.total_kimg} kimg",
+        *(["`paper_fid`: the FID the paper printed for the row (blank: the grid point is not a row of the paper)"
+           + ("" if exp.metric == "fid" else f"; `{exp.metric}` is not FID and not comparable with it")]
+          if exp.grid.paper_rows else []),
+        "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
     ]

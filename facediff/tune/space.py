@@ -28,7 +28,7 @@ import yaml
 from facediff.config import ConfigError, ExperimentConfig, GridConfig, load_config, load_grid, resolve_paths
 from facediff.config.load import CLI, GRID_CONFIG_KEY, apply_overrides, parse_override, validate
 from facediff.config.schema import EvalConfig
-from facediff.data.shards import read_manifest
+from facediff.data.shards import check_train_records
 
 log = logging.getLogger("facediff.tune")
 RUN_DIR = "train"  # a trial's Ray Train run folder inside its Tune trial folder
@@ -94,8 +94,9 @@ class Experiment:
     def check_data(self) -> None:
         """Every trial would fail on a missing dataset: say so once, before Ray starts."""
         for name, cfg in self.configs.items():
+            data = cfg["data"]
             try:
-                read_manifest(cfg["data"]["path"])
+                check_train_records(data["path"], data["train_split"], data.get("train_records"))
             except (FileNotFoundError, ValueError) as err:
                 raise ConfigError(f"{self.grid_path}: data.path (of {name}): {err}") from None
 

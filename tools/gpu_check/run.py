@@ -268,7 +268,8 @@ def row_speed(row: Row, r: Runner, s: Sizes, cpu: bool, work: Path, data: Path) 
     config = ROOT / "configs/experiments/unet_r3.yaml"
     extra = [f"trainer.batch_size={s.bench_batch}", f"trainer.total_kimg={s.speed_kimg}",
              f"trainer.log_every_steps={s.speed_log_every}", "trainer.checkpoint_every_kimg=1000",
-             "eval.every_kimg=null"]  # no evaluation (its base evaluates 2000 samples at the end)
+             "eval.every_kimg=null",  # no evaluation (its base evaluates 2000 samples at the end)
+             "data.train_records=null"]  # the synthetic faces, not the paper's 2.7k
     if cpu:
         config, extra = cpu_config(config, work), [*extra, *CPU_SPEED_MODEL]
     else:
