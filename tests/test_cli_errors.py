@@ -229,6 +229,12 @@ def test_prepare_options_checked_before_output(tree, tmp_path, args, option):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prepare_into_a_file(tree, tmp_path):
+    (tmp_path / "out").write_text("mine")
+    user_error(prepare(tree, tmp_path / "out"), tmp_path / "out", "not a folder")
+    assert (tmp_path / "out").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 @pytest.mark.parametrize("lost", ["every image", "the test image"])
 def test_dataset_without_records_is_an_error(tree, tmp_path, lost):
     root = tmp_path / "raw"

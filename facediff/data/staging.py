@@ -50,6 +50,8 @@ def staged_output(out: str | Path, owned: Iterable[str], last: str | None = MANI
     staging folder is removed from `out` (e.g. a split no longer asked for). `last` is taken out of `out` first
     and put in last, so a folder caught half-swapped never looks complete."""
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():  # found now, not after the whole run at the swap
+        raise FileExistsError(f"{out}: exists and is not a folder; give a folder to write into")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
