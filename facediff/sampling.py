@@ -6,6 +6,8 @@ can be redrawn alone.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 from facediff.config import load_config
 from facediff.config.schema import ExperimentConfig
 from facediff.data.celebamask import ATTRIBUTE_NAMES
+from facediff.integrity import folder_problem
 from facediff.tasks import DiffusionTask, build_task
 from facediff.viz import image_grid
 
@@ -39,36 +42,60 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    found = sorted(p for p in Path(run).glob("checkpoint_*") if p.is_dir())
-    return found[-1] if found else None
+def run_checkpoint(run: Path) -> Path:
+    """The newest complete checkpoint of a run folder (damaged newer ones skipped with a warning line)."""
+    from facediff.train import checkpoint
+    from facediff.train.run import EXPORT_DIR
+
+    found = checkpoint.latest_complete(run)
+    if found is not None:
+        return found
+    folders = sorted(p for p in Path(run).glob("checkpoint_*") if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"{run}: run folder has no checkpoint_* folder yet")
+    export = Path(run) / EXPORT_DIR
+    n = len(folders) - 1
+    before = "" if n == 0 else ", and so is the one before it" if n == 1 else f", and so are the {n} before it"
+    raise ValueError(f"{folders[-1]}: damaged checkpoint ({checkpoint.problem(folders[-1])}){before}; resume "
+                     "training with `facediff train` to write a new one"
+                     + (f", or use the run's export {export}" if export.is_dir() else ""))
 
 
-def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, DiffusionTask]:
-    """A run folder (uses its latest checkpoint), an exported model folder (written by `export`), or an experiment
-    config file (the model as built, untrained).
+def load_model(path: str | Path, overrides: list[str] = (),
+               check: Callable[[ExperimentConfig], None] | None = None) -> tuple[ExperimentConfig, DiffusionTask]:
+    """A run folder (uses its newest complete checkpoint), an exported model folder (written by `export`), or an
+    experiment config file (the model as built, untrained).
 
-    `overrides` change the stored config (e.g. `data.path=...` when the data moved, `eval.steps=...`)."""
+    `overrides` change the stored config (e.g. `data.path=...` when the data moved, `eval.steps=...`). `check`
+    sees the config before any network is built (a caller's own checks fail fast, not after loading weights)."""
     from facediff.train.run import load_task_with_ema
 
     path = Path(path)
-    if path.is_file() and path.suffix in (".yaml", ".yml"):
+    untrained = path.is_file() and path.suffix in (".yaml", ".yml")
+    if untrained:
+        source = path
+    elif (path / "config.yaml").is_file():
+        source = path / "config.yaml"  # a run folder
+    elif (path / EXPORT_CONFIG).is_file():
+        source = path / EXPORT_CONFIG
+    else:
+        raise FileNotFoundError(f"{path}: neither a run folder (config.yaml) nor an exported model ({EXPORT_CONFIG})")
+    cfg = load_config(source, list(overrides))
+    if check is not None:
+        check(cfg)
+    if untrained:
         # an experiment config, untrained: its pretrained networks as published (for controlnet a fresh branch,
         # whose zero convolutions add exactly nothing: plain Stable Diffusion, Table 1's "Stable Diffusion" row)
-        cfg = load_config(path, list(overrides))
         return cfg, build_task(cfg).eval()
-    if (path / "config.yaml").is_file():
-        cfg = load_config(path / "config.yaml", list(overrides))
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: run folder has no checkpoint_* folder yet")
-        return cfg, load_task_with_ema(cfg, ckpt)
-    if (path / EXPORT_CONFIG).is_file():
-        cfg = load_config(path / EXPORT_CONFIG, list(overrides))
-        task = build_task(cfg, load_pretrained=False)  # the export holds every weight, frozen ones included
-        task.load_exported(path)
-        return cfg, task.eval()
-    raise FileNotFoundError(f"{path}: neither a run folder (config.yaml) nor an exported model ({EXPORT_CONFIG})")
+    if source.name == "config.yaml":
+        return cfg, load_task_with_ema(cfg, run_checkpoint(path))
+    # checked first: diffusers fails on a cut-short or missing file without naming it
+    if (damage := folder_problem(path)) is not None:
+        raise ValueError(f"{damage}; this export is incomplete: sample its run folder instead, or copy the "
+                         "export again")
+    task = build_task(cfg, load_pretrained=False)  # the export holds every weight, frozen ones included
+    task.load_exported(path)
+    return cfg, task.eval()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -90,6 +117,9 @@ def generate(task: DiffusionTask, n: int, sampler: str, steps: int, seed: int, b
 def attribute_vector(names: str) -> torch.Tensor:
     """"Smiling,Eyeglasses" -> a (40,) multi-hot vector with exactly the named attributes set."""
     wanted = [name.strip() for name in names.split(",") if name.strip()]
+    if not wanted:  # an empty list would silently condition every sample on "no attribute at all"
+        raise ValueError(f"--attributes {names!r}: names no attribute; give comma-separated names, e.g. "
+                         "Smiling,Male")
     unknown = [name for name in wanted if name not in ATTRIBUTE_NAMES]
     if unknown:
         raise ValueError(f"unknown attributes {unknown}; the 40 CelebA attributes are: {', '.join(ATTRIBUTE_NAMES)}")
@@ -112,6 +142,19 @@ def record_conditions(cfg: ExperimentConfig, n: int, split: str | None = None) -
     columns = {k: torch.cat(v) for k, v in rows.items()}
     index = torch.arange(n) % len(columns["id"])
     return {k: v[index] for k, v in columns.items()}
+
+
+def check_outputs(grid: Path, individual_dir: Path | None = None) -> None:
+    """Refuse output paths `save_samples` cannot write, before any sampling (which may take hours) starts."""
+    Image.init()
+    if Path(grid).suffix.lower() not in Image.registered_extensions() or Path(grid).is_dir():
+        raise ValueError(f"--out {grid}: not an image file name; end it in .png (or .jpg)")
+    for option, target in (("--out", Path(grid).parent), ("--individual", individual_dir)):
+        if target is None:
+            continue
+        existing = next(p for p in (Path(target).absolute(), *Path(target).absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ValueError(f"{option} {target}: {existing} is not a writable folder")
 
 
 def save_samples(images: np.ndarray, grid: Path, individual_dir: Path | None = None) -> Path:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -42,6 +41,7 @@ from facediff.data.annotations import AnnotationError
 from facediff.data.coco_faces import CROWD_LABEL, ImageJob, Options, PersonAnnotation
 from facediff.data.prepare import DatasetLayoutError
 from facediff.data.shards import MANIFEST, SCHEMA_VERSION, ShardWriter, write_manifest
+from facediff.data.staging import check_at_least, refuse_existing, require_records, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +212,6 @@ class _Tally:
         return {str(t): int((areas >= t).sum()) for t in AREA_STEPS}
 
 
-def _swap_in(staging: Path, out: Path, splits: list[str]) -> None:
-    """Move the finished splits into `out`, replacing ours there (split folders, manifest) and nothing else."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # first, so a half-swapped folder never looks complete
-    old = staging / ".old"
-    old.mkdir()
-    for split in SPLIT_NAMES:
-        if (out / split).exists():
-            os.replace(out / split, old / split)
-        if split in splits:
-            os.replace(staging / split, out / split)
-
-
 def prepare_coco(
     root: str | Path,
     out: str | Path,
@@ -246,10 +233,12 @@ def prepare_coco(
     unknown = [s for s in splits if s not in SPLIT_NAMES]
     if not splits or unknown:
         raise ValueError(f"splits must be a non-empty subset of {list(SPLIT_NAMES)}, got {splits}")
-    if image_size < 8 or not 0 <= min_person_area <= 1 or not 0 <= face_threshold <= 1:
-        raise ValueError("need image_size >= 8 and min_person_area, face_threshold in [0, 1]")
-    if (out / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out / MANIFEST}: a prepared dataset is already there (pass --overwrite to replace)")
+    check_at_least(("--image-size", image_size, 8), ("--rows-per-shard", rows_per_shard, 1),
+                   ("--workers", workers, 1))
+    for option, value in (("--min-person-area", min_person_area), ("--face-threshold", face_threshold)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{option} {value}: must be in [0, 1]")
+    refuse_existing(out, overwrite)
     loaded = {split: load_split(root, split) for split in splits}
     annotations_s = time.time() - start
 
@@ -258,12 +247,10 @@ def prepare_coco(
         coco_faces.preload()
     jobs = [job for split in splits for job in loaded[split][0]]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    staging = out.resolve().parent / f".{out.resolve().name}.partial-{os.getpid()}"  # same disk: renames
-    shutil.rmtree(staging, ignore_errors=True)
-    writers = {split: ShardWriter(staging, split, rows_per_shard, schema=COCO_SHARD_SCHEMA) for split in splits}
     tallies = {split: _Tally() for split in splits}
     images_start = time.time()
-    try:
+    with staged_output(out, (*SPLIT_NAMES, MANIFEST)) as staging:
+        writers = {split: ShardWriter(staging, split, rows_per_shard, schema=COCO_SHARD_SCHEMA) for split in splits}
         with ProcessPoolExecutor(workers, initializer=coco_faces.init_worker, initargs=(options,)) as pool:
             try:
                 chunk = max(1, min(16, len(jobs) // (8 * workers)))
@@ -277,38 +264,35 @@ def prepare_coco(
                 pool.shutdown(cancel_futures=True)  # do not finish thousands of queued images first
                 raise
         shards = {split: writer.close() for split, writer in writers.items()}
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # `out` is untouched until the swap
-        raise
-    images_s = time.time() - images_start
-    _swap_in(staging, out, splits)  # on an error here the replaced splits are still in `staging`/.old
-    shutil.rmtree(staging)
-
-    counts = {split: sum(f["rows"] for f in shards[split]) for split in splits}
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": KIND,
-        "source": str(root.resolve()),
-        "image_size": image_size,
-        "image_format": "jpeg",
-        "splits": splits,
-        "counts": counts,
-        "images_listed": {s: len(loaded[s][0]) + loaded[s][2] for s in splits},
-        "excluded": {s: {"no_person": loaded[s][2], "below_min_person_area": tallies[s].below,
-                         "skipped": len(tallies[s].skipped)} for s in splits},
-        "person_area_at_least": {s: tallies[s].area_table() for s in splits},
-        "stats": {s: tallies[s].stats for s in splits},
-        "label_map": {"0": "background", "1..254": "k-th entry of person_boxes", str(CROWD_LABEL): "crowd"},
-        "options": {"splits": splits, "image_size": image_size, "min_person_area": min_person_area,
-                    "face_threshold": face_threshold, "detect_faces": detect_faces, "face_detector": "MTCNN",
-                    "rows_per_shard": rows_per_shard, "workers": workers},
-        "shards": shards,
-        "skipped": [entry for s in splits for entry in tallies[s].skipped],
-        "timing": {"annotations_s": round(annotations_s, 2), "images_s": round(images_s, 2)},
-        "seconds": round(time.time() - start, 1),
-        "images_per_second": round(sum(counts.values()) / max(images_s, 1e-9), 2),
-    }
-    write_manifest(out, manifest)
+        images_s = time.time() - images_start
+        counts = {split: sum(f["rows"] for f in shards[split]) for split in splits}
+        if min_person_area < 1:  # 1 is the calibration pass: an empty dataset is what it asks for
+            require_records(counts, str(root), "images with people per --min-person-area: " + "; ".join(
+                f"{s} {tallies[s].area_table()}" for s in splits) + "; lower --min-person-area or check --splits")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": KIND,
+            "source": str(root.resolve()),
+            "image_size": image_size,
+            "image_format": "jpeg",
+            "splits": splits,
+            "counts": counts,
+            "images_listed": {s: len(loaded[s][0]) + loaded[s][2] for s in splits},
+            "excluded": {s: {"no_person": loaded[s][2], "below_min_person_area": tallies[s].below,
+                             "skipped": len(tallies[s].skipped)} for s in splits},
+            "person_area_at_least": {s: tallies[s].area_table() for s in splits},
+            "stats": {s: tallies[s].stats for s in splits},
+            "label_map": {"0": "background", "1..254": "k-th entry of person_boxes", str(CROWD_LABEL): "crowd"},
+            "options": {"splits": splits, "image_size": image_size, "min_person_area": min_person_area,
+                        "face_threshold": face_threshold, "detect_faces": detect_faces, "face_detector": "MTCNN",
+                        "rows_per_shard": rows_per_shard, "workers": workers},
+            "shards": shards,
+            "skipped": [entry for s in splits for entry in tallies[s].skipped],
+            "timing": {"annotations_s": round(annotations_s, 2), "images_s": round(images_s, 2)},
+            "seconds": round(time.time() - start, 1),
+            "images_per_second": round(sum(counts.values()) / max(images_s, 1e-9), 2),
+        }
+        write_manifest(staging, manifest)
     if manifest["skipped"]:
         log.warning("skipped %d images; listed in %s", len(manifest["skipped"]), out / MANIFEST)
     return manifest

@@ -34,6 +34,7 @@ from facediff.data.shards import (
     LATENT_DTYPES, LATENTS, LATENTS_FLIPPED, MANIFEST, SHARD_SCHEMA, ShardWriter, latent_schema, read_manifest,
     shard_paths, write_manifest,
 )
+from facediff.data.staging import check_at_least, refuse_existing, staged_output
 from facediff.data.stream import _read_shards, decode_batch
 
 log = logging.getLogger("facediff.latents")
@@ -147,14 +148,15 @@ def prepare_latents(
     if out.resolve() == shards_in.resolve():
         raise ValueError(f"{out}: write the latent shards to a new folder, not over their source")
     manifest_in = read_manifest(shards_in)
-    if (out / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out / MANIFEST}: a prepared dataset is already there (pass --overwrite to replace)")
-    from facediff.models.autoencoder import latent_shape, scaling_factor
+    refuse_existing(out, overwrite)
+    from facediff.models.autoencoder import latent_shape
 
-    image_size = image_size or manifest_in.get("image_size")
-    if not image_size:
+    image_size = manifest_in.get("image_size") if image_size is None else image_size  # 0 is an error, not "unset"
+    if image_size is None:
         raise ValueError(f"{shards_in / MANIFEST}: records no image_size; give the size to encode at")
     image_size = int(image_size)
+    check_at_least(("--image-size", image_size, 8), ("--rows-per-shard", rows_per_shard, 1),
+                   ("--actors", num_actors, 1), ("--batch-size", batch_size, 1))
     shape = latent_shape(autoencoder, image_size)  # checks the architecture and the size before Ray starts
     splits = list(manifest_in["shards"])
     rows_per_shard = rows_per_shard or max(
@@ -165,21 +167,25 @@ def prepare_latents(
     _ensure_ray(actors, cpus_per_actor)
     actors = _actors(use_gpu, num_actors)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
     schema = latent_schema(int(np.prod(shape)), dtype, flipped)
-    for split in splits:
-        for old in (out / split).glob("part-*.parquet"):  # ours by name: an earlier or interrupted run's
-            old.unlink()
-    shards = _encode(
-        shards_in, out, splits, schema, rows_per_shard, progress,
-        udf_args=dict(autoencoder=autoencoder.model_dump(mode="json"), image_size=image_size, dtype=dtype,
-                      flipped=flipped, use_gpu=use_gpu),
-        map_args=dict(batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                      **({"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_actor})),
-    )
+    with staged_output(out, (*splits, MANIFEST)) as staging:  # `out` keeps its old dataset until this is done
+        shards = _encode(
+            shards_in, staging, splits, schema, rows_per_shard, progress,
+            udf_args=dict(autoencoder=autoencoder.model_dump(mode="json"), image_size=image_size, dtype=dtype,
+                          flipped=flipped, use_gpu=use_gpu),
+            map_args=dict(batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                          **({"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_actor})),
+        )
+        manifest = _manifest(manifest_in, shards, shape, dtype, image_size, flipped, autoencoder, shards_in, start)
+        write_manifest(staging, manifest)
+    return manifest
+
+
+def _manifest(manifest_in, shards, shape, dtype, image_size, flipped, autoencoder, shards_in, start) -> dict:
+    from facediff.models.autoencoder import scaling_factor
+
     counts = {split: sum(e["rows"] for e in files) for split, files in shards.items()}
-    manifest = {
+    return {
         **manifest_in,
         "shards": shards,
         "counts": counts,
@@ -194,8 +200,6 @@ def prepare_latents(
             "seconds": round(time.time() - start, 1),
         },
     }
-    write_manifest(out, manifest)
-    return manifest
 
 
 def _encode(shards_in: Path, out: Path, splits: list[str], schema: pa.Schema, rows_per_shard: int, progress: bool,

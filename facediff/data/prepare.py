@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from facediff.data import annotations, celebamask
 from facediff.data.shards import MANIFEST, SCHEMA_VERSION, SPLITS, ShardWriter, write_manifest
+from facediff.data.staging import check_at_least, refuse_existing, require_records, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,16 @@ def _process_star(args: tuple) -> dict[str, Any] | Skip:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def check_options(*, image_size: int, mask_size: int, rows_per_shard: int, test_size: int,
+                  train_size: int | None, image_format: str, workers: int | None) -> None:
+    """Every option of `prepare celebamask`, before anything is read or written (names as on the CLI)."""
+    # --test-size 0 is refused rather than read as "no test split": evaluation and `sample --from-test` need one
+    check_at_least(("--image-size", image_size, 8), ("--mask-size", mask_size, 8), ("--test-size", test_size, 1),
+                   ("--train-size", train_size, 1), ("--rows-per-shard", rows_per_shard, 1), ("--workers", workers, 1))
+    if image_format not in ("jpeg", "png"):
+        raise ValueError(f"--image-format must be jpeg or png, got {image_format!r}")
+
+
 def check_layout(root: Path) -> None:
     for name in (celebamask.IMAGE_DIR, celebamask.MASK_DIR):
         if not (root / name).is_dir():
@@ -172,56 +183,61 @@ def prepare_celebamask(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write train/test shards and the manifest; returns the manifest."""
+    """Write train/test shards and the manifest; returns the manifest.
+
+    Every option is checked before OUT is touched; the shards and the manifest are written beside OUT and
+    swapped in only when both splits hold records (`staging.staged_output`)."""
     root, out = Path(root), Path(out)
     start = time.time()
+    check_options(image_size=image_size, mask_size=mask_size, rows_per_shard=rows_per_shard, test_size=test_size,
+                  train_size=train_size, image_format=image_format, workers=workers)
     check_layout(root)
-    if (out / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out / MANIFEST}: a prepared dataset is already there (pass --overwrite to replace)")
+    refuse_existing(out, overwrite)
     attributes = annotations.read_attributes(root / celebamask.ATTRIBUTE_FILE)
     ids = sorted(attributes)
     test_pool = official_test_pool(root, ids)
     splits = assign_splits(ids, test_pool, test_size, train_size, seed)
-
-    (out / MANIFEST).unlink(missing_ok=True)
-    for split in SPLITS:  # clear shards of an earlier or interrupted run; they are ours by name
-        for old in (out / split).glob("part-*.parquet"):
-            old.unlink()
     jobs = [
         (root, i, attributes[i], split, image_size, mask_size, image_format)
         for split in SPLITS
         for i in splits[split]
     ]
     workers = workers or os.cpu_count() or 1
-    writers = {split: ShardWriter(out, split, rows_per_shard) for split in SPLITS}
     skipped: list[Skip] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_process_star, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
-        for result in tqdm(results, total=len(jobs), desc="prepare celebamask", unit="img", disable=not progress):
-            if isinstance(result, Skip):
-                log.warning("skipping image %d: %s (%s)", result.image_id, result.reason, result.file)
-                skipped.append(result)
-            else:
-                writers[result["split"]].write(result)
-    shards = {split: writer.close() for split, writer in writers.items()}
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "source": str(root.resolve()),
-        "image_size": image_size,
-        "mask_size": mask_size,
-        "image_format": image_format,
-        "attribute_names": list(celebamask.ATTRIBUTE_NAMES),
-        "part_names": ["background", *celebamask.PART_NAMES],
-        "split_method": "official" if test_pool is not None else "seeded",
-        "split_seed": seed,
-        "requested": {"test_size": test_size, "train_size": train_size},
-        "counts": {split: sum(f["rows"] for f in shards[split]) for split in SPLITS},
-        "unused_images": len(ids) - sum(len(v) for v in splits.values()),
-        "shards": shards,
-        "skipped": [{"id": s.image_id, "file": s.file, "reason": s.reason} for s in skipped],
-        "seconds": round(time.time() - start, 1),
-    }
-    write_manifest(out, manifest)
+    with staged_output(out, (*SPLITS, MANIFEST)) as staging:
+        writers = {split: ShardWriter(staging, split, rows_per_shard) for split in SPLITS}
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(_process_star, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
+            for result in tqdm(results, total=len(jobs), desc="prepare celebamask", unit="img",
+                               disable=not progress):
+                if isinstance(result, Skip):
+                    log.warning("skipping image %d: %s (%s)", result.image_id, result.reason, result.file)
+                    skipped.append(result)
+                else:
+                    writers[result["split"]].write(result)
+        shards = {split: writer.close() for split, writer in writers.items()}
+        counts = {split: sum(f["rows"] for f in shards[split]) for split in SPLITS}
+        require_records(counts, str(root), f"{len(skipped)} of {len(jobs)} images were skipped"
+                        + (f" (first: {skipped[0].file}: {skipped[0].reason})" if skipped else "")
+                        + "; check the release, or change --test-size/--train-size")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "source": str(root.resolve()),
+            "image_size": image_size,
+            "mask_size": mask_size,
+            "image_format": image_format,
+            "attribute_names": list(celebamask.ATTRIBUTE_NAMES),
+            "part_names": ["background", *celebamask.PART_NAMES],
+            "split_method": "official" if test_pool is not None else "seeded",
+            "split_seed": seed,
+            "requested": {"test_size": test_size, "train_size": train_size},
+            "counts": counts,
+            "unused_images": len(ids) - sum(len(v) for v in splits.values()),
+            "shards": shards,
+            "skipped": [{"id": s.image_id, "file": s.file, "reason": s.reason} for s in skipped],
+            "seconds": round(time.time() - start, 1),
+        }
+        write_manifest(staging, manifest)
     if skipped:
         log.warning("skipped %d of %d images; listed in %s", len(skipped), len(jobs), out / MANIFEST)
     return manifest

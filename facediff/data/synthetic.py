@@ -64,9 +64,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from facediff.data.celebamask import (
-    ATTRIBUTE_FILE, ATTRIBUTE_NAMES, MAPPING_FILE, MASK_DIR, MASKS_PER_FOLDER, PART_NAMES, PARTITION_FILE,
+    ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IMAGE_DIR, MAPPING_FILE, MASK_DIR, MASKS_PER_FOLDER, PART_NAMES, PARTITION_FILE,
     image_path, mask_path,
 )
+from facediff.data.staging import staged_output
 
 VISIBLE_ATTRIBUTES: tuple[str, ...] = (
     "Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair", "Bald", "Bangs", "Receding_Hairline", "Wavy_Hair",
@@ -350,6 +351,17 @@ def _write_one(job: tuple[Path, int, int, int]) -> np.ndarray:
     return face.attributes
 
 
+def map_jobs(fn, jobs: list, workers: int | None, desc: str, progress: bool = True) -> list:
+    """`fn` over `jobs` in order, in a process pool (in this process for one worker), with a progress bar."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    bar = {"total": len(jobs), "desc": desc, "unit": "img", "disable": not progress}
+    if workers == 1:
+        return [fn(job) for job in tqdm(jobs, **bar)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        chunk = max(1, min(32, len(jobs) // (4 * workers)))
+        return list(tqdm(pool.map(fn, jobs, chunksize=chunk), **bar))
+
+
 def _orig_idx(image_id: int) -> int:
     return (image_id * 100_003 + 4_321) % _CELEBA_SIZE  # 100003 is prime and does not divide 202599
 
@@ -366,27 +378,24 @@ def write_synthetic_celebamask(
     """Write faces 0..n-1 under `out` in the official CelebAMask-HQ layout; output is independent of `workers`."""
     out = Path(out)
     if not 0 < n <= _CELEBA_SIZE:
-        raise ValueError(f"n must be in 1..{_CELEBA_SIZE} (CelebA's size), got {n}")
+        raise ValueError(f"--n {n}: the number of faces must be in 1..{_CELEBA_SIZE} (CelebA's size)")
     if size < 16 or size % 2:
-        raise ValueError(f"size must be even and at least 16, got {size}")
-    image_path(out, 0).parent.mkdir(parents=True, exist_ok=True)
-    for folder in range((n - 1) // MASKS_PER_FOLDER + 1):
-        (out / MASK_DIR / str(folder)).mkdir(parents=True, exist_ok=True)
-    jobs = [(out, i, size, seed) for i in range(n)]
-    workers = max(1, min(workers or os.cpu_count() or 1, n))
-    bar = {"total": n, "desc": "synthetic faces", "unit": "img", "disable": not progress}
-    if workers == 1:
-        attributes = [_write_one(job) for job in tqdm(jobs, **bar)]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            chunk = max(1, min(32, n // (4 * workers)))
-            attributes = list(tqdm(pool.map(_write_one, jobs, chunksize=chunk), **bar))
+        raise ValueError(f"--size {size}: the image side must be even and at least 16")
+    # written beside `out` and swapped in whole: a smaller tree never leaves masks of a larger one behind
+    owned = (IMAGE_DIR, MASK_DIR, ATTRIBUTE_FILE, MAPPING_FILE, PARTITION_FILE)
+    with staged_output(out, owned, last=ATTRIBUTE_FILE) as staging:
+        image_path(staging, 0).parent.mkdir(parents=True, exist_ok=True)
+        for folder in range((n - 1) // MASKS_PER_FOLDER + 1):
+            (staging / MASK_DIR / str(folder)).mkdir(parents=True, exist_ok=True)
+        jobs = [(staging, i, size, seed) for i in range(n)]
+        attributes = map_jobs(_write_one, jobs, workers, desc="synthetic faces", progress=progress)
 
-    rows = [f"{i}.jpg  " + " ".join("1" if v else "-1" for v in row) for i, row in enumerate(attributes)]
-    (out / ATTRIBUTE_FILE).write_text("\n".join([str(n), " ".join(ATTRIBUTE_NAMES), *rows]) + "\n")
-    files = [f"{_orig_idx(i) + 1:06d}.jpg" for i in range(n)]
-    mapping = [f"{i:<7d} {_orig_idx(i):<9d} {files[i]}" for i in range(n)]
-    (out / MAPPING_FILE).write_text("\n".join(["idx     orig_idx  orig_file", *mapping]) + "\n")
-    if with_partition:  # exactly ceil(n/10) test images, so tiny sets still have a test split
-        part = [f"{files[i]} {2 if i % 10 == 0 else 1 if i % 10 == 5 else 0}" for i in sorted(range(n), key=_orig_idx)]
-        (out / PARTITION_FILE).write_text("\n".join(part) + "\n")
+        rows = [f"{i}.jpg  " + " ".join("1" if v else "-1" for v in row) for i, row in enumerate(attributes)]
+        (staging / ATTRIBUTE_FILE).write_text("\n".join([str(n), " ".join(ATTRIBUTE_NAMES), *rows]) + "\n")
+        files = [f"{_orig_idx(i) + 1:06d}.jpg" for i in range(n)]
+        mapping = [f"{i:<7d} {_orig_idx(i):<9d} {files[i]}" for i in range(n)]
+        (staging / MAPPING_FILE).write_text("\n".join(["idx     orig_idx  orig_file", *mapping]) + "\n")
+        if with_partition:  # exactly ceil(n/10) test images, so tiny sets still have a test split
+            part = [f"{files[i]} {2 if i % 10 == 0 else 1 if i % 10 == 5 else 0}"
+                    for i in sorted(range(n), key=_orig_idx)]
+            (staging / PARTITION_FILE).write_text("\n".join(part) + "\n")

@@ -29,8 +29,6 @@ Annotation and caption ids are random and written in shuffled order, so readers 
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,11 +36,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
-from tqdm import tqdm
 
 from facediff.data.celebamask import ATTRIBUTE_NAMES
 from facediff.data.coco import PERSON_CATEGORY_ID, captions_path, image_path, instances_path
-from facediff.data.synthetic import render_face
+from facediff.data.staging import staged_output
+from facediff.data.synthetic import map_jobs, render_face
 
 CATEGORIES = [
     {"id": PERSON_CATEGORY_ID, "name": "person", "supercategory": "person"},
@@ -351,27 +349,24 @@ def write_synthetic_coco(
     """Write scenes 0..n-1 under `out` in the COCO 2017 layout plus `truth.json`; returns the truth list."""
     out = Path(out)
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ValueError(f"--n {n}: the number of scenes must be at least 1")
     if size < 96:
-        raise ValueError(f"size (the longer image side) must be at least 96, got {size}")
+        raise ValueError(f"--size {size}: the longer image side must be at least 96")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    for split in ("train", "val"):
-        image_path(out, split, 0).parent.mkdir(parents=True, exist_ok=True)
-    instances_path(out, "train").parent.mkdir(parents=True, exist_ok=True)
-    jobs = [(out, i, size, seed, val_fraction) for i in range(n)]
-    workers = max(1, min(workers or os.cpu_count() or 1, n))
-    bar = {"total": n, "desc": "synthetic coco", "unit": "img", "disable": not progress}
-    if workers == 1:
-        scenes = [_write_one(job) for job in tqdm(jobs, **bar)]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            scenes = list(tqdm(pool.map(_write_one, jobs, chunksize=max(1, n // (4 * workers))), **bar))
-    for split in ("train", "val"):
-        instances, captions = _annotation_files([s for s in scenes if s["split"] == split], seed)
-        instances_path(out, split).write_text(json.dumps(instances))
-        captions_path(out, split).write_text(json.dumps(captions))
-    (out / "truth.json").write_text(json.dumps(scenes))
+        raise ValueError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    # written beside `out` and swapped in whole, so a failed or smaller run leaves no stale scenes behind
+    owned = ("train2017", "val2017", "annotations", "truth.json")
+    with staged_output(out, owned, last="truth.json") as staging:
+        for split in ("train", "val"):
+            image_path(staging, split, 0).parent.mkdir(parents=True, exist_ok=True)
+        instances_path(staging, "train").parent.mkdir(parents=True, exist_ok=True)
+        jobs = [(staging, i, size, seed, val_fraction) for i in range(n)]
+        scenes = map_jobs(_write_one, jobs, workers, desc="synthetic coco", progress=progress)
+        for split in ("train", "val"):
+            instances, captions = _annotation_files([s for s in scenes if s["split"] == split], seed)
+            instances_path(staging, split).write_text(json.dumps(instances))
+            captions_path(staging, split).write_text(json.dumps(captions))
+        (staging / "truth.json").write_text(json.dumps(scenes))
     return scenes
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from facediff.config.schema import ExperimentConfig
-from facediff.data.shards import shard_paths
+from facediff.data.shards import MANIFEST, shard_paths
 from facediff.data.stream import decode_batch
 from facediff.eval.metrics import build_image_distance
 from facediff.sampling import batch_generator
@@ -169,8 +169,16 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
     ("auto": the GPU when there is one)."""
     from facediff.sampling import load_model, resolve_device
 
+    def enough_records(cfg: ExperimentConfig) -> None:  # Fréchet distances need two images a side
+        name = split or cfg.data.eval_split
+        count = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(cfg.data.path, name))
+        if count < 2:
+            raise ValueError(f"{Path(cfg.data.path) / MANIFEST}: split {name!r} holds {count} record(s), the image "
+                             "distance needs at least 2; evaluate on a larger split (--split) or prepare the dataset "
+                             "with a larger --test-size")
+
     target = resolve_device(device)
-    cfg, task = load_model(path, overrides)
+    cfg, task = load_model(path, overrides, check=enough_records)
     task = task.to(target)
     metric = build_image_distance(cfg.eval).to(target)
     attribute_metric = build_attribute_metric(cfg)

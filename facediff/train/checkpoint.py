@@ -6,19 +6,25 @@ one optimizer partition per rank), `ema.safetensors` (the full averaged weights)
 `data_rank{r}.safetensors` (the ids of the records rank r consumed in the epoch in progress) and
 `trainer_state.json` (step, data epoch and position). Each rank writes its files
 into a local folder; Ray Train merges the ranks' folders in storage and registers the checkpoint only once
-every upload finished, so a crash mid-write leaves the previous checkpoint as the latest.
+every upload finished, so a crash mid-write leaves the previous checkpoint as the latest. Ray copies into
+the final `checkpoint_<step>` folder itself, though, so a reader that takes folders by name (`sample`,
+`evaluate`) can meet a torn one: `latest_complete` checks the files before handing one out.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from facediff.integrity import safetensors_problem
 from facediff.train.ema import EMA
+
+log = logging.getLogger("facediff.checkpoint")
 
 TAG = "state"
 STATE_FILE = "trainer_state.json"
@@ -95,3 +101,33 @@ def load_ema_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The averaged weights of a checkpoint, keyed by parameter name (for export and sampling)."""
     state = load_file(str(Path(directory) / EMA_FILE))
     return {name[len("ema."):]: t for name, t in state.items() if name.startswith("ema.")}
+
+
+def problem(directory: Path) -> str | None:
+    """Why a checkpoint folder cannot give its EMA model (None when it can): the trainer state missing or
+    unreadable, or a safetensors file (the EMA weights first) missing or cut short, as a torn upload leaves it."""
+    directory = Path(directory)
+    try:
+        read_state(directory)
+    except FileNotFoundError:
+        return f"{directory / STATE_FILE}: missing"
+    except (ValueError, TypeError):  # also UnicodeDecodeError and JSONDecodeError
+        return f"{directory / STATE_FILE}: unreadable"
+    for path in [directory / EMA_FILE, *sorted(p for p in directory.glob("*.safetensors") if p.name != EMA_FILE)]:
+        if found := safetensors_problem(path):
+            return found
+    return None
+
+
+def latest_complete(run: Path) -> Path | None:
+    """The newest `checkpoint_*` folder of a run whose files are whole; each newer damaged one is named in one
+    warning line. None when there is none (no checkpoint yet, or all damaged: the caller says so, see `problem`)."""
+    damaged = []
+    for folder in sorted((p for p in Path(run).glob("checkpoint_*") if p.is_dir()), reverse=True):
+        found = problem(folder)
+        if found is None:
+            for name, why in damaged:
+                log.warning("skipping damaged checkpoint %s (%s); using %s", name, why, folder.name)
+            return folder
+        damaged.append((folder.name, found))
+    return None

@@ -119,11 +119,20 @@ def load_task_with_ema(cfg: ExperimentConfig, checkpoint_dir: Path) -> Diffusion
     """A plain (non-DeepSpeed) task holding a checkpoint's averaged weights."""
     task = build_task(cfg)
     weights = load_ema_weights(checkpoint_dir)
-    missing, unexpected = task.load_state_dict(weights, strict=False)
+    where = f"{Path(checkpoint_dir) / checkpoint.EMA_FILE}: the EMA weights do not fit the config's " \
+            f"{cfg.model.family!r} model"
+    fix = "was the run's config.yaml (or a --set model.* override) changed after training? Use the config it " \
+          "was trained with"
+    try:
+        missing, unexpected = task.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shapes differ: torch lists every tensor over many lines; name the first
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        first = first.rstrip(".").replace("torch.Size(", "(")
+        raise ValueError(f"{where} ({first}); {fix}") from None
     trainable = {name for name, p in task.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
-        raise KeyError(f"{checkpoint_dir}: EMA weights do not fit {cfg.model.family}: "
-                       f"missing {sorted(trainable & set(missing))[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"{where} (missing {sorted(trainable & set(missing))[:3]}, unexpected "
+                         f"{unexpected[:3]}); {fix}")
     return task.eval()
 
 
