@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,10 +19,11 @@ app.add_typer(prepare_app, name="prepare")
 
 
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _setup(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="also show Ray's, Ray Data's and DeepSpeed's own logs, and tracebacks")] = False) -> None:
+    from facediff.console import setup_logging
+
+    setup_logging(verbose)
 
 
 @app.command()

@@ -11,11 +11,16 @@ of validation captions and the people measure.
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
+import time
 from pathlib import Path
 
 from facediff.config import load_config
+from facediff.console import ray_logs_dir
 from facediff.data.prepare import prepare_celebamask
+from facediff.data.shards import atomic_write_text
 from facediff.data.synthetic import write_synthetic_celebamask
 from facediff.sampling import attribute_sweep, generate, load_model, record_conditions, save_samples
 from facediff.train.autoencoder import fit_autoencoder
@@ -28,6 +33,8 @@ CONFIG = EXPERIMENTS / "tiny_unet.yaml"
 CONDITIONAL_CONFIG = EXPERIMENTS / "tiny_lc_unet.yaml"
 LORA_CONFIG = EXPERIMENTS / "tiny_sd_lora.yaml"
 CONTROLNET_CONFIG = EXPERIMENTS / "tiny_controlnet.yaml"
+log = logging.getLogger("facediff.demo")
+SUMMARY = "summary.json"
 STAGES = ("pixel", "conditional", "sd_lora", "controlnet")
 DEFAULT_STAGES = ("pixel", "conditional")
 HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
@@ -42,9 +49,13 @@ SWEEP = {
 }
 
 
-def _distances(row: dict) -> str:
+def _distances(row: dict) -> dict[str, float]:
     """The image distance and the mean attribute accuracy (per-attribute values stay in metrics.jsonl)."""
-    return ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k in ("fid", "attr_acc") or k.startswith("fd_"))
+    return {k: float(v) for k, v in row.items() if k in ("fid", "attr_acc") or k.startswith("fd_")}
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
 
 
 def _run_overrides(shards: Path, runs: Path, kimg: float) -> list[str]:
@@ -52,24 +63,34 @@ def _run_overrides(shards: Path, runs: Path, kimg: float) -> list[str]:
             f"trainer.checkpoint_every_kimg={kimg / 2}", f"eval.every_kimg={kimg}", "eval.steps=20"]
 
 
-def pixel_stage(out: Path, shards: Path, kimg: float) -> list[str]:
+def _trained(last: dict) -> dict:
+    return {"steps": last["step"], "kimg": round(last["kimg"], 3), "final_loss": last["loss"]}
+
+
+def pixel_stage(out: Path, shards: Path, kimg: float) -> dict:
     run = train(load_config(CONFIG, _run_overrides(shards, out / "runs", kimg)))
     rows = read_metrics(run)
     curves = plot_curves(rows, out / "curves.png")
     _, task = load_model(run)
     grid = save_samples(generate(task, 16, "ddim", 50, seed=0), out / "samples.png")
     last = rows[-1]
-    return [
-        f"  pixel UNet run                 {run}",
-        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {_distances(last)}",
-        f"  exported diffusers model       {run / 'export'}",
-        f"  sample grid                    {grid}",
-        f"  loss / metric curves           {curves}",
-    ]
+    metrics = _distances(last)
+    return {
+        "metrics": metrics, **_trained(last),
+        "paths": {"run": run, "export": run / "export", "samples": grid, "curves": curves},
+        "lines": [
+            f"  pixel UNet run                 {run}",
+            f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {_fmt(metrics)}",
+            f"  exported diffusers model       {run / 'export'}",
+            f"  sample grid                    {grid}",
+            f"  loss / metric curves           {curves}",
+        ],
+    }
 
 
-def conditional_stage(out: Path, shards: Path, kimg: float) -> list[str]:
+def conditional_stage(out: Path, shards: Path, kimg: float) -> dict:
     overrides = _run_overrides(shards, out / "runs", kimg)
+    log.info("conditional: fitting the tiny VQ autoencoder on the shards")
     fitted = fit_autoencoder(load_config(CONDITIONAL_CONFIG, overrides), out / "autoencoder")
     cfg = load_config(CONDITIONAL_CONFIG, overrides + [f"model.autoencoder.pretrained={out / 'autoencoder'}"])
     run = train(cfg)
@@ -80,18 +101,24 @@ def conditional_stage(out: Path, shards: Path, kimg: float) -> list[str]:
     sweep = out / "attribute_sweep.png"
     labelled_grid(images, ncols=len(SWEEP), column_labels=list(SWEEP)).save(sweep)
     last = rows[-1]
-    return [
-        f"  fitted tiny VQ autoencoder     {out / 'autoencoder'}  (reconstruction MSE "
-        f"{fitted['mse_before']:.3f} -> {fitted['mse_after']:.3f})",
-        f"  conditional UNet run           {run}",
-        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f} "
-        f"(InfoNCE {last.get('loss_infonce', float('nan')):.3f}); {_distances(last)}",
-        f"  attribute sweep                {sweep}  (columns: {', '.join(SWEEP)})",
-        f"  loss curves                    {curves}",
-    ]
+    metrics = _distances(last)
+    return {
+        "metrics": metrics, **_trained(last),
+        "autoencoder_mse": [fitted["mse_before"], fitted["mse_after"]],
+        "paths": {"autoencoder": out / "autoencoder", "run": run, "attribute_sweep": sweep, "curves": curves},
+        "lines": [
+            f"  fitted tiny VQ autoencoder     {out / 'autoencoder'}  (reconstruction MSE "
+            f"{fitted['mse_before']:.3f} -> {fitted['mse_after']:.3f})",
+            f"  conditional UNet run           {run}",
+            f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f} "
+            f"(InfoNCE {last.get('loss_infonce', float('nan')):.3f}); {_fmt(metrics)}",
+            f"  attribute sweep                {sweep}  (columns: {', '.join(SWEEP)})",
+            f"  loss curves                    {curves}",
+        ],
+    }
 
 
-def sd_lora_stage(out: Path, shards: Path, kimg: float) -> list[str]:
+def sd_lora_stage(out: Path, shards: Path, kimg: float) -> dict:
     cfg = load_config(LORA_CONFIG, _run_overrides(shards, out / "runs", kimg))
     run = train(cfg)
     rows = read_metrics(run)
@@ -100,15 +127,20 @@ def sd_lora_stage(out: Path, shards: Path, kimg: float) -> list[str]:
     sweep = out / "lora_attribute_sweep.png"
     labelled_grid(images, ncols=len(SWEEP), column_labels=list(SWEEP)).save(sweep)
     last = rows[-1]
-    return [
-        f"  SD + LoRA run                  {run}",
-        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {_distances(last)}",
-        f"  diffusers LoRA export          {run / 'export'}",
-        f"  attribute sweep (prompts)      {sweep}",
-    ]
+    metrics = _distances(last)
+    return {
+        "metrics": metrics, **_trained(last),
+        "paths": {"run": run, "export": run / "export", "attribute_sweep": sweep},
+        "lines": [
+            f"  SD + LoRA run                  {run}",
+            f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {_fmt(metrics)}",
+            f"  diffusers LoRA export          {run / 'export'}",
+            f"  attribute sweep (prompts)      {sweep}",
+        ],
+    }
 
 
-def controlnet_stage(out: Path, kimg: float) -> list[str]:
+def controlnet_stage(out: Path, kimg: float) -> dict:
     from facediff.data.coco import prepare_coco
     from facediff.data.synthetic_coco import write_synthetic_coco
 
@@ -124,41 +156,73 @@ def controlnet_stage(out: Path, kimg: float) -> list[str]:
     grid = save_samples(generate(task, 8, "dpm++", 20, seed=0, conditions={"prompts": captions * 2}),
                         out / "controlnet_samples.png")
     last = rows[-1]
-    people = ", ".join(f"{k} {last[k]:.2f}" for k in last if k.startswith("face_"))
-    return [
-        f"  COCO-layout people scenes      {raw}",
-        f"  people shards + manifest       {shards}  {manifest['counts']}",
-        f"  ControlNet run                 {run}",
-        f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f} "
-        f"(LDM {last.get('loss_ldm', float('nan')):.3f}, LPIPS {last.get('loss_lpips', float('nan')):.3f}, "
-        f"face {last.get('loss_face', float('nan')):.4f}); {_distances(last)}; {people}",
-        f"  ControlNet export (diffusers)  {run / 'export' / 'controlnet'}",
-        f"  samples of captions            {grid}",
-    ]
+    metrics = {**_distances(last), **{k: float(last[k]) for k in last if k.startswith("face_")}}
+    return {
+        "metrics": metrics, **_trained(last),
+        "paths": {"coco_layout": raw, "shards": shards, "run": run, "export": run / "export" / "controlnet",
+                  "samples": grid},
+        "lines": [
+            f"  COCO-layout people scenes      {raw}",
+            f"  people shards + manifest       {shards}  {manifest['counts']}",
+            f"  ControlNet run                 {run}",
+            f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f} "
+            f"(LDM {last.get('loss_ldm', float('nan')):.3f}, LPIPS {last.get('loss_lpips', float('nan')):.3f}, "
+            f"face {last.get('loss_face', float('nan')):.4f}); {_fmt(metrics)}",
+            f"  ControlNet export (diffusers)  {run / 'export' / 'controlnet'}",
+            f"  samples of captions            {grid}",
+        ],
+    }
+
+
+def _stage(name: str, description: str, run, results: dict) -> list[str]:
+    log.info("stage %s: %s", name, description)
+    start = time.time()
+    result = run()
+    result["seconds"] = round(time.time() - start, 1)
+    results[name] = result
+    log.info("stage %s done in %.0f s", name, result["seconds"])
+    return [f"{name} stage ({result['seconds']:.0f} s):", *result.pop("lines")]
 
 
 def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0, stages: tuple[str, ...] = DEFAULT_STAGES) -> str:
+    """Run the chosen stages; write `OUT/summary.json` (metrics, seconds and paths per stage) and return the
+    summary table the command prints."""
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown or not stages:
         raise ValueError(f"--stages: unknown or no stages {unknown}; choose from {', '.join(STAGES)}")
     out = Path(out).resolve()
+    start = time.time()
     raw, shards = out / "synthetic-celebamask", out / "shards"
-    write_synthetic_celebamask(raw, n=n, size=64, seed=0)
-    manifest = prepare_celebamask(raw, shards, image_size=32, mask_size=32, rows_per_shard=32, overwrite=True)
-    preview = preview_dataset(shards, out / "preview.png")
-    shutil.rmtree(out / "runs", ignore_errors=True)  # the demo starts over rather than resuming a finished run
-    lines = [
-        "facediff demo finished:",
-        f"  synthetic CelebAMask-HQ tree   {raw}",
-        f"  Parquet shards + manifest      {shards}  {manifest['counts']}",
-        f"  dataset preview                {preview}",
-    ]
+    results: dict[str, dict] = {}
+
+    def data() -> dict:
+        write_synthetic_celebamask(raw, n=n, size=64, seed=0)
+        manifest = prepare_celebamask(raw, shards, image_size=32, mask_size=32, rows_per_shard=32, overwrite=True)
+        preview = preview_dataset(shards, out / "preview.png")
+        shutil.rmtree(out / "runs", ignore_errors=True)  # the demo starts over rather than resuming a finished run
+        return {"counts": manifest["counts"], "paths": {"faces": raw, "shards": shards, "preview": preview},
+                "lines": [f"  synthetic CelebAMask-HQ tree   {raw}",
+                          f"  Parquet shards + manifest      {shards}  {manifest['counts']}",
+                          f"  dataset preview                {preview}"]}
+
+    lines = ["facediff demo finished:"]
+    lines += _stage("data", f"{n} synthetic faces -> CelebAMask-HQ layout -> Parquet shards", data, results)
     if "pixel" in stages:
-        lines += pixel_stage(out, shards, kimg)
+        lines += _stage("pixel", f"tiny UNet, 2 DeepSpeed workers, {kimg:g} kimg",
+                        lambda: pixel_stage(out, shards, kimg), results)
     if "conditional" in stages:
-        lines += conditional_stage(out, shards, kimg)
+        lines += _stage("conditional", f"tiny VQ autoencoder + attribute-conditioned UNet, {kimg:g} kimg",
+                        lambda: conditional_stage(out, shards, kimg), results)
     if "sd_lora" in stages:
-        lines += sd_lora_stage(out, shards, min(kimg, 1.0))
+        lines += _stage("sd_lora", "tiny SD pipeline + LoRA, attribute prompts",
+                        lambda: sd_lora_stage(out, shards, min(kimg, 1.0)), results)
     if "controlnet" in stages:
-        lines += controlnet_stage(out, min(kimg, 0.2))
+        lines += _stage("controlnet", "people scenes -> prepare coco -> tiny ControlNet, mask-aware loss",
+                        lambda: controlnet_stage(out, min(kimg, 0.2)), results)
+    total = round(time.time() - start, 1)
+    logs = ray_logs_dir()
+    summary = {"stages": results, "total_seconds": total, "ray_logs": logs}
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
+    lines += [f"total {total:.0f} s; numbers in {out / SUMMARY}; worker logs in each run's logs/"
+              + (f", Ray's in {logs}" if logs else "")]
     return "\n".join(lines)

@@ -14,8 +14,6 @@ See `shards.py` for the columns and the manifest's `latents` entry.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -70,12 +68,9 @@ class EncodeLatents:
 
 def _ensure_ray(actors: int, cpus_per_actor: float) -> None:
     """Join a running cluster, or start a local one with a CPU for Ray Data's reads beside the actors."""
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(actors * cpus_per_actor) + 1))
-    except ValueError:  # a cluster is already running (`ray start`, `ray job submit`): use it as it is
-        ray.init()
+    from facediff.console import start_ray
+
+    start_ray(actors * cpus_per_actor + 1)
 
 
 def _actors(use_gpu: bool, num_actors: int | None) -> int:

@@ -20,6 +20,7 @@ import ray.train.torch
 import torch
 
 from facediff.config.schema import ExperimentConfig
+from facediff.console import log_to_file
 from facediff.data.stream import iter_train_batches
 from facediff.tasks import build_task
 from facediff.train import checkpoint
@@ -81,6 +82,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    log_to_file(Path(loop_config["log_dir"]) / "logs" / f"rank{rank}.log")
 
     seed_worker_rng(cfg.trainer.seed, rank)  # each rank its own dropout stream
     task = build_task(cfg).to(device)  # seeded itself: identical initial weights on every rank

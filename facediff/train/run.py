@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from facediff.config import dump_config, resolve_paths
 from facediff.config.schema import ExperimentConfig, model_autoencoder
+from facediff.console import RunProgress, start_ray
 from facediff.data.latents import check_cached_latents
 from facediff.data.shards import check_train_records, shard_paths
 from facediff.data.stream import build_dataset
@@ -29,6 +28,7 @@ from facediff.tasks import DiffusionTask, build_task
 from facediff.train import checkpoint
 from facediff.train.checkpoint import load_ema_weights
 from facediff.train.loop import train_loop_per_worker
+from facediff.train.progress import METRICS_FILE
 
 log = logging.getLogger("facediff.train")
 EXPORT_DIR = "export"
@@ -140,29 +140,19 @@ def init_ray(cfg: ExperimentConfig) -> None:
     """Join the running cluster, or start a local instance that leaves Ray Data a CPU beside the workers.
 
     With as many logical CPUs as cores, workers of one CPU each can take them all; Ray Data then never gets
-    one and training waits forever without an error. Logical CPUs are only a scheduling budget, so a local
-    instance declares enough for the workers plus one.
+    one and training waits forever without an error.
     """
-    init_ray_for(cfg.trainer.num_workers * cfg.trainer.resources_per_worker.get("CPU", 1.0) + 1)
-
-
-def init_ray_for(wanted: float) -> None:
-    """`init_ray` for a job that needs `wanted` logical CPUs (Tune: concurrent trials plus Ray Data)."""
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)))
-    except ValueError:  # a cluster is already running (`ray start`, `ray job submit`): use it as it is
-        ray.init()
+    start_ray(cfg.trainer.num_workers * cfg.trainer.resources_per_worker.get("CPU", 1.0) + 1)
 
 
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
-          trace_dir: str | Path | None = None) -> Path:
+          trace_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder.
 
     `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
     trainer's reports to Tune). `fault` (tests) makes a worker crash once at a step; `trace_dir` makes every
-    rank log the ids, epochs and flips it trained on (`loop.DataTrace`).
+    rank log the ids, epochs and flips it trained on (`loop.DataTrace`). `progress`: a progress line on the
+    console (a Tune trial has none: Tune reports its trials).
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
     check_inputs(cfg)
@@ -171,7 +161,10 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     (out / "config.yaml").write_text(dump_config(cfg))
     if cfg.eval.every_kimg is not None:
         from facediff.eval.evaluate import build_attribute_metric
+        from facediff.eval.metrics import load_inception
 
+        if cfg.eval.fallback_features != "none":  # the workers' own copies of this warning stay in their logs
+            load_inception(cfg.eval.inception_weights, cfg.eval.fallback_features)
         build_attribute_metric(cfg)  # trains and caches the attribute reader once, before any worker needs it
     init_ray(cfg)
     trainer = TorchTrainer(
@@ -193,7 +186,11 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         datasets=build_datasets(cfg, out),
         dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker evaluates on the whole test split
     )
-    result = trainer.fit()
+    if progress:
+        with RunProgress(f"train {run_name(cfg)}", out / METRICS_FILE, cfg.trainer.total_kimg):
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         load_task_with_ema(cfg, Path(folder)).export(out / EXPORT_DIR)
     log.info("run %s finished; EMA model exported to %s", run_name(cfg), out / EXPORT_DIR)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -264,15 +263,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _init_ray(cfg: SegformerTrainConfig) -> None:
     """Join a running cluster, or start a local one with a CPU left for Ray Data beside the workers (without
     it, workers holding every CPU starve Ray Data and training waits forever without an error)."""
-    import ray
+    from facediff.console import start_ray
 
-    if ray.is_initialized():
-        return
-    wanted = cfg.num_workers * cfg.resources_per_worker.get("CPU", 1.0) + 1
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)))
-    except ValueError:  # a cluster is already running: use it as it is
-        ray.init()
+    start_ray(cfg.num_workers * cfg.resources_per_worker.get("CPU", 1.0) + 1)
 
 
 def train_segformer(cfg: SegformerTrainConfig) -> Path:

@@ -43,7 +43,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Run (or resume) the experiment of a grid file; returns the best trial's summary and the output files."""
     from ray import tune
 
-    from facediff.train.run import init_ray_for
+    from facediff.console import start_ray
     from facediff.tune.results import best_trial, plot_metric, trial_rows, write_table
     from facediff.tune.trial import run_trial, trial_dirname
 
@@ -52,7 +52,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     exp.dir.mkdir(parents=True, exist_ok=True)
     log.info("experiment %s: %s; metric %s (%s), %s scheduler, trials of %s kimg",
              exp.name, exp.dir, exp.metric, exp.grid.mode, exp.grid.scheduler.kind, exp.total_kimg)
-    init_ray_for(required_cpus(exp))
+    start_ray(required_cpus(exp))
     trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=exp),
                                     dict(exp.grid.resources_per_trial))
     if tune.Tuner.can_restore(str(exp.dir)):

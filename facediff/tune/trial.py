@@ -48,7 +48,7 @@ def run_trial(params: dict[str, Any], experiment) -> None:
     trial_dir = Path(experiment.dir) / ray.tune.get_context().get_trial_id()
     cfg = experiment.trial_config(params, trial_dir)
     log.info("trial %s: %s", trial_dir.name, {k: v for k, v in params.items()})
-    train(cfg, callbacks=[MetricReportCallback(experiment.metric)])
+    train(cfg, callbacks=[MetricReportCallback(experiment.metric)], progress=False)
 
 
 def trial_dirname(trial) -> str:

@@ -1,0 +1,200 @@
+"""What reaches the terminal: facediff's own progress, warnings that matter, once; Ray's, Ray Data's and
+DeepSpeed's internals only with `--verbose`.
+
+Ray forwards every worker's and actor's stdout/stderr to the driver (`log_to_driver`): DeepSpeed's banners,
+Ray Train's controller reports, the `uv run` environment notes of each worker start. Quiet mode turns that off
+(the same output stays in Ray's session logs, `/tmp/ray/session_latest/logs`, and facediff's workers also log
+to `RUN/logs/`), raises Ray's driver logger to errors and turns Ray Data's progress bars off. Progress comes
+from the driver instead: `RunProgress` follows the run's `metrics.jsonl` (written by rank 0) and redraws one
+line per run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+VERBOSE_ENV = "FACEDIFF_VERBOSE"  # an environment variable, so Ray's processes and `ray_jobs/` see it too
+
+
+def set_verbose(verbose: bool) -> None:
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def start_ray(wanted_cpus: float | None = None) -> None:
+    """Join the running cluster, or start a local instance with at least `wanted_cpus` logical CPUs.
+
+    Logical CPUs are only a scheduling budget: a local instance declares enough for what the job will ask
+    (workers plus one for Ray Data), never fewer than the cores.
+    """
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        return
+    loud = verbose()
+    ray.data.DataContext.get_current().enable_progress_bars = loud
+    kwargs = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
+    try:
+        num_cpus = max(os.cpu_count() or 1, math.ceil(wanted_cpus or 0))
+        ray.init(num_cpus=num_cpus, **kwargs)
+    except ValueError:  # a cluster is already running (`ray start`, `ray job submit`): use it as it is
+        ray.init(**kwargs)
+    if not loud:
+        logging.getLogger("ray").setLevel(logging.ERROR)  # Ray Data / Train driver-side INFO and warnings
+
+
+def ray_logs_dir() -> str | None:
+    """Where Ray's own logs of this session are (for the summary), or None outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except AttributeError:  # a client connection has no local node
+        return None
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class RunProgress:
+    """A driver-side progress line for one training run, read from its `metrics.jsonl` while it trains.
+
+    On a terminal the line is redrawn in place; otherwise (CI, a log file) a line is printed at every tenth
+    of the run, so logs stay short. Used as a context manager around `trainer.fit()`.
+    """
+
+    def __init__(self, label: str, metrics_file: Path, total_kimg: float, stream=None, interval_s: float = 1.0):
+        self.label, self.path, self.total_kimg = label, Path(metrics_file), total_kimg
+        self.stream = stream or sys.stderr
+        self.interval_s = interval_s
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the follower thread and the final poll at exit
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._start = time.time()
+        self._offset = self.path.stat().st_size if self.path.exists() else 0  # a resumed run's old rows
+        self._last: dict = {}
+        self._printed: dict = {}
+        self._printed_tenths = -1
+        self._metric: dict[str, float] = {}
+
+    def __enter__(self) -> RunProgress:
+        self._write(f"{self.label}: starting Ray workers ...", final=not self.tty)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        if self._last and (self.tty or self._last is not self._printed):
+            self._write(self.line(self._last), final=True)
+
+    def _write(self, text: str, final: bool) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
+        elif final:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def line(self, row: dict) -> str:
+        kimg = float(row.get("kimg", 0.0))
+        fraction = min(1.0, kimg / self.total_kimg) if self.total_kimg else 0.0
+        bar = "#" * int(fraction * 20) + "-" * (20 - int(fraction * 20))
+        rate = row.get("images_per_s")
+        elapsed = time.time() - self._start
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
+        parts = [f"{self.label} [{bar}] {kimg:.2f}/{self.total_kimg:g} kimg"]
+        if rate is not None:
+            parts.append(f"{rate:.0f} img/s")
+        if "loss" in row:
+            parts.append(f"loss {row['loss']:.4f}")
+        parts += [f"{k} {v:.3f}" for k, v in self._metric.items()]
+        parts.append(f"ETA {_duration(eta)}" if fraction < 1 else f"took {_duration(elapsed)}")
+        return "  ".join(parts)
+
+    def _poll(self) -> None:
+        with self._lock:
+            self._read_new_rows()
+
+    def _read_new_rows(self) -> None:
+        if not self.path.exists():
+            return
+        if self.path.stat().st_size < self._offset:  # rewritten (a resumed run drops rows past its checkpoint)
+            self._offset = 0
+        with self.path.open() as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind("\n") + 1]  # a row being written is read next time
+        self._offset += len(complete.encode())
+        for text in complete.splitlines():
+            if not text.strip():
+                continue
+            row = json.loads(text)
+            self._last = row
+            self._metric.update({k: v for k, v in row.items()
+                                 if isinstance(v, (int, float)) and (k in ("fid", "attr_acc") or k.startswith("fd_"))})
+            tenths = int(10 * float(row.get("kimg", 0.0)) / self.total_kimg) if self.total_kimg else 0
+            if self.tty:
+                self._write(self.line(row), final=False)
+            elif tenths > self._printed_tenths:
+                self._printed_tenths, self._printed = tenths, row
+                self._write(self.line(row), final=True)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._poll()
+            except (OSError, ValueError):  # a torn line or a file being replaced: try again
+                continue
+
+
+class ConsoleFormatter(logging.Formatter):
+    """facediff's records as plain lines; warnings and errors marked as such."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        return text
+
+
+def setup_logging(loud: bool) -> None:
+    """The driver's logging: everything with timestamps under `--verbose`; else facediff's own records only."""
+    set_verbose(loud)
+    if loud:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(ConsoleFormatter())
+    logging.basicConfig(level=logging.ERROR, handlers=[handler])
+    logging.getLogger("facediff").setLevel(logging.INFO)
+
+
+def log_to_file(path: Path) -> None:
+    """A Ray Train worker's own log: facediff's and DeepSpeed's records at INFO, into the run folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("facediff", "DeepSpeed"):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

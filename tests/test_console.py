@@ -1,0 +1,79 @@
+"""The console: a driver-side progress line per run, Ray's internals off the terminal unless --verbose."""
+
+import io
+import json
+
+import pytest
+
+from facediff import console
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def write_rows(path, rows):
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def rows(n, total_kimg=4.0):
+    return [{"step": i, "kimg": total_kimg * i / n, "loss": 1.0 / i, "images_per_s": 30.0} for i in range(1, n + 1)]
+
+
+def test_progress_prints_a_line_per_tenth_when_not_a_terminal(tmp_path):
+    metrics, out = tmp_path / "metrics.jsonl", io.StringIO()
+    with console.RunProgress("train tiny", metrics, 4.0, stream=out, interval_s=0.01) as progress:
+        write_rows(metrics, rows(40)[:-1] + [{**rows(40)[-1], "fd_mtcnn_onet": 0.42}])
+        progress._poll()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "train tiny: starting Ray workers ..."
+    assert len(lines) == 1 + 11  # the first row, then one per tenth of the run; the last not repeated at exit
+    assert lines[-1].startswith("train tiny [####################] 4.00/4 kimg  30 img/s  loss 0.0250")
+    assert "fd_mtcnn_onet 0.420" in lines[-1] and "took" in lines[-1]
+    assert "\r" not in out.getvalue()
+
+
+def test_progress_redraws_one_line_on_a_terminal_and_survives_a_rewritten_log(tmp_path):
+    metrics, out = tmp_path / "metrics.jsonl", Tty()
+    write_rows(metrics, rows(4))  # a previous attempt's rows: not this run's progress
+    with console.RunProgress("train tiny", metrics, 4.0, stream=out, interval_s=0.01) as progress:
+        metrics.write_text("")  # the resumed run drops rows past its checkpoint
+        write_rows(metrics, rows(8)[:3])
+        progress._poll()
+        assert progress._last["step"] == 3
+    text = out.getvalue()
+    assert text.count("\n") == 1  # only the final line ends: "starting" and every update redraw in place
+    assert text.rstrip("\n").split("\r\x1b[2K")[-1].startswith("train tiny [#######-------------] 1.50/4 kimg")
+
+
+@pytest.mark.parametrize("loud", [False, True])
+def test_start_ray_keeps_workers_output_off_the_terminal_unless_verbose(monkeypatch, loud):
+    import ray
+    import ray.data
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_progress_bars", True)
+    console.set_verbose(loud)
+    try:
+        console.start_ray(3.5)
+    finally:
+        console.set_verbose(False)
+    assert calls[0]["log_to_driver"] is loud and calls[0]["num_cpus"] >= 4
+    assert ray.data.DataContext.get_current().enable_progress_bars is loud
+
+
+def test_verbose_flag_reaches_ray_processes_through_the_environment(monkeypatch):
+    from typer.testing import CliRunner
+
+    from facediff.cli import app
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    CliRunner().invoke(app, ["--verbose", "info", "configs/experiments/tiny_unet.yaml"])
+    assert console.verbose()
+    CliRunner().invoke(app, ["info", "configs/experiments/tiny_unet.yaml"])
+    assert not console.verbose()
