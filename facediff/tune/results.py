@@ -13,15 +13,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from facediff.train.checkpoint import latest_complete
 from facediff.train.progress import read_metrics
 from facediff.tune.space import RUN_DIR, Experiment
 
 TABLE, MARKDOWN, PLOT, BEST = "results.csv", "results.md", "metric_vs_kimg.png", "best.json"
-
-
-def _latest_checkpoint(run: Path) -> Path | None:
-    found = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
-    return found[-1] if found else None
 
 
 def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
@@ -44,7 +40,7 @@ def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
             outcome = "stopped early"
         else:
             outcome = "completed"
-        checkpoint = _latest_checkpoint(trial_dir / RUN_DIR)
+        checkpoint = latest_complete(trial_dir / RUN_DIR)  # what `facediff sample` would load
         paper = exp.grid.paper_row(result.config or {})
         rows.append({
             "trial": trial_dir.name,
