@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from facediff.cli_common import fail as _fail
+from facediff.cli_common import job_failures
 from facediff.cli_common import load_or_fail as _load
 from facediff.cli_prepare import prepare_app
 from facediff.config import ConfigError, dump_config, load_config
@@ -88,7 +89,9 @@ def train(
         check_inputs(resolve_paths(cfg))
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    typer.echo(f"run folder: {run(cfg)}")
+    with job_failures("training"):
+        folder = run(cfg)
+    typer.echo(f"run folder: {folder}")
 
 
 @app.command("train-segformer")

@@ -32,3 +32,22 @@ def user_errors(*kinds: type[Exception]) -> Iterator[None]:
         yield
     except kinds or (ValueError, FileNotFoundError) as err:
         fail(str(err))
+
+
+@contextmanager
+def job_failures(what: str) -> Iterator[None]:
+    """A job that failed (not the user's input): one `error:` line with its cause and exit code 1; the whole
+    traceback (Ray's, with every worker's) only under `--verbose`."""
+    from facediff.console import verbose
+
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - any failure of the job ends here, reported once
+        if verbose() or isinstance(err, (typer.Exit, KeyboardInterrupt)):
+            raise
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # Ray wraps a worker's exception in its traceback: its last line is the cause
+        cause = lines[-1] if lines else type(err).__name__
+        typer.secho(f"error: {what} failed: {cause} (run again with --verbose for the traceback)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None

@@ -44,6 +44,10 @@ def start_ray(wanted_cpus: float | None = None) -> None:
         return
     loud = verbose()
     ray.data.DataContext.get_current().enable_progress_bars = loud
+    if not loud:
+        # Under `uv run`, Ray starts each worker with `uv run` too, and uv draws its install progress on the
+        # terminal the processes inherit; Ray's processes inherit this environment.
+        os.environ.setdefault("UV_NO_PROGRESS", "1")
     kwargs = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
     try:
         num_cpus = max(os.cpu_count() or 1, math.ceil(wanted_cpus or 0))
@@ -92,6 +96,7 @@ class RunProgress:
         self._offset = self.path.stat().st_size if self.path.exists() else 0  # a resumed run's old rows
         self._last: dict = {}
         self._printed: dict = {}
+        self._first: tuple[float, float] | None = None  # (when, kimg) of the first row this run wrote
         self._printed_tenths = -1
         self._metric: dict[str, float] = {}
 
@@ -120,7 +125,10 @@ class RunProgress:
         bar = "#" * int(fraction * 20) + "-" * (20 - int(fraction * 20))
         rate = row.get("images_per_s")
         elapsed = time.time() - self._start
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
+        # the ETA counts from the first row: start-up (Ray, workers, data) is not training
+        since = time.time() - self._first[0] if self._first else 0.0
+        done = kimg - self._first[1] if self._first else 0.0
+        eta = since / done * (self.total_kimg - kimg) if done > 0 and since > 0 else float("nan")
         parts = [f"{self.label} [{bar}] {kimg:.2f}/{self.total_kimg:g} kimg"]
         if rate is not None:
             parts.append(f"{rate:.0f} img/s")
@@ -148,6 +156,8 @@ class RunProgress:
             if not text.strip():
                 continue
             row = json.loads(text)
+            if self._first is None:
+                self._first = (time.time(), float(row.get("kimg", 0.0)))
             self._last = row
             self._metric.update({k: v for k, v in row.items()
                                  if isinstance(v, (int, float)) and (k in ("fid", "attr_acc") or k.startswith("fd_"))})

@@ -77,3 +77,25 @@ def test_verbose_flag_reaches_ray_processes_through_the_environment(monkeypatch)
     assert console.verbose()
     CliRunner().invoke(app, ["info", "configs/experiments/tiny_unet.yaml"])
     assert not console.verbose()
+
+
+def test_a_failed_job_is_one_line_with_its_cause_and_exit_1(monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from facediff.cli_common import job_failures
+
+    app = typer.Typer()
+
+    @app.command()
+    def run():
+        with job_failures("training"):
+            raise RuntimeError("Training failed.\n  File worker.py, line 3\nNonFiniteLoss: step 2: the loss is not finite")
+
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: training failed: NonFiniteLoss: step 2: the loss is not finite (run again with --verbose for the traceback)"]
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    assert isinstance(CliRunner().invoke(app, []).exception, RuntimeError)  # --verbose: the real error

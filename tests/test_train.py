@@ -1,6 +1,7 @@
 """Ray Train + DeepSpeed end to end on CPU: resume after a crash, FailureConfig restarts, ZeRO-3 EMA, export."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,23 @@ def test_worker_crash_restarts_from_checkpoint(synthetic_shards, tmp_path):
     assert (tmp_path / "crashed").exists()  # the crash did happen
     rows = read_metrics(tmp_path / "runs" / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nonfinite_loss_on_one_rank_is_skipped_on_all_or_stops_the_run(synthetic_shards, tmp_path):
+    steps = 4
+    skip = config(synthetic_shards, tmp_path, extra=[f"trainer.total_kimg={steps * 8 / 1000}",
+                                                     "trainer.on_nonfinite_loss=skip"])
+    train(skip, fault={"nan_at_step": 2})  # rank 0's loss at step 2 is NaN; rank 1's is finite
+    rows = read_metrics(tmp_path / "runs" / "run")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # the skipped batch did not count as a step
+    assert [r["skipped_nonfinite"] for r in rows] == [0, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in rows)  # the NaN never reached the weights or the mean
+
+    stop = config(synthetic_shards, tmp_path, extra=[f"trainer.total_kimg={steps * 8 / 1000}",
+                                                     "trainer.run_name=stop"])  # the default: stop
+    with pytest.raises(Exception, match=r"step 2: the loss is not finite on at least one rank"):
+        train(stop, fault={"nan_at_step": 2})
+    assert [r["step"] for r in read_metrics(tmp_path / "runs" / "stop")] == [1]
 
 
 def test_zero3_dit_with_ema_and_fallback_metric(synthetic_shards, tmp_path):

@@ -103,3 +103,39 @@ def test_samplers_run_from_noise_with_the_training_schedule(name):
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="unknown sampler"):
         diffusion.build_sampler("euler", train_scheduler)
+
+
+class _RunsCodeWhenUnpickled:
+    """What a tampered checkpoint could hold: unpickling it would call `touch` on the marker path."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_deepspeed_checkpoints_load_without_running_pickled_code(tmp_path):
+    import pickle
+
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from facediff.train.engine import safe_checkpoint_engine
+
+    engine = safe_checkpoint_engine(None)
+    plain = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "zero_stage": ZeroStageEnum.gradients, "ds_version": "0.18"}, plain)
+    state = engine.load(str(plain))  # what DeepSpeed itself writes loads
+    assert torch.equal(state["module"]["w"], torch.ones(2)) and state["zero_stage"] == ZeroStageEnum.gradients
+
+    marker = tmp_path / "code-ran"
+    tampered = tmp_path / "tampered.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": _RunsCodeWhenUnpickled(marker)}, tampered)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        engine.load(str(tampered))
+    assert not marker.exists()  # refused before anything ran
+    torch.load(tampered, weights_only=False)  # the control: an unsafe load does run it
+    assert marker.exists()

@@ -167,6 +167,10 @@ class TrainerConfig(Strict):
     keep_last: PositiveInt = 3
     log_every_steps: PositiveInt = 10
     max_failures: Annotated[int, Field(ge=0)] = 0
+    # A step whose loss is NaN or infinite on any rank (checked across ranks every step): `skip` drops that
+    # micro-batch on every rank (no backward, no optimizer step; counted as `skipped_nonfinite` and logged),
+    # `stop` ends the run with an error naming the step.
+    on_nonfinite_loss: Literal["skip", "stop"] = "stop"
     seed: int = 0
     ema: EMAConfig = EMAConfig()
     deepspeed: dict[str, Any] = {}  # merged last into the generated DeepSpeed config (expert escape hatch)

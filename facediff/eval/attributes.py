@@ -212,6 +212,8 @@ def load_or_train_attribute_reader(
         if all(meta.get(k) == v for k, v in wanted.items()):
             return AttributeReader.load(folder)
         log.info("%s: cached attribute reader was trained differently; training a new one", folder)
+    log.info("attribute reader: training it on %s at %d px (%d steps; cached for later runs)", dataset, image_size,
+             steps)
     reader = train_attribute_reader(dataset, image_size, attributes, steps=steps, seed=seed, width=width,
                                     progress=progress)
     extra = {"steps": steps, "seed": seed, "dataset": str(Path(dataset).resolve())}

@@ -31,6 +31,13 @@ def sum_across_ranks(tensors: list[torch.Tensor], device: torch.device | str) ->
     return out
 
 
+def nonfinite_anywhere(loss: torch.Tensor, device: torch.device | str) -> bool:
+    """Whether the loss is NaN or infinite on any rank (one small all-reduce; every rank gets the same answer)."""
+    bad = (~torch.isfinite(loss.detach())).any().reshape(1)
+    (count,) = sum_across_ranks([bad], device)
+    return bool(count.item() > 0)
+
+
 def mean_across_ranks(values: dict[str, float], device: torch.device | str) -> dict[str, float]:
     """The mean over ranks of each named scalar (one collective for all of them)."""
     if not is_distributed() or not values:

@@ -9,6 +9,7 @@ report the image-distance metric, which Tune's ASHA reads.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 import uuid
@@ -25,10 +26,12 @@ from facediff.data.stream import iter_train_batches
 from facediff.tasks import build_task
 from facediff.train import checkpoint
 from facediff.train.checkpoint import TrainState
-from facediff.train.distributed import mean_across_ranks, seed_worker_rng
+from facediff.train.distributed import mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
 from facediff.train.engine import build_engine, images_per_step, total_steps
 from facediff.train.progress import RunLog
+
+log = logging.getLogger("facediff.train")
 
 SHUFFLE_BUFFER = 256
 
@@ -69,12 +72,23 @@ def _check_resumed_data(batch, state: TrainState, skipped: set[int]) -> None:
 
 def _maybe_crash(step: int, fault: dict | None) -> None:
     """Fault injection for tests of resume and FailureConfig: raise once at a given step."""
-    if not fault or step != fault["crash_at_step"]:
+    if not fault or step != fault.get("crash_at_step"):
         return
     marker = Path(fault["marker"])
     if not marker.exists():
         marker.touch()
         raise RuntimeError(f"injected worker crash at step {step}")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _maybe_poison(loss: torch.Tensor, step: int, rank: int, fault: dict | None) -> torch.Tensor:
+    """Fault injection for tests of the non-finite loss check: rank 0's loss becomes NaN at a given step."""
+    if fault and fault.get("nan_at_step") == step and rank == 0:
+        return loss * float("nan")
+    return loss
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -89,6 +103,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine = build_engine(task, cfg, world)
     ema = EMA(engine.module, cfg.trainer.ema)
     generator = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank)
+    skipped_nonfinite = 0  # steps skipped for a non-finite loss in this attempt (trainer.on_nonfinite_loss)
     state, consumed = TrainState(), set()  # consumed: ids used in the epoch in progress, by every rank
     if (resume_from := ray.train.get_checkpoint()) is not None:
         with resume_from.as_directory() as folder:
@@ -121,6 +136,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             trace.write(state.step + 1, batch, engine.module.training_progress)
             consumed.update(batch["id"].tolist())
             loss = engine(batch, generator)
+            loss = _maybe_poison(loss, state.step + 1, rank, loop_config.get("fault"))
+            if nonfinite_anywhere(loss, device):  # every rank takes the same branch: collectives stay matched
+                if cfg.trainer.on_nonfinite_loss == "stop":
+                    raise NonFiniteLoss(f"step {state.step + 1}: the loss is not finite on at least one rank "
+                                        f"(this rank's: {loss.item()}); trainer.on_nonfinite_loss=skip skips such steps")
+                skipped_nonfinite += 1
+                log.warning("step %d: non-finite loss on at least one rank; batch skipped (%d so far)",
+                            state.step + 1, skipped_nonfinite)
+                continue
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
@@ -153,6 +177,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "lr": lr,
                 "ema_decay": decay,
                 "images_per_s": window_n * cfg.trainer.batch_size * world / (time.time() - window_start),
+                "skipped_nonfinite": skipped_nonfinite,
             }
             if eval_now:
                 metrics.update(evaluator.evaluate(ema, engine.module, state.step))
