@@ -55,7 +55,19 @@ def start_ray(wanted_cpus: float | None = None) -> None:
     except ValueError:  # a cluster is already running (`ray start`, `ray job submit`): use it as it is
         ray.init(**kwargs)
     if not loud:
-        logging.getLogger("ray").setLevel(logging.ERROR)  # Ray Data / Train driver-side INFO and warnings
+        quiet_ray_loggers()
+
+
+def quiet_ray_loggers() -> None:
+    """Ray's driver-side records to the terminal only when they are errors. Ray Data's logger has its own
+    console handler (and a file handler, `ray-data.log` in the session logs, which keeps everything)."""
+    import ray.data  # noqa: F401 - configures the "ray.data" logger, whose console handler is lowered here
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
 
 
 def ray_logs_dir() -> str | None:

@@ -106,6 +106,8 @@ def _search_inception(weights: str | None) -> tuple[nn.Module | None, list[str]]
         looked.append(f"{INCEPTION_URL} (not tried: {DOWNLOAD_ENV}=0)")
     elif not _reachable(INCEPTION_URL, PROBE_TIMEOUT_S):
         looked.append(f"{INCEPTION_URL} (host unreachable)")
+        # one probe per job: the processes started after this one (Ray's workers, the next stage) inherit it
+        os.environ[DOWNLOAD_ENV] = "0"
     else:
         try:
             _download(INCEPTION_URL, target)
