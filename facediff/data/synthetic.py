@@ -54,19 +54,17 @@ Background, skin tone, clothes, hat and iris colour and the face's position and 
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from facediff.data.celebamask import (
     ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IMAGE_DIR, MAPPING_FILE, MASK_DIR, MASKS_PER_FOLDER, PART_NAMES, PARTITION_FILE,
     image_path, mask_path,
 )
+from facediff.data.parallel import map_jobs
 from facediff.data.staging import staged_output
 
 VISIBLE_ATTRIBUTES: tuple[str, ...] = (
@@ -349,17 +347,6 @@ def _write_one(job: tuple[Path, int, int, int]) -> np.ndarray:
             pixels = np.repeat(pixels[..., None], 3, axis=2)
         Image.fromarray(pixels).save(mask_path(out, image_id, part), format="PNG")
     return face.attributes
-
-
-def map_jobs(fn, jobs: list, workers: int | None, desc: str, progress: bool = True) -> list:
-    """`fn` over `jobs` in order, in a process pool (in this process for one worker), with a progress bar."""
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    bar = {"total": len(jobs), "desc": desc, "unit": "img", "disable": not progress}
-    if workers == 1:
-        return [fn(job) for job in tqdm(jobs, **bar)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        chunk = max(1, min(32, len(jobs) // (4 * workers)))
-        return list(tqdm(pool.map(fn, jobs, chunksize=chunk), **bar))
 
 
 def _orig_idx(image_id: int) -> int:

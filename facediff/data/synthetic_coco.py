@@ -40,7 +40,8 @@ from pycocotools import mask as mask_utils
 from facediff.data.celebamask import ATTRIBUTE_NAMES
 from facediff.data.coco import PERSON_CATEGORY_ID, captions_path, image_path, instances_path
 from facediff.data.staging import staged_output
-from facediff.data.synthetic import map_jobs, render_face
+from facediff.data.parallel import map_jobs
+from facediff.data.synthetic import render_face
 
 CATEGORIES = [
     {"id": PERSON_CATEGORY_ID, "name": "person", "supercategory": "person"},
