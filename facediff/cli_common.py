@@ -43,7 +43,7 @@ def job_failures(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:  # noqa: BLE001 - any failure of the job ends here, reported once
-        if verbose() or isinstance(err, (typer.Exit, KeyboardInterrupt)):
+        if verbose() or isinstance(err, typer.Exit):
             raise
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         # Ray wraps a worker's exception in its traceback: its last line is the cause

@@ -84,14 +84,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _maybe_poison(loss: torch.Tensor, step: int, rank: int, fault: dict | None, pending: list[bool]) -> torch.Tensor:
-    """Fault injection for tests of the non-finite loss check: rank 0's loss becomes NaN once, at a given step
-    (`pending` holds whether it is still to come: a skipped batch leaves the step where it was)."""
-    if fault and pending[0] and fault.get("nan_at_step") == step:
-        pending[0] = False  # on every rank, so all ranks agree on the next batch
-        if rank == 0:
-            return loss * float("nan")
-    return loss
+def _maybe_poison(loss: torch.Tensor, step: int, rank: int, poison_at: int | None) -> tuple[torch.Tensor, int | None]:
+    """Fault injection for tests of the non-finite loss check: rank 0's loss becomes NaN once, at step
+    `poison_at`. Returns the loss and the step still to poison (None once done: a skipped batch leaves the
+    step where it was, and every rank clears it alike)."""
+    if step != poison_at:
+        return loss, poison_at
+    return (loss * float("nan") if rank == 0 else loss), None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -107,7 +106,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ema = EMA(engine.module, cfg.trainer.ema)
     generator = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank)
     skipped_nonfinite = 0  # steps skipped for a non-finite loss in this attempt (trainer.on_nonfinite_loss)
-    poison_pending = [True]  # tests: the injected NaN is still to come
+    poison_at = (loop_config.get("fault") or {}).get("nan_at_step")  # tests: the step whose loss turns NaN
     state, consumed = TrainState(), set()  # consumed: ids used in the epoch in progress, by every rank
     if (resume_from := ray.train.get_checkpoint()) is not None:
         with resume_from.as_directory() as folder:
@@ -140,7 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             trace.write(state.step + 1, batch, engine.module.training_progress)
             consumed.update(batch["id"].tolist())
             loss = engine(batch, generator)
-            loss = _maybe_poison(loss, state.step + 1, rank, loop_config.get("fault"), poison_pending)
+            loss, poison_at = _maybe_poison(loss, state.step + 1, rank, poison_at)
             if nonfinite_anywhere(loss, device):  # every rank takes the same branch: collectives stay matched
                 if cfg.trainer.on_nonfinite_loss == "stop":
                     raise NonFiniteLoss(f"step {state.step + 1}: the loss is not finite on at least one rank "
