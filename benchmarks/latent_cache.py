@@ -34,6 +34,7 @@ from data_throughput import write_synthetic  # noqa: E402  (benchmarks/ is the s
 
 from facediff.config.schema import AutoencoderConfig  # noqa: E402
 from facediff.data.shards import shard_paths  # noqa: E402
+from facediff.data.batch import images_to_float  # noqa: E402
 from facediff.data.stream import build_dataset, decode_batch, iter_train_batches  # noqa: E402
 from facediff.models.autoencoder import LatentCodec  # noqa: E402
 
@@ -75,11 +76,11 @@ def measure(name: str, kind: str, size: int, dataset: Path, out: Path, args) -> 
     prepare_s = time.perf_counter() - t
     shape = tuple(manifest["latents"]["shape"])
     codec = LatentCodec(cfg, load_weights=False).to(device)
-    kw = dict(image_size=size, part_groups=None, hflip=False, seed=0, epoch=0)
+    kw = dict(image_size=size, hflip=False, seed=0, epoch=0)
     base = ["id", "image", "parts", "attributes"]
 
     def on_the_fly(batch):
-        z = codec.encode(torch.from_numpy(decode_batch(batch, **kw)["image"]).to(device))
+        z = codec.encode(images_to_float(torch.from_numpy(decode_batch(batch, **kw)["image"]).to(device)))
         sync(device)
         return z
 

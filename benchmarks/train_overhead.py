@@ -1,7 +1,7 @@
 """Images/s of facediff's training step (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers) against a plain
 `torchrun` DDP loop of the same tiny model and global batch, measured side by side in one run.
 
-    uv run python benchmarks/train_overhead.py [--kimg 1.5]
+    uv run python benchmarks/train_overhead.py [--kimg 1.5 --repeats 3]
 
 Both read the same synthetic shards and skip their first steps (start-up, JIT) when timing.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ def ddp_worker(shards: str, steps: int, result: str) -> None:
 
     from facediff.config import load_config
     from facediff.data.shards import shard_paths
+    from facediff.data.batch import images_to_float
     from facediff.data.stream import decode_batch
     from facediff.tasks import build_task
 
@@ -52,8 +54,8 @@ def ddp_worker(shards: str, steps: int, result: str) -> None:
             start = time.perf_counter()
         index = [(step * bs * world + rank * bs + k) % n for k in range(bs)]
         batch = decode_batch({k: v[index] for k, v in rows.items()}, image_size=cfg.data.image_size,
-                             part_groups=None, hflip=True, seed=0, epoch=step)
-        loss = model({"image": torch.from_numpy(batch["image"])}, generator)
+                             hflip=True, seed=0, epoch=step)
+        loss = model({"image": images_to_float(torch.from_numpy(batch["image"]))}, generator)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
@@ -76,6 +78,7 @@ def facediff_rate(run: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kimg", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the median is reported")
     parser.add_argument("--ddp-worker", nargs=3, metavar=("SHARDS", "STEPS", "RESULT"))
     args = parser.parse_args()
     if args.ddp_worker:
@@ -95,17 +98,24 @@ def main() -> None:
                                "trainer.log_every_steps=5", f"trainer.checkpoint_every_kimg={args.kimg}"])
     world, batch = cfg.trainer.num_workers, cfg.trainer.batch_size
     steps = round(args.kimg * 1000 / (world * batch))
-    ours = facediff_rate(train(cfg))
-
     result = tmp / "ddp.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", __file__,
-                    "--ddp-worker", str(tmp / "shards"), str(steps), str(result)],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    plain = json.loads(result.read_text())["images_per_s"]
-    print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed")
-    print(f"{'facediff (Ray Train + DeepSpeed ZeRO-2)':<42} {ours:8.1f} img/s")
-    print(f"{'plain torchrun DDP (gloo)':<42} {plain:8.1f} img/s")
-    print(f"{'ratio facediff / plain':<42} {ours / plain:8.2f}")
+    ours, plain = [], []
+    for attempt in range(args.repeats):  # alternating, so a busy spell on a shared machine hits both sides
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.trainer.run_name = f"overhead-{attempt}"  # a fresh run each time, never a resume
+        ours.append(facediff_rate(train(run_cfg)))
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", __file__,
+                        "--ddp-worker", str(tmp / "shards"), str(steps), str(result)],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        plain.append(json.loads(result.read_text())["images_per_s"])
+        print(f"run {attempt + 1}/{args.repeats}: facediff {ours[-1]:.1f} img/s, plain {plain[-1]:.1f} img/s, "
+              f"ratio {ours[-1] / plain[-1]:.2f}", flush=True)
+    ratios = sorted(o / p for o, p in zip(ours, plain))
+    print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed, {args.repeats} alternating runs")
+    print(f"{'facediff (Ray Train + DeepSpeed ZeRO-2)':<42} {statistics.median(ours):8.1f} img/s (median)")
+    print(f"{'plain torchrun DDP (gloo)':<42} {statistics.median(plain):8.1f} img/s (median)")
+    print(f"ratios per run: {', '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"ratio {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

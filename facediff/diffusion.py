@@ -65,10 +65,12 @@ class DenoisingLoss:
         return None
 
     def draw_timesteps(self, n: int, generator: torch.Generator | None = None, progress: float = 0.0) -> torch.Tensor:
+        """`n` training timesteps, on the generator's device (the CPU without one)."""
+        device = generator.device if generator is not None else torch.device("cpu")
         weights = self.timestep_weights(progress)
         if weights is None:
-            return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
-        return torch.multinomial(weights, n, replacement=True, generator=generator)
+            return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
+        return torch.multinomial(weights.to(device), n, replacement=True, generator=generator)
 
     def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)[t].view(-1, 1, 1, 1)
@@ -76,9 +78,12 @@ class DenoisingLoss:
     def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, progress: float = 0.0):
         """Draw timesteps (at `progress` through the run) and noise; returns (x_t, t, noise), all fp32."""
         x0 = x0.float()
-        t = self.draw_timesteps(x0.shape[0], generator, progress)  # on the CPU generator: same on any device
-        noise = torch.randn(x0.shape, generator=generator, device="cpu", dtype=torch.float32)
-        t, noise = t.to(x0.device), noise.to(x0.device)
+        # Drawn where the generator lives: training passes one on the worker's device, so nothing is drawn on
+        # the CPU and copied each step (a seeded generator per rank keeps runs reproducible on that device).
+        t = self.draw_timesteps(x0.shape[0], generator, progress)
+        device = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+        t, noise = t.to(x0.device), noise.to(x0.device)  # no-ops when the generator is on x0's device
         alpha_bar = self._alpha_bar(t)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise, t, noise
 

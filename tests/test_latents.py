@@ -12,6 +12,7 @@ import torch
 
 from facediff.config.schema import AutoencoderConfig
 from facediff.data.shards import SHARD_SCHEMA, ShardWriter, latent_schema, read_manifest, shard_paths
+from facediff.data.batch import finish_batch, images_to_float
 from facediff.data.stream import build_dataset, decode_batch, flip_decisions, iter_train_batches
 from facediff.models.autoencoder import LatentCodec
 
@@ -54,8 +55,8 @@ def test_prepare_latents_equal_the_codec_and_keep_every_column(synthetic_shards,
 
     batch = rows(latent_shards, "train")
     picked = {k: v[[0, 7, 30]] for k, v in batch.items()}  # ids from several shards
-    images = torch.from_numpy(decode_batch(picked, image_size=32, part_groups=None, hflip=False, seed=0,
-                                           epoch=0)["image"])
+    images = images_to_float(torch.from_numpy(decode_batch(picked, image_size=32, hflip=False, seed=0,
+                                                           epoch=0)["image"]))
     cached = np.stack(picked["latents"]).astype(np.float32).reshape(3, *SHAPE)
     cached_flipped = np.stack(picked["latents_flipped"]).astype(np.float32).reshape(3, *SHAPE)
     # float16 keeps ~11 significant bits: 1e-3 relative
@@ -102,7 +103,7 @@ def test_use_latents_refuses_shards_that_cannot_serve_it(synthetic_shards, laten
 def test_mismatched_latent_column_is_a_clear_error(synthetic_shards):
     batch = rows(synthetic_shards, "test")
     batch["latents"] = np.zeros((len(batch["id"]), 100), np.float16)  # 100 values, not 3*8*8
-    kw = dict(image_size=32, part_groups=None, hflip=False, seed=0, epoch=0, latent_shape=SHAPE)
+    kw = dict(image_size=32, hflip=False, seed=0, epoch=0, latent_shape=SHAPE)
     with pytest.raises(ValueError, match=r"column 'latents': expected shape \(B, 192\), got \(4, 100\).*3x8x8"):
         decode_batch(batch, **kw)
     del batch["latents"]
@@ -222,11 +223,11 @@ def test_sd_lora_trains_on_latents_cached_with_its_pipelines_vae(ray_session, sy
         check_cached_latents(out, AutoencoderConfig(kind="kl", preset="tiny_kl"))
 
     picked = {k: v[:6] for k, v in rows(out, "train").items()}
-    decoded = decode_batch(picked, image_size=32, part_groups=None, hflip=False, seed=0, epoch=0,
+    decoded = decode_batch(picked, image_size=32, hflip=False, seed=0, epoch=0,
                            latent_shape=(4, 8, 8))
     cached_cfg = load_config(config, ["model.prompt_dropout=0", f"data.path={out}", "data.use_latents=true"])
     on_the_fly, cached = build_task(cfg), build_task(cached_cfg)
-    batch = {k: torch.from_numpy(decoded[k]) for k in ("image", "attributes", "latents")}
+    batch = finish_batch({k: torch.from_numpy(decoded[k]) for k in ("image", "attributes", "latents")})
     expected = on_the_fly.backbone.encode_images(batch["image"])
     assert torch.allclose(batch["latents"], expected, atol=2e-3 * expected.abs().max().item())
     losses = [task(batch, torch.Generator().manual_seed(3)).item() for task in (on_the_fly, cached)]

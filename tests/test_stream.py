@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from facediff.data.batch import finish_batch
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, NUM_ATTRIBUTES, PART_LABELS, group_parts
 from facediff.data.shards import SCHEMA_VERSION, ShardWriter, shard_paths, write_manifest
 from facediff.data.stream import build_dataset, decode_batch, flip_decisions, iter_train_batches
@@ -73,9 +74,15 @@ def subset(batch, index):
     return {k: v[index] for k, v in batch.items()}
 
 
-def decode(batch, **kw):
-    kw = {"image_size": SIZE, "part_groups": None, "hflip": True, "seed": 0, "epoch": 0} | kw
-    return decode_batch(batch, **kw)
+def decode(batch, part_groups=None, **kw):
+    """decode_batch, then finished as a worker finishes it (float images, part masks), back as numpy."""
+    kw = {"image_size": SIZE, "hflip": True, "seed": 0, "epoch": 0} | kw
+    finished = finish_batch({k: torch.from_numpy(v) for k, v in decode_batch(batch, **kw).items()}, part_groups)
+    return {k: v.numpy() for k, v in finished.items()}
+
+
+def finished_numpy(batch):
+    return {"id": batch["id"].numpy(), "image": batch["image"].numpy()}
 
 
 def red_on_left(image):  # image: (3, S, S) in [-1, 1]
@@ -110,6 +117,27 @@ def rows(dataset):
 # ---------------------------------------------------------------- decode_batch, no Ray
 
 
+def test_rows_leave_the_decoder_compact(rows):
+    """uint8 images and label maps through the object store; floats and part masks are made on the device."""
+    raw = decode_batch(rows, image_size=SIZE, hflip=True, seed=0, epoch=0)
+    n = len(rows["id"])
+    assert set(raw) == {"id", "epoch", "flipped", "image", "parts", "attributes"}
+    assert raw["image"].dtype == np.uint8 and raw["image"].shape == (n, 3, SIZE, SIZE)
+    assert raw["image"].flags["C_CONTIGUOUS"] and raw["image"].min() == 0 and raw["image"].max() == 255
+    finished = decode(rows, part_groups=DEFAULT_PART_GROUPS)
+    np.testing.assert_array_equal(finished["image"], raw["image"].astype(np.float32) / 127.5 - 1.0)
+
+
+def test_finished_on_a_device_with_bookkeeping_on_the_host(rows):
+    """"meta" stands in for a GPU: every tensor column moves to the device and is finished there, while the
+    columns the loop reads on the host (ids, epochs, flips) never leave the CPU."""
+    raw = {k: torch.from_numpy(v) for k, v in decode_batch(rows, image_size=SIZE, hflip=True, seed=0, epoch=0).items()}
+    out = finish_batch(raw, DEFAULT_PART_GROUPS, device="meta")
+    assert {k for k, v in out.items() if v.device.type == "cpu"} == {"id", "epoch", "flipped"}
+    assert out["image"].device.type == "meta" and out["image"].dtype == torch.float32
+    assert out["part_masks"].shape == (len(rows["id"]), len(DEFAULT_PART_GROUPS), SIZE, SIZE)
+
+
 def test_shapes_dtypes_and_ranges(rows):
     out = decode(rows, part_groups=DEFAULT_PART_GROUPS)
     n, g = len(rows["id"]), len(DEFAULT_PART_GROUPS)
@@ -130,7 +158,7 @@ def test_resumed_epoch_skips_consumed_records_and_counts_epochs_from_the_checkpo
     rebuilt for a resume: `first_epoch` offsets it, and `skip_ids` drop the consumed records of that epoch only."""
     import facediff.data.stream as stream
 
-    kw = dict(image_size=SIZE, part_groups=None, hflip=True, seed=5, epoch=None, first_epoch=3,
+    kw = dict(image_size=SIZE, hflip=True, seed=5, epoch=None, first_epoch=3,
               skip_ids=np.array([1, 2, 40]))
     monkeypatch.setattr(stream, "current_execution_index", lambda: 0)
     first = decode_batch(rows, **kw)
@@ -181,6 +209,14 @@ def test_flips_depend_on_seed_epoch_id_not_on_batching(rows):
     assert pieces == whole
 
 
+def test_flip_decisions_are_fair_coins_independent_across_epochs():
+    ids = np.arange(20_000)
+    base = flip_decisions(ids, seed=3, epoch=0)
+    assert 0.48 < base.mean() < 0.52
+    for other in (flip_decisions(ids, seed=3, epoch=1), flip_decisions(ids, seed=4, epoch=0)):
+        assert 0.48 < (other == base).mean() < 0.52  # no correlation with the neighbouring epoch or seed
+
+
 def test_other_epoch_or_seed_changes_some_flips(rows):
     base = observed_flips(decode(rows, seed=7, epoch=3))
     for kw in ({"seed": 7, "epoch": 4}, {"seed": 8, "epoch": 3}):
@@ -216,7 +252,7 @@ def test_rejects_bad_inputs(dataset, rows):
     with pytest.raises(FileNotFoundError, match="no manifest"):
         build_dataset(dataset / "train", "train", image_size=SIZE)
     with pytest.raises(ValueError, match="unknown part names"):
-        build_dataset(dataset, "train", image_size=SIZE, part_groups={"x": ("tail",)})
+        iter_train_batches(None, 8, part_groups={"x": ("tail",)})  # checked before any Ray call
     bad = dict(rows, parts=np.array([encode(np.zeros((SIZE, SIZE, 3), np.uint8), "PNG")] * 48, dtype=object))
     with pytest.raises(ValueError, match="single-channel"):
         decode(bad)
@@ -232,10 +268,10 @@ def test_rejects_bad_inputs(dataset, rows):
 def test_ray_dataset_delivers_every_row_once(ray_session, dataset, shuffle):
     context = ray_session.data.DataContext.get_current()
     v2_before = context.use_datasource_v2
-    ds = build_dataset(dataset, "train", image_size=SIZE, part_groups=DEFAULT_PART_GROUPS, seed=5, shuffle=shuffle)
+    ds = build_dataset(dataset, "train", image_size=SIZE, seed=5, shuffle=shuffle)
     assert context.use_datasource_v2 == v2_before  # build_dataset switches the reader for its own Dataset only
     ids, flips = [], {}
-    for batch in ds.iter_torch_batches(batch_size=8):
+    for batch in iter_train_batches(ds, 8, part_groups=DEFAULT_PART_GROUPS, drop_last=False):
         n = len(batch["id"])
         assert batch["id"].dtype == torch.int64
         assert batch["image"].dtype == torch.float32 and batch["image"].shape == (n, 3, SIZE, SIZE)
@@ -244,7 +280,7 @@ def test_ray_dataset_delivers_every_row_once(ray_session, dataset, shuffle):
         assert batch["part_masks"].shape == (n, len(DEFAULT_PART_GROUPS), SIZE, SIZE)
         assert "split" not in batch
         ids += batch["id"].tolist()
-        flips |= observed_flips({"id": batch["id"].numpy(), "image": batch["image"].numpy()})
+        flips |= observed_flips(finished_numpy(batch))
     assert sorted(ids) == list(range(48))
     assert flips == dict(zip(range(48), flip_decisions(np.arange(48), seed=5, epoch=0).tolist()))
 
@@ -256,8 +292,8 @@ def test_each_pass_over_a_training_dataset_flips_anew(ray_session, dataset):
     passes = []
     for _ in range(2):
         flips = {}
-        for batch in ds.iter_torch_batches(batch_size=16):
-            flips |= observed_flips({"id": batch["id"].numpy(), "image": batch["image"].numpy()})
+        for batch in iter_train_batches(ds, 16, drop_last=False):
+            flips |= observed_flips(finished_numpy(batch))
         passes.append(flips)
     for epoch, flips in enumerate(passes):  # a fresh Dataset: its passes are executions 0 and 1
         assert flips == dict(zip(range(48), flip_decisions(np.arange(48), seed=5, epoch=epoch).tolist()))

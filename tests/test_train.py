@@ -171,6 +171,7 @@ def _evaluated_ids_loop(config):
 
     from facediff.config.schema import ExperimentConfig
     from facediff.eval.evaluate import evaluate_task
+    from facediff.data.stream import iter_train_batches
 
     class Task:
         ids = []
@@ -199,7 +200,7 @@ def _evaluated_ids_loop(config):
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     shard = ray.train.get_dataset_shard("test")
     task, metric = Task(), Metric()
-    evaluate_task(task, cfg, lambda: shard.iter_torch_batches(batch_size=5, drop_last=False), metric,
+    evaluate_task(task, cfg, lambda: iter_train_batches(shard, 5, drop_last=False), metric,
                   rank=rank, world=world)
     out = {"ids": task.ids, "real": sum(metric.real)}
     (Path(config["out"]) / f"rank{rank}.json").write_text(json.dumps(out))

@@ -9,7 +9,7 @@ from torch import nn
 from facediff import diffusion
 from facediff.config.schema import DiffusionConfig, EMAConfig
 from facediff.train.ema import EMA, copy_weights
-from facediff.train.engine import deepspeed_config, lr_factor, total_steps
+from facediff.train.engine import GpuStep, build_optimizer, deepspeed_config, lr_factor, total_steps
 
 
 def test_lr_warms_up_then_decays_by_cosine():
@@ -66,6 +66,38 @@ def test_deepspeed_config_follows_trainer(tiny_config):
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     assert total_steps(cfg, world_size=2) == math.ceil(cfg.trainer.total_kimg * 1000 / (8 * 4 * 2))
+
+
+def test_gpu_step_options_apply_only_on_a_gpu_and_one_mixed_precision_at_a_time(tiny_config):
+    from facediff.config import ConfigError
+
+    cfg = tiny_config(["trainer.gpu.channels_last=true", "trainer.gpu.autocast=bf16", "trainer.gpu.compile=true"])
+    cpu = GpuStep(cfg, "cpu")
+    assert not (cpu.channels_last or cpu.autocast or cpu.compile or cpu.fused_adamw)  # a CPU worker runs plain
+    batch = {"image": torch.zeros(2, 3, 8, 8), "id": torch.arange(2)}
+    assert cpu.batch(batch) is batch
+    on = GpuStep(cfg, "cpu")
+    on.channels_last = True  # what a CUDA worker resolves; the layout change itself is device-independent
+    out = on.batch({**batch, "parts": torch.zeros(2, 8, 8, dtype=torch.uint8)})
+    assert out["image"].is_contiguous(memory_format=torch.channels_last) and not out["image"].is_contiguous()
+    assert out["id"] is batch["id"] and out["parts"].is_contiguous()  # only 4-D float tensors change layout
+    optimizer, _ = build_optimizer(nn.Linear(2, 2), cfg, 1, fused=False)
+    assert not optimizer.defaults["fused"]
+    with pytest.raises(ConfigError, match="trainer.gpu.autocast=bf16 .* trainer.precision is bf16"):
+        tiny_config(["trainer.gpu.autocast=bf16", "trainer.precision=bf16"])
+
+
+def test_noise_and_timesteps_are_drawn_on_the_generators_device():
+    """A training generator lives on the worker's device and draws happen there (the CPU here: no GPU in CI);
+    the same seed draws the same timesteps and noise."""
+    loss = diffusion.DenoisingLoss(diffusion.build_noise_scheduler(DiffusionConfig()))
+    x0 = torch.zeros(4, 3, 8, 8)
+    draws = [loss.noise(x0, torch.Generator().manual_seed(7)) for _ in range(2)]
+    for a, b in zip(*draws):
+        assert torch.equal(a, b)
+    _, t, noise = draws[0]
+    assert t.device.type == noise.device.type == "cpu" and 0 <= t.min() and t.max() < 1000
+    assert 0.5 < noise.std() < 1.5
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

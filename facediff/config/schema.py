@@ -152,6 +152,19 @@ class EMAConfig(Strict):
     start_step: Annotated[int, Field(ge=0)] = 0
 
 
+class GpuStepConfig(Strict):
+    """Speed options of the training step on a GPU worker (ignored on CPU workers). Measured one by one with
+    `benchmarks/gpu_train.py`."""
+
+    tf32: bool = True  # TF32 tensor-core matmuls and convolutions for fp32 math (Ampere and later)
+    fused_adamw: bool = True  # torch's fused (one-kernel) AdamW
+    channels_last: bool = False  # NHWC weights and inputs for the conv nets (UNets): cuDNN's fast layout
+    compile: bool = False  # torch.compile the training module (DeepSpeed's `engine.compile()`); slow first steps
+    # bf16 autocast around the forward with fp32 weights and optimizer: mixed precision without DeepSpeed's
+    # bf16 mode (trainer.precision must then be fp32)
+    autocast: Literal["none", "bf16"] = "none"
+
+
 class TrainerConfig(Strict):
     run_name: str | None = None  # None = the experiment's name; re-using a name resumes that run
     storage_path: str = "runs"  # local path here; s3://, gs:// or an NFS mount on a cluster
@@ -173,7 +186,15 @@ class TrainerConfig(Strict):
     on_nonfinite_loss: Literal["skip", "stop"] = "stop"
     seed: int = 0
     ema: EMAConfig = EMAConfig()
+    gpu: GpuStepConfig = GpuStepConfig()
     deepspeed: dict[str, Any] = {}  # merged last into the generated DeepSpeed config (expert escape hatch)
+
+    @model_validator(mode="after")
+    def _one_mixed_precision(self):
+        if self.gpu.autocast != "none" and self.precision != "fp32":
+            raise ValueError(f"trainer.gpu.autocast={self.gpu.autocast} is mixed precision over fp32 weights, but "
+                             f"trainer.precision is {self.precision}: set one of them, not both")
+        return self
 
 
 class EvalConfig(Strict):

@@ -1,8 +1,8 @@
 """Decoding COCO people shards (`facediff prepare coco`) for the Ray Data loader; `stream.build_dataset` uses it
 for every dataset whose manifest says `kind: coco_people`.
 
-Batches hold "id" int64 (B,), "epoch" int64 (B,), "flipped" uint8 (B,), "image" float32 (B,3,S,S) in [-1,1],
-"persons" uint8 (B,S,S) (0 background, k person k, 255 crowd), "person_boxes" float32 (B,P,4) with
+Batches hold "id" int64 (B,), "epoch" int64 (B,), "flipped" uint8 (B,), "image" uint8 (B,3,S,S) (float32 in
+[-1,1] once finished on the device, see `batch.py`), "persons" uint8 (B,S,S) (0 background, k person k, 255 crowd), "person_boxes" float32 (B,P,4) with
 "person_valid" uint8 (B,P), "face_boxes" float32 (B,F,4) with "face_valid" uint8 (B,F) and "face_scores"
 float32 (B,F) (boxes [x0, y0, x1, y1] in pixels of the decoded image, padded to the fixed P = MAX_PERSON_BOXES and
 F = MAX_FACES so blocks concatenate), and "caption" uint8 (B, CAPTION_BYTES): one caption, UTF-8, zero-padded
@@ -109,7 +109,7 @@ def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: b
         "id": ids,
         "epoch": np.full(n, epoch, dtype=np.int64),
         "flipped": flip.astype(np.uint8),
-        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1.0,
+        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),  # uint8, made float on the device
         "persons": persons,
         "person_boxes": person_boxes,
         "person_valid": person_valid,

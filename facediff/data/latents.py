@@ -33,6 +33,7 @@ from facediff.data.shards import (
     shard_paths, write_manifest,
 )
 from facediff.data.staging import check_at_least, refuse_existing, staged_output
+from facediff.data.batch import images_to_float
 from facediff.data.stream import _read_shards, decode_batch
 
 log = logging.getLogger("facediff.latents")
@@ -58,8 +59,8 @@ class EncodeLatents:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         columns = {name: table[name].to_numpy(zero_copy_only=False) for name in ("id", "image", "parts", "attributes")}
-        decoded = decode_batch(columns, image_size=self.image_size, part_groups=None, hflip=False, seed=0, epoch=0)
-        images = torch.from_numpy(decoded["image"]).to(self.device)
+        decoded = decode_batch(columns, image_size=self.image_size, hflip=False, seed=0, epoch=0)
+        images = images_to_float(torch.from_numpy(decoded["image"]).to(self.device))
         table = table.append_column(LATENTS, self._latent_column(images))
         if self.flipped:
             table = table.append_column(LATENTS_FLIPPED, self._latent_column(images.flip(-1)))

@@ -100,8 +100,9 @@ def prompt_words(template: str = DEFAULT_TEMPLATE, placeholder: str = DEFAULT_PL
 
 def drop_prompts(prompts: list[str], p: float, generator=None) -> list[str]:
     """Each prompt replaced by "" (classifier-free guidance's null prompt) with probability `p`, drawn on the
-    CPU generator: the same on any device."""
+    generator (on its device: training's is on the worker's device)."""
     if p <= 0:
         return list(prompts)
-    drop = (torch.rand(len(prompts), generator=generator) < p).tolist()
+    device = generator.device if generator is not None else "cpu"
+    drop = (torch.rand(len(prompts), generator=generator, device=device) < p).tolist()
     return ["" if d else prompt for prompt, d in zip(prompts, drop)]

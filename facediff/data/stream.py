@@ -1,13 +1,15 @@
 """Ray Data loader: Parquet shards (see `shards.py`) -> decoded, augmented tensors for Ray Train workers.
 
-    ds = build_dataset(path, "train", image_size=64, part_groups=DEFAULT_PART_GROUPS)
+    ds = build_dataset(path, "train", image_size=64)
     TorchTrainer(loop, datasets={"train": ds}, ...)
     # inside the loop:
-    for batch in iter_train_batches(ray.train.get_dataset_shard("train"), batch_size=32): ...
+    for batch in iter_train_batches(ray.train.get_dataset_shard("train"), 32, part_groups=DEFAULT_PART_GROUPS): ...
 
-Batches hold "id" int64 (B,), "epoch" int64 (B,) (the data epoch the row was drawn for), "flipped" uint8 (B,),
-"image" float32 (B,3,S,S) in [-1,1], "parts" uint8 (B,S,S) label maps, "attributes" float32 (B,40), with part groups "part_masks" float32 (B,G,S,S) and, with `use_latents`, "latents"
-float32 (B,C,h,w): the cached autoencoder latents (`facediff prepare latents`) of the image as flipped.
+Rows leave Ray Data compact: "id" int64 (B,), "epoch" int64 (B,) (the data epoch the row was drawn for), "flipped"
+uint8 (B,), "image" uint8 (B,3,S,S), "parts" uint8 (B,S,S) label maps, "attributes" float32 (B,40) and, with
+`use_latents`, "latents" float32 (B,C,h,w): the cached autoencoder latents (`facediff prepare latents`) of the
+image as flipped. `iter_train_batches` finishes them on the worker's device (`batch.finish_batch`): "image"
+float32 in [-1,1] and, with part groups, "part_masks" float32 (B,G,S,S).
 COCO people shards (`prepare coco`) decode to their own columns: see `coco_stream.py`.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,28 +29,34 @@ from PIL import Image
 from ray.data import FileShuffleConfig
 from ray.data.collate_fn import DefaultCollateFn
 
-from facediff.data.celebamask import NUM_ATTRIBUTES, NUM_PART_CLASSES, PART_LABELS, group_parts
+from facediff.data.celebamask import NUM_ATTRIBUTES, NUM_PART_CLASSES
+from facediff.data.hashing import splitmix64
 from facediff.data.coco_stream import COCO_KIND, decode_coco_batch
 from facediff.data.shards import LATENTS, LATENTS_FLIPPED, SHARD_SCHEMA, read_manifest, shard_paths, split_rows
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch stays out of the decode tasks' imports (Ray Data workers start faster)
     import torch
 
-PartGroups = Mapping[str, tuple[str, ...]]
+    from facediff.data.batch import PartGroups
+
 
 # Rows per decode call: small enough that the first batch is ready after a few dozen images, large enough to
 # amortise Ray's per-task overhead (~20 ms on 2 cores; 16-row tasks ran at half the speed of 64-128-row ones).
 DECODE_BATCH_ROWS = 64
 # Target rows per block when choosing the default read parallelism (measured best at 128-256 for 64 px).
 ROWS_PER_BLOCK = 128
+# Batches Ray formats and moves ahead of the one being trained on (threads of the worker process).
+PREFETCH_BATCHES = 2
 # Columns that are not tensors and must not reach torch.
 NON_TENSOR_COLUMNS = ("split",)
 
 
 def flip_decisions(ids: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
     """Whether each row is mirrored: a function of (seed, epoch, id) only, never of batching or order,
-    so a resumed run repeats the augmentation and a test can predict it."""
-    return np.array([np.random.default_rng([seed, epoch, int(i)]).random() < 0.5 for i in ids], dtype=bool)
+    so a resumed run repeats the augmentation and a test can predict it. One vectorised hash for the whole
+    batch (a NumPy generator per row cost more than decoding a 64 px JPEG)."""
+    key = splitmix64(splitmix64(seed) ^ np.uint64(epoch))
+    return (splitmix64(key ^ np.asarray(ids, dtype=np.int64).astype(np.uint64)) >> np.uint64(63)).astype(bool)
 
 
 class EpochFileShuffle(FileShuffleConfig):
@@ -88,6 +96,10 @@ def _column_2d(column: np.ndarray, width: int, name: str) -> np.ndarray:
 
 def _decode_image(data: bytes, size: int) -> np.ndarray:
     image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG" and image.width >= 2 * size:
+        # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding: a 256 px JPEG read for 64 px training decodes
+        # a sixteenth of the pixels; the resize below then only finishes the job (or is not needed).
+        image.draft("RGB", (size, size))
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
@@ -127,7 +139,6 @@ def decode_batch(
     batch: dict[str, np.ndarray],
     *,
     image_size: int,
-    part_groups: PartGroups | None,
     hflip: bool,
     seed: int,
     epoch: int | None,
@@ -152,9 +163,8 @@ def decode_batch(
             if not keep.all():
                 batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
     if "persons" in batch:  # a COCO people dataset (`prepare coco`): its own columns
-        if part_groups is not None or latent_shape is not None:
-            raise ValueError("COCO people shards have no face-part maps or cached latents: set data.part_groups "
-                             "to none and data.use_latents to false")
+        if latent_shape is not None:
+            raise ValueError("COCO people shards have no cached latents: set data.use_latents to false")
         return decode_coco_batch(batch, image_size=image_size, hflip=hflip, seed=seed, epoch=epoch,
                                  flip_decisions=flip_decisions)
     ids = np.array(batch["id"], dtype=np.int64)  # a copy: the output must not alias read-only input buffers
@@ -184,12 +194,10 @@ def decode_batch(
         "id": ids,
         "epoch": np.full(n, epoch, dtype=np.int64),
         "flipped": flip.astype(np.uint8),
-        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1.0,
-        "parts": parts,
+        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),  # uint8: `batch.finish_batch` makes floats
+        "parts": parts,  # part masks are made from it on the device (`batch.finish_batch`)
         "attributes": attributes,
     }
-    if part_groups is not None:
-        out["part_masks"] = group_parts(parts, dict(part_groups))  # built from the (flipped) label map
     if latent_shape is not None:
         out["latents"] = _decode_latents(batch, tuple(latent_shape), flip if hflip else None)
     return out
@@ -238,7 +246,6 @@ def build_dataset(
     split: str,
     *,
     image_size: int,
-    part_groups: PartGroups | None = None,
     hflip: bool = True,
     seed: int = 0,
     epoch: int | None = 0,
@@ -272,11 +279,6 @@ def build_dataset(
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}, first_epoch={first_epoch}")
     if read_parallelism is not None and read_parallelism < 1:
         raise ValueError(f"read_parallelism must be >= 1, got {read_parallelism}")
-    if part_groups is not None:
-        unknown = sorted({p for parts in part_groups.values() for p in parts} - set(PART_LABELS))
-        if unknown or not part_groups:
-            raise ValueError(f"part_groups: empty or unknown part names {unknown} (known: {sorted(PART_LABELS)})")
-        part_groups = {name: tuple(parts) for name, parts in part_groups.items()}
     dataset = Path(dataset)
     paths = shard_paths(dataset, split)  # raises on a missing manifest, split or shard
     if not paths:
@@ -292,7 +294,7 @@ def build_dataset(
     coco = read_manifest(dataset).get("kind") == COCO_KIND
     columns = None if use_latents or coco else list(SHARD_SCHEMA.names)
     ds = _read_shards(paths, num_blocks, file_shuffle, columns)
-    kwargs = dict(image_size=image_size, part_groups=part_groups, hflip=hflip, seed=seed, epoch=epoch,
+    kwargs = dict(image_size=image_size, hflip=hflip, seed=seed, epoch=epoch,
                   first_epoch=first_epoch)
     if skip_ids:
         kwargs["skip_ids"] = np.array(sorted(skip_ids), dtype=np.int64)
@@ -332,24 +334,39 @@ def iter_train_batches(
     batch_size: int,
     *,
     device=None,
+    part_groups: PartGroups | None = None,
     local_shuffle_buffer_size: int | None = None,
     local_shuffle_seed: int | None = None,
     drop_last: bool = True,
+    prefetch_batches: int = PREFETCH_BATCHES,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Torch batches from a Dataset or a Ray Train shard (`ray.train.get_dataset_shard("train")`).
+    """Finished torch batches (`batch.finish_batch`: float images, part masks for `part_groups`) from a Dataset
+    or a Ray Train shard (`ray.train.get_dataset_shard("train")`).
 
-    device=None lets Ray pick: the worker's device inside Ray Train, else CPU. Arguments are checked here,
-    not at the first `next()`.
+    device=None lets Ray pick: the worker's device inside Ray Train, else CPU. With a device, Ray collates on the
+    CPU (into pinned memory for a GPU) and the compact batch is copied there without blocking, bookkeeping columns
+    ("id", "epoch", "flipped") staying on the host; it is finished on the device. Arguments are checked here, not
+    at the first `next()`.
     """
+    import torch
+
+    from facediff.data.batch import finish_batch, part_group_table
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if local_shuffle_buffer_size is not None and local_shuffle_buffer_size < batch_size:
         raise ValueError(f"local_shuffle_buffer_size ({local_shuffle_buffer_size}) must be >= batch_size ({batch_size})")
-    return iter(shard.iter_torch_batches(
+    if part_groups is not None:
+        part_group_table(part_groups)  # unknown part names fail now
+    target = None if device is None else torch.device(device)
+    batches = shard.iter_torch_batches(
         batch_size=batch_size,
-        device="auto" if device is None else device,
+        device="auto" if target is None else "cpu",
+        pin_memory=target is not None and target.type == "cuda",
         collate_fn=_DropNonTensorColumns(combine_chunks=True),
         drop_last=drop_last,
         local_shuffle_buffer_size=local_shuffle_buffer_size,
         local_shuffle_seed=local_shuffle_seed,
-    ))
+        prefetch_batches=prefetch_batches,
+    )
+    return (finish_batch(batch, part_groups, target) for batch in batches)

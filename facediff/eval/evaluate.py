@@ -17,7 +17,8 @@ import torch
 
 from facediff.config.schema import ExperimentConfig
 from facediff.data.shards import MANIFEST, shard_paths
-from facediff.data.stream import decode_batch
+from facediff.data.batch import finish_batch
+from facediff.data.stream import decode_batch, iter_train_batches
 from facediff.eval.metrics import build_image_distance
 from facediff.sampling import batch_generator
 from facediff.tasks import DiffusionTask, build_task
@@ -129,7 +130,8 @@ class Evaluator:
         self.real_done = False
 
     def _batches(self):
-        return self.test_shard.iter_torch_batches(batch_size=self.cfg.eval.batch_size, drop_last=False)
+        return iter_train_batches(self.test_shard, self.cfg.eval.batch_size, drop_last=False,
+                                  part_groups=self.cfg.data.resolved_part_groups())
 
     @torch.no_grad()
     def evaluate(self, ema, trained: torch.nn.Module, step: int) -> dict[str, float]:
@@ -156,9 +158,9 @@ def local_test_batches(cfg: ExperimentConfig, split: str | None = None) -> Calla
             for record_batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.eval.batch_size):
                 columns = {name: np.asarray(record_batch.column(name).to_pylist(), dtype=object)
                            for name in record_batch.schema.names}
-                decoded = decode_batch(columns, image_size=d.image_size, part_groups=d.resolved_part_groups(),
-                                       hflip=False, seed=0, epoch=0)
-                yield {k: torch.as_tensor(v) for k, v in decoded.items() if k != "split"}
+                decoded = decode_batch(columns, image_size=d.image_size, hflip=False, seed=0, epoch=0)
+                yield finish_batch({k: torch.as_tensor(v) for k, v in decoded.items() if k != "split"},
+                                   d.resolved_part_groups())
 
     return batches
 

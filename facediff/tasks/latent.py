@@ -73,7 +73,8 @@ class LatentConditionalDiffusion(DiffusionTask):
         return batch["part_masks"].to(device=self.device, dtype=self.dtype) if self.has_masks else None
 
     def _keep(self, n: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.rand(n, generator=generator) >= p  # drawn on the CPU generator: reproducible on any device
+        device = generator.device if generator is not None else "cpu"
+        return (torch.rand(n, generator=generator, device=device) >= p).to(self.device)
 
     def forward(self, batch, generator=None):
         z0 = self._latents(batch)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from facediff.data.hashing import splitmix64
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -65,11 +67,5 @@ def owned_by(ids: torch.Tensor | np.ndarray, rank: int, world: int) -> torch.Ten
     Every rank iterates the whole evaluation split, but Ray Data does not keep row order, so ranks disagree on
     positions; dealing by id gives every record to exactly one rank. ids are mixed (splitmix64) first so that
     regular id patterns (all even, say) still spread evenly."""
-    x = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint64(30))
-        x = x * np.uint64(0xBF58476D1CE4E5B9)
-        x = x ^ (x >> np.uint64(27))
-        x = x * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
+    x = splitmix64(np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids))
     return torch.from_numpy((x % np.uint64(world)).astype(np.int64) == rank)

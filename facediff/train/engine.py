@@ -1,7 +1,9 @@
-"""A DeepSpeed engine from config: ZeRO stage, precision, accumulation, clipping, AdamW, warm-up + cosine."""
+"""A DeepSpeed engine from config: ZeRO stage, precision, accumulation, clipping, AdamW, warm-up + cosine, and
+the GPU step's speed options (`trainer.gpu`: TF32, fused AdamW, channels_last, torch.compile, bf16 autocast)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -52,10 +54,11 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(module: nn.Module, cfg: ExperimentConfig, world_size: int):
+def build_optimizer(module: nn.Module, cfg: ExperimentConfig, world_size: int, fused: bool = False):
     o = cfg.optimizer
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=fused or None)
     total = total_steps(cfg, world_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, o.warmup_steps, total, o.schedule, o.min_lr_ratio)
@@ -85,12 +88,42 @@ def safe_checkpoint_engine(ds_config):
     return SafeTorchCheckpointEngine(ds_config)
 
 
-def build_engine(module: nn.Module, cfg: ExperimentConfig, world_size: int):
+class GpuStep:
+    """What `trainer.gpu` changes in the step, resolved for this worker's device (nothing on a CPU)."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device | str):
+        g, on_gpu = cfg.trainer.gpu, torch.device(device).type == "cuda"
+        self.on_gpu = on_gpu
+        self.fused_adamw = on_gpu and g.fused_adamw
+        self.channels_last = on_gpu and g.channels_last
+        self.compile = on_gpu and g.compile
+        self.autocast = on_gpu and g.autocast == "bf16"
+        if on_gpu:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = g.tf32
+
+    def batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Image-shaped float tensors in NHWC (noising is elementwise, so the network's input inherits it)."""
+        if not self.channels_last:
+            return batch
+        return {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point() else v
+                for k, v in batch.items()}
+
+    def forward(self):
+        """The context the forward runs in: bf16 autocast, or nothing."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+
+def build_engine(module: nn.Module, cfg: ExperimentConfig, world_size: int, step: GpuStep | None = None):
     import deepspeed
 
-    optimizer, schedule = build_optimizer(module, cfg, world_size)
+    step = step or GpuStep(cfg, "cpu")
+    if step.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    optimizer, schedule = build_optimizer(module, cfg, world_size, fused=step.fused_adamw)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
     )
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
+    if step.compile:
+        engine.compile()  # compiles the wrapped module's forward; the first steps pay for it
     return engine

@@ -28,7 +28,7 @@ from facediff.train import checkpoint
 from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
-from facediff.train.engine import build_engine, images_per_step, total_steps
+from facediff.train.engine import GpuStep, build_engine, images_per_step, total_steps
 from facediff.train.progress import RunLog
 
 log = logging.getLogger("facediff.train")
@@ -102,9 +102,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     seed_worker_rng(cfg.trainer.seed, rank)  # each rank its own dropout stream
     task = build_task(cfg).to(device)  # seeded itself: identical initial weights on every rank
-    engine = build_engine(task, cfg, world)
+    gpu_step = GpuStep(cfg, device)
+    engine = build_engine(task, cfg, world, gpu_step)
     ema = EMA(engine.module, cfg.trainer.ema)
-    generator = torch.Generator().manual_seed(cfg.trainer.seed * 1_000_003 + rank)
+    # noise, timesteps and condition dropout are drawn on the device (see `diffusion.DenoisingLoss.noise`)
+    generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed * 1_000_003 + rank)
     skipped_nonfinite = 0  # steps skipped for a non-finite loss in this attempt (trainer.on_nonfinite_loss)
     poison_at = (loop_config.get("fault") or {}).get("nan_at_step")  # tests: the step whose loss turns NaN
     state, consumed = TrainState(), set()  # consumed: ids used in the epoch in progress, by every rank
@@ -129,7 +131,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
     while state.step < total:
         batches = iter_train_batches(
-            shard, cfg.trainer.batch_size, device=device, local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            shard, cfg.trainer.batch_size, device=device, part_groups=cfg.data.resolved_part_groups(),
+            local_shuffle_buffer_size=SHUFFLE_BUFFER,
             local_shuffle_seed=cfg.trainer.seed * 10_007 + state.epoch,  # a different, seeded order each epoch
         )
         for index, batch in enumerate(batches):
@@ -138,7 +141,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.module.training_progress = state.step / total  # a function of the step: resumes in phase
             trace.write(state.step + 1, batch, engine.module.training_progress)
             consumed.update(batch["id"].tolist())
-            loss = engine(batch, generator)
+            with gpu_step.forward():
+                loss = engine(gpu_step.batch(batch), generator)
             loss, poison_at = _maybe_poison(loss, state.step + 1, rank, poison_at)
             if nonfinite_anywhere(loss, device):  # every rank takes the same branch: collectives stay matched
                 if cfg.trainer.on_nonfinite_loss == "stop":
@@ -153,9 +157,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
             engine.step()
             state.batches_in_epoch += 1
-            window_loss, window_n = window_loss + loss.item(), window_n + 1
+            # summed on the device: no host sync per step (read once per report)
+            window_loss, window_n = window_loss + loss.detach().float(), window_n + 1
             for name, value in getattr(engine.module, "loss_terms", {}).items():  # e.g. loss_mse, loss_infonce
-                window_terms[name] = window_terms.get(name, 0.0) + float(value)
+                window_terms[name] = window_terms.get(name, 0.0) + value.detach().float()
             if not boundary:
                 continue
             state.step += 1
@@ -168,8 +173,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
                 continue
             means = mean_across_ranks(
-                {"loss": window_loss / max(1, window_n),
-                 **{name: total / max(1, window_n) for name, total in sorted(window_terms.items())}},
+                {"loss": float(window_loss) / max(1, window_n),
+                 **{name: float(total) / max(1, window_n) for name, total in sorted(window_terms.items())}},
                 device)  # one collective, on the device the process group serves (NCCL: the GPU)
             metrics = {
                 "step": state.step,

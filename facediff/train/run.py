@@ -73,7 +73,7 @@ def resume_point(run: Path) -> ResumePoint:
 
 def _dataset_options(cfg: ExperimentConfig) -> dict:
     d = cfg.data
-    return dict(image_size=d.image_size, part_groups=d.resolved_part_groups(), read_parallelism=d.read_parallelism,
+    return dict(image_size=d.image_size, read_parallelism=d.read_parallelism,
                 use_latents=d.use_latents)
 
 
