@@ -171,6 +171,11 @@ class TrainerConfig(Strict):
     num_workers: PositiveInt = 2
     use_gpu: bool = False
     resources_per_worker: dict[str, PositiveFloat] = {"CPU": 1.0}
+    # Where Ray places the workers (its placement group strategy). pack: as few nodes as possible (the default:
+    # NVLink/PCIe between GPUs of a node beats the network, so gradients all-reduce fastest). spread: across
+    # nodes where it can (more CPUs and disk bandwidth for decoding per worker, when data, not compute, limits).
+    # strict_spread: one worker per node or the run does not start (tests of multi-node code paths).
+    placement: Literal["pack", "spread", "strict_spread"] = "pack"
     batch_size: PositiveInt = 16  # per worker, per micro-step
     grad_accum: PositiveInt = 1
     total_kimg: PositiveFloat = 100.0

@@ -99,6 +99,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     log_to_file(Path(loop_config["log_dir"]) / "logs" / f"rank{rank}.log")
+    log.info("rank %d of %d: local rank %d on node %s (node rank %d), device %s", rank, world, ctx.get_local_rank(),
+             ray.get_runtime_context().get_node_id(), ctx.get_node_rank(), device)
 
     seed_worker_rng(cfg.trainer.seed, rank)  # each rank its own dropout stream
     task = build_task(cfg).to(device)  # seeded itself: identical initial weights on every rank
@@ -114,6 +116,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with resume_from.as_directory() as folder:
             state = checkpoint.load(Path(folder), engine, ema, generator, rank)
             consumed = checkpoint.consumed_ids(Path(folder))
+        log.info("resumed from the checkpoint of step %d (epoch %d)", state.step, state.epoch)
     skipped = set(consumed)  # the data pipeline drops these from the resumed epoch (`run.resume_point`)
     trace = DataTrace(loop_config.get("trace_dir"), rank)
 

@@ -175,6 +175,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
             resources_per_worker=dict(cfg.trainer.resources_per_worker),
+            placement_strategy=cfg.trainer.placement.upper(),
         ),
         run_config=RunConfig(
             name=run_name(cfg),
