@@ -8,9 +8,10 @@ be had, else the named fallback distance (e.g. fd_mtcnn_onet). The real test ima
 as the in-training Evaluator keeps them between evaluations; a protocol's time is generating `--num-samples`
 images, their features and `compute()`.
 
---model is a run folder or an export, loaded as `facediff evaluate` loads it; without it the tiny UNet preset is
-built with random weights, so the distances compare the samplers, not a trained model. Without --data a
-temporary synthetic dataset (procedural faces, `prepare celebamask`) is written at the model's image size.
+--model is a run folder or an export (or an experiment config, untrained), loaded as `facediff evaluate` loads
+it; without it the tiny UNet preset is built with random weights, so the distances compare the samplers, not a
+trained model. Without --data a temporary synthetic dataset (procedural faces, `prepare celebamask`) is written
+at the model's image size.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def main() -> None:
     overrides += [f"data.path={args.data}"] if args.data else []
     torch.manual_seed(args.seed)  # the preset's random initialisation, reproducible
     cfg, task = load_model(args.model or TINY_PRESET, overrides)
+    untrained = args.model is None or args.model.suffix in (".yaml", ".yml")  # a config: the model as built
     task = task.to(device)
     temporary = None
     try:
@@ -101,10 +103,11 @@ def main() -> None:
         real_s = time.perf_counter() - start
         if metric.num_real < 2:
             sys.exit(f"{cfg.data.path}: the split holds {metric.num_real} record(s); the distance needs at least 2")
-        task.sample(1, batch_generator(0), "ddpm", 2)  # warm-up: first-call costs are not either sampler's
+        # warm-up (conditioned on a test record, for conditional families): first-call costs are neither sampler's
+        task.sample(1, batch_generator(0), "ddpm", 2, batch)
 
         print(f"model: {args.model or TINY_PRESET.relative_to(REPO)} ({cfg.model.family}, {cfg.data.image_size} px)"
-              + ("" if args.model else "; random weights: the distances compare samplers, not a trained model"))
+              + ("; random weights: the distances compare samplers, not a trained model" if untrained else ""))
         print(f"data: {'temporary synthetic faces' if temporary else cfg.data.path}, {metric.num_real} real "
               f"images ({real_s:.1f}s to feed, once, not counted); metric {metric.name}; {args.num_samples} "
               f"samples per evaluation, batch {args.batch_size}, eval.seed {cfg.eval.seed}; device {device} "
