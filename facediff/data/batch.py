@@ -39,17 +39,20 @@ def part_group_table(groups: PartGroups, device: torch.device | str | None = Non
     return table.to(device)
 
 
-def part_masks(parts: torch.Tensor, groups: PartGroups) -> torch.Tensor:
-    """(B, S, S) label maps -> (B, G, S, S) float32 group masks, on the label maps' device: one table lookup."""
-    table = part_group_table(groups, parts.device)
-    return table[parts.long()].permute(0, 3, 1, 2).contiguous()
+def part_masks(parts: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) label maps -> (B, G, S, S) float32 group masks (`table`: `part_group_table`), on the label
+    maps' device: one table lookup."""
+    return table.to(parts.device)[parts.long()].permute(0, 3, 1, 2).contiguous()
 
 
 def finish_batch(batch: dict[str, torch.Tensor], part_groups: PartGroups | None = None,
-                 device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                 device: torch.device | str | None = None, part_table: torch.Tensor | None = None,
+                 ) -> dict[str, torch.Tensor]:
     """The batch a task reads, from the compact one the loader yields (see the module docstring). With `device`,
     every column but HOST_COLUMNS is copied there first (asynchronously from pinned memory), still compact.
-    Images that are already float (a batch built by hand) are left as they are."""
+    `part_table` is `part_group_table(part_groups)` built once by a caller that finishes many batches (kept on
+    their device, it costs no copy per batch). Images that are already float (a batch built by hand) are left as
+    they are."""
     out = dict(batch)
     if device is not None:
         out = {k: v if k in HOST_COLUMNS else v.to(device, non_blocking=True) for k, v in out.items()}
@@ -59,5 +62,6 @@ def finish_batch(batch: dict[str, torch.Tensor], part_groups: PartGroups | None 
         if "parts" not in out:
             raise ValueError("part groups were asked for, but the batch has no 'parts' label maps (COCO shards have "
                              "none): set data.part_groups to none")
-        out["part_masks"] = part_masks(out["parts"], part_groups)
+        table = part_table if part_table is not None else part_group_table(part_groups)
+        out["part_masks"] = part_masks(out["parts"], table)
     return out

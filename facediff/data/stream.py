@@ -356,9 +356,9 @@ def iter_train_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if local_shuffle_buffer_size is not None and local_shuffle_buffer_size < batch_size:
         raise ValueError(f"local_shuffle_buffer_size ({local_shuffle_buffer_size}) must be >= batch_size ({batch_size})")
-    if part_groups is not None:
-        part_group_table(part_groups)  # unknown part names fail now
     target = None if device is None else torch.device(device)
+    # built once (unknown part names fail now), on the device the batches are finished on
+    table = None if part_groups is None else part_group_table(part_groups, target)
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
         device="auto" if target is None else "cpu",
@@ -369,4 +369,4 @@ def iter_train_batches(
         local_shuffle_seed=local_shuffle_seed,
         prefetch_batches=prefetch_batches,
     )
-    return (finish_batch(batch, part_groups, target) for batch in batches)
+    return (finish_batch(batch, part_groups, target, table) for batch in batches)

@@ -17,7 +17,7 @@ import torch
 
 from facediff.config.schema import ExperimentConfig
 from facediff.data.shards import MANIFEST, shard_paths
-from facediff.data.batch import finish_batch
+from facediff.data.batch import finish_batch, part_group_table
 from facediff.data.stream import decode_batch, iter_train_batches
 from facediff.eval.metrics import build_image_distance
 from facediff.sampling import batch_generator
@@ -152,6 +152,8 @@ def local_test_batches(cfg: ExperimentConfig, split: str | None = None) -> Calla
     """Test batches read in-process with pyarrow (standalone evaluation needs no Ray)."""
     d = cfg.data
     paths = shard_paths(d.path, split or d.eval_split)
+    groups = d.resolved_part_groups()
+    table = None if groups is None else part_group_table(groups)
 
     def batches():
         for path in paths:
@@ -160,7 +162,7 @@ def local_test_batches(cfg: ExperimentConfig, split: str | None = None) -> Calla
                            for name in record_batch.schema.names}
                 decoded = decode_batch(columns, image_size=d.image_size, hflip=False, seed=0, epoch=0)
                 yield finish_batch({k: torch.as_tensor(v) for k, v in decoded.items() if k != "split"},
-                                   d.resolved_part_groups())
+                                   groups, part_table=table)
 
     return batches
 
