@@ -2,6 +2,11 @@
 
 import json
 import math
+import os
+import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,7 @@ from facediff.config import load_config
 from facediff.tasks import build_task
 from facediff.train.engine import lr_factor, safe_checkpoint_engine
 from facediff.train.progress import read_metrics
-from facediff.train.run import train
+from facediff.train.run import resume_point, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 STEPS = 8  # 44 train rows, 2 workers x batch 4: 5 steps per epoch, so the run crosses an epoch boundary
@@ -67,12 +72,45 @@ def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
     assert torch.allclose(pipeline.unet.conv_in.weight, ema["ema.net.conv_in.weight"])
 
 
-def test_worker_crash_restarts_from_checkpoint(synthetic_shards, tmp_path):
-    cfg = config(synthetic_shards, tmp_path, extra=["trainer.max_failures=1", f"trainer.total_kimg={6 * 8 / 1000}"])
-    train(cfg, fault={"crash_at_step": 3, "marker": str(tmp_path / "crashed")})
-    assert (tmp_path / "crashed").exists()  # the crash did happen
-    rows = read_metrics(tmp_path / "runs" / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+def _kill_worker_after(run: Path, rank: int, step: int, killed: dict) -> None:
+    """From outside the run, as an OOM killer would: SIGKILL rank `rank`'s process (its pid from its own log)
+    once the run has logged `step`."""
+    give_up = time.monotonic() + 600  # bounded: the run thread's own assertions report a run that never got there
+    while time.monotonic() < give_up:
+        try:
+            logged = read_metrics(run)
+        except ValueError:  # a line being written
+            logged = []
+        pids = re.findall(rf"rank {rank} of \d+: .*, pid (\d+)", (run / "logs" / f"rank{rank}.log").read_text()) \
+            if (run / "logs" / f"rank{rank}.log").is_file() else []
+        if pids and logged and logged[-1]["step"] >= step:
+            killed.update(pid=int(pids[0]), at=logged[-1]["step"])
+            os.kill(int(pids[0]), signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
+def test_worker_killed_by_sigkill_restarts_from_its_checkpoint(synthetic_shards, tmp_path):
+    """FailureConfig restarts the worker group after a real process death (no exception, no cleanup), the new
+    workers resume from the last checkpoint before the kill, and the run ends at the configured step."""
+    steps = 12
+    cfg = config(synthetic_shards, tmp_path, extra=["trainer.max_failures=1", f"trainer.total_kimg={steps * 8 / 1000}",
+                                                    "trainer.log_every_steps=1"])
+    run, killed = tmp_path / "runs" / "run", {}
+    killer = threading.Thread(target=_kill_worker_after, args=(run, 1, 5, killed), daemon=True)
+    killer.start()
+    train(cfg, fault={"step_delay": 0.5})  # half a second a step: the killer's window
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    rank1 = (run / "logs" / "rank1.log").read_text()
+    pids = [int(p) for p in re.findall(r"rank 1 of 2: .*, pid (\d+)", rank1)]
+    assert len(pids) == 2 and pids[0] == killed["pid"] != pids[1]  # a new process took rank 1's place
+    resumed = [int(s) for s in re.findall(r"resumed from the checkpoint of step (\d+)", rank1)]
+    # checkpoints every 2 steps, the kill after step 5 was logged: the restart began at the newest checkpoint Ray
+    # had registered by then (it registers one when the controller next polls the reports: 2 or 4 here), not at 0
+    assert len(resumed) == 1 and 2 <= resumed[0] <= killed["at"] and resumed[0] % 2 == 0, (resumed, killed)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1))
+    assert json.loads((run / "checkpoint_000000012" / "trainer_state.json").read_text())["step"] == steps
 
 
 def test_nonfinite_loss_on_one_rank_is_skipped_on_all_or_stops_the_run(synthetic_shards, tmp_path):
@@ -232,3 +270,47 @@ def test_two_workers_evaluate_every_test_record_once(synthetic_shards, tmp_path)
     assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == split  # the union is the split, with no repeats
     assert ranks[0]["ids"] and ranks[1]["ids"]
     assert ranks[0]["real"] + ranks[1]["real"] == 44
+
+
+@pytest.mark.timeout(900)
+def test_killed_train_command_resumes_when_run_again(synthetic_shards, tmp_path, ray_session):
+    """`facediff train` SIGKILLed mid-run (the driver: no cleanup, no exception), then the same command again:
+    the second one resumes from the first one's last checkpoint and ends at the configured step."""
+    import subprocess
+    import sys
+
+    steps = 16  # 0.5-2 s a step here: a window to kill in
+    command = [str(Path(sys.executable).parent / "facediff"), "train", "configs/experiments/tiny_unet.yaml",
+               f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.run_name=run",
+               "trainer.batch_size=4", f"trainer.total_kimg={steps * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
+               "trainer.log_every_steps=1", "trainer.keep_last=2"]
+    # the test session's cluster: a second local Ray instance on this machine would fight over its ports
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    run = tmp_path / "runs" / "run"
+    first = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        give_up = time.monotonic() + 600
+        registered = None
+        while time.monotonic() < give_up and first.poll() is None:
+            try:  # Ray's record of a whole checkpoint (until then a re-run starts over, rightly)
+                registered = resume_point(run).checkpoint
+                if registered and len(read_metrics(run)) >= 3:
+                    break
+            except ValueError:  # a file being written
+                pass
+            time.sleep(0.1)
+    finally:
+        first.kill()
+        first.wait()
+    killed_at = read_metrics(run)[-1]["step"]
+    assert registered and 3 <= killed_at < steps, (registered, killed_at)  # killed mid-run, after a checkpoint
+
+    again = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from the checkpoint of step (\d+)",
+                                          (run / "logs" / "rank0.log").read_text())]
+    assert len(resumed) == 1 and int(registered[-9:]) <= resumed[0] <= killed_at, (resumed, registered, killed_at)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1))
+    assert (run / "export" / "model_index.json").is_file()

@@ -171,3 +171,17 @@ def test_deepspeed_checkpoints_load_without_running_pickled_code(tmp_path):
     assert not marker.exists()  # refused before anything ran
     torch.load(tampered, weights_only=False)  # the control: an unsafe load does run it
     assert marker.exists()
+
+
+def test_deterministic_order_keeps_block_order_without_locality_and_blocks_independent_of_cpus(
+        tiny_config, synthetic_shards, monkeypatch):
+    from facediff.data.stream import _default_read_parallelism
+    from facediff.train.run import data_config
+
+    fixed, default = data_config(tiny_config(["data.deterministic_order=true"])), data_config(tiny_config())
+    # what Ray Train applies to the split it deals to the workers (`DataConfig.configure`)
+    assert fixed._resolve_execution_options("train").preserve_order and not fixed._enable_shard_locality
+    assert not default._resolve_execution_options("train").preserve_order and default._enable_shard_locality
+    monkeypatch.setattr("os.cpu_count", lambda: 64)  # a big node: by default, two blocks per CPU
+    assert _default_read_parallelism(synthetic_shards, "train", 6) == 128
+    assert _default_read_parallelism(synthetic_shards, "train", 6, per_cpu=False) == 6  # one per file

@@ -34,6 +34,11 @@ class DataConfig(Strict):
     hflip: bool = True
     shuffle: bool = True
     read_parallelism: PositiveInt | None = None  # Ray Data blocks; None = max(files, 2 x CPUs, rows / 128)
+    # true: every rank trains on the same rows in the same order whatever the cluster's shape and on every rerun
+    # (Ray Data keeps its block order, shard locality is off, and the default block count no longer depends on
+    # the cluster's CPUs), so a run is bit-identical on one node or several. false (faster): blocks go to
+    # whichever worker asks first; each epoch still holds every record once, but batches differ between runs.
+    deterministic_order: bool = False
     use_latents: bool = False  # read the cached `latents` column written by `facediff prepare latents`
     # The training split must hold exactly this many records (checked against the manifest when a run starts):
     # the paper's data regimes (2,700 or 27,000 faces) are prepared datasets, and this catches a config of one
@@ -175,7 +180,8 @@ class TrainerConfig(Strict):
     # NVLink/PCIe between GPUs of a node beats the network, so gradients all-reduce fastest). spread: across
     # nodes where it can (more CPUs and disk bandwidth for decoding per worker, when data, not compute, limits).
     # strict_spread: one worker per node or the run does not start (tests of multi-node code paths).
-    placement: Literal["pack", "spread", "strict_spread"] = "pack"
+    # strict_pack: all workers on one node or the run does not start (a run that must not cross the network).
+    placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
     batch_size: PositiveInt = 16  # per worker, per micro-step
     grad_accum: PositiveInt = 1
     total_kimg: PositiveFloat = 100.0

@@ -203,16 +203,19 @@ def decode_batch(
     return out
 
 
-def _default_read_parallelism(dataset: Path, split: str, num_files: int) -> int:
+def _default_read_parallelism(dataset: Path, split: str, num_files: int, per_cpu: bool = True) -> int:
     """Enough blocks to keep every CPU decoding and let the first batch arrive early.
 
     The V1 Parquet reader makes at most one read task per file; asking for more blocks than files makes each
     read task split its output, and the decode stage then runs on those smaller blocks in parallel (it is no
     longer fused into the read). Without this, a few small shards collapse into one read+decode task and the
-    first batch waits for the whole epoch.
+    first batch waits for the whole epoch. per_cpu=False leaves the CPUs out, so the blocks (and with them the
+    rows each Train worker is dealt) are the same on any cluster (`data.deterministic_order`).
     """
     rows = split_rows(dataset, split)
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
+    cpus = 0
+    if per_cpu:
+        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else (os.cpu_count() or 1)
     return max(num_files, 2 * cpus, math.ceil(rows / ROWS_PER_BLOCK))
 
 
@@ -250,6 +253,7 @@ def build_dataset(
     seed: int = 0,
     epoch: int | None = 0,
     read_parallelism: int | None = None,
+    blocks_per_cpu: bool = True,
     shuffle: bool = False,
     use_latents: bool = False,
     first_epoch: int = 0,
@@ -268,6 +272,8 @@ def build_dataset(
     the first batch until the whole split has been read. Mix rows within and across files downstream with
     `iter_train_batches(local_shuffle_buffer_size=...)`; shards are bounded, so file order + a buffer of a few
     hundred rows is a good approximation of a full shuffle.
+
+    blocks_per_cpu=False: the default block count ignores the cluster's CPUs (see `_default_read_parallelism`).
 
     use_latents=True adds the cached "latents" column (shards written by `facediff prepare latents`, encoded at
     `image_size`; with `hflip` they must hold the mirrored images' latents too). Without it the latent columns
@@ -289,7 +295,7 @@ def build_dataset(
         base_seed = int(np.random.SeedSequence([seed, epoch or 0]).generate_state(1)[0])
         file_shuffle = EpochFileShuffle(base_seed, first_epoch if epoch is None else 0)
     latent_shape = _cached_latent_shape(dataset, image_size, hflip) if use_latents else None
-    num_blocks = read_parallelism or _default_read_parallelism(dataset, split, len(paths))
+    num_blocks = read_parallelism or _default_read_parallelism(dataset, split, len(paths), blocks_per_cpu)
     # Latent columns are large (12k values a row for 3x64x64); skip reading them when they are not used.
     coco = read_manifest(dataset).get("kind") == COCO_KIND
     columns = None if use_latents or coco else list(SHARD_SCHEMA.names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -71,7 +72,10 @@ def _check_resumed_data(batch, state: TrainState, skipped: set[int]) -> None:
 
 
 def _maybe_crash(step: int, fault: dict | None) -> None:
-    """Fault injection for tests of resume and FailureConfig: raise once at a given step."""
+    """Fault injection for tests of resume and FailureConfig: `crash_at_step` raises once at that step;
+    `step_delay` (seconds) slows every step, a window for a test that kills a worker process from outside."""
+    if fault and fault.get("step_delay"):
+        time.sleep(fault["step_delay"])
     if not fault or step != fault.get("crash_at_step"):
         return
     marker = Path(fault["marker"])
@@ -99,8 +103,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     log_to_file(Path(loop_config["log_dir"]) / "logs" / f"rank{rank}.log")
-    log.info("rank %d of %d: local rank %d on node %s (node rank %d), device %s", rank, world, ctx.get_local_rank(),
-             ray.get_runtime_context().get_node_id(), ctx.get_node_rank(), device)
+    log.info("rank %d of %d: local rank %d on node %s (node rank %d), device %s, pid %d", rank, world,
+             ctx.get_local_rank(), ray.get_runtime_context().get_node_id(), ctx.get_node_rank(), device, os.getpid())
 
     seed_worker_rng(cfg.trainer.seed, rank)  # each rank its own dropout stream
     task = build_task(cfg).to(device)  # seeded itself: identical initial weights on every rank

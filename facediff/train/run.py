@@ -74,7 +74,7 @@ def resume_point(run: Path) -> ResumePoint:
 def _dataset_options(cfg: ExperimentConfig) -> dict:
     d = cfg.data
     return dict(image_size=d.image_size, read_parallelism=d.read_parallelism,
-                use_latents=d.use_latents)
+                blocks_per_cpu=not d.deterministic_order, use_latents=d.use_latents)
 
 
 def train_dataset(experiment: dict, run: str) -> ray.data.Dataset:
@@ -91,6 +91,20 @@ def train_dataset(experiment: dict, run: str) -> ray.data.Dataset:
     d = cfg.data
     return build_dataset(d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, epoch=None,
                          first_epoch=point.epoch, skip_ids=point.consumed, **_dataset_options(cfg))
+
+
+def data_config(cfg: ExperimentConfig) -> DataConfig:
+    """How Ray Train deals the training split to the workers (every worker evaluates on the whole test split).
+
+    Ray Data's streaming split gives each block to the worker with the fewest rows so far, in the order blocks
+    arrive, preferring blocks already on the worker's node. With `data.deterministic_order` the order is the
+    Dataset's own and node locality is off, so the rows each rank is dealt depend on neither timing nor
+    placement."""
+    if not cfg.data.deterministic_order:
+        return DataConfig(datasets_to_split=["train"])
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": options}, enable_shard_locality=False)
 
 
 def check_inputs(cfg: ExperimentConfig) -> None:
@@ -185,7 +199,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             callbacks=list(callbacks or []),
         ),
         datasets=build_datasets(cfg, out),
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker evaluates on the whole test split
+        dataset_config=data_config(cfg),
     )
     if progress:
         with RunProgress(f"train {run_name(cfg)}", out / METRICS_FILE, cfg.trainer.total_kimg):
