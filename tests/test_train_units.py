@@ -182,6 +182,8 @@ def test_deterministic_order_keeps_block_order_without_locality_and_blocks_indep
     # what Ray Train applies to the split it deals to the workers (`DataConfig.configure`)
     assert fixed._resolve_execution_options("train").preserve_order and not fixed._enable_shard_locality
     assert not default._resolve_execution_options("train").preserve_order and default._enable_shard_locality
-    monkeypatch.setattr("os.cpu_count", lambda: 64)  # a big node: by default, two blocks per CPU
+    # a big node outside Ray (a test session's Ray would be asked for its CPUs instead): two blocks per CPU
+    monkeypatch.setattr("facediff.data.stream.ray.is_initialized", lambda: False)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
     assert _default_read_parallelism(synthetic_shards, "train", 6) == 128
     assert _default_read_parallelism(synthetic_shards, "train", 6, per_cpu=False) == 6  # one per file
