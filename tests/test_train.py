@@ -72,6 +72,13 @@ def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
     assert torch.allclose(pipeline.unet.conv_in.weight, ema["ema.net.conv_in.weight"])
 
 
+def _worker_pids(run: Path, rank: int, world: int = 2) -> list[int]:
+    """The pids rank `rank` of `world` ran as, one per worker start, from its own log."""
+    log_file = run / "logs" / f"rank{rank}.log"
+    text = log_file.read_text() if log_file.is_file() else ""
+    return [int(pid) for pid in re.findall(rf"rank {rank} of {world}: .*, pid (\d+)", text)]
+
+
 def _kill_worker_after(run: Path, rank: int, step: int, killed: dict) -> None:
     """From outside the run, as an OOM killer would: SIGKILL rank `rank`'s process (its pid from its own log)
     once the run has logged `step`."""
@@ -81,11 +88,10 @@ def _kill_worker_after(run: Path, rank: int, step: int, killed: dict) -> None:
             logged = read_metrics(run)
         except ValueError:  # a line being written
             logged = []
-        pids = re.findall(rf"rank {rank} of \d+: .*, pid (\d+)", (run / "logs" / f"rank{rank}.log").read_text()) \
-            if (run / "logs" / f"rank{rank}.log").is_file() else []
+        pids = _worker_pids(run, rank)
         if pids and logged and logged[-1]["step"] >= step:
-            killed.update(pid=int(pids[0]), at=logged[-1]["step"])
-            os.kill(int(pids[0]), signal.SIGKILL)
+            killed.update(pid=pids[0], at=logged[-1]["step"])
+            os.kill(pids[0], signal.SIGKILL)
             return
         time.sleep(0.1)
 
@@ -102,9 +108,9 @@ def test_worker_killed_by_sigkill_restarts_from_its_checkpoint(synthetic_shards,
     train(cfg, fault={"step_delay": 0.5})  # half a second a step: the killer's window
     killer.join(timeout=5)
     assert killed, "the worker was never killed"
-    rank1 = (run / "logs" / "rank1.log").read_text()
-    pids = [int(p) for p in re.findall(r"rank 1 of 2: .*, pid (\d+)", rank1)]
+    pids = _worker_pids(run, 1)
     assert len(pids) == 2 and pids[0] == killed["pid"] != pids[1]  # a new process took rank 1's place
+    rank1 = (run / "logs" / "rank1.log").read_text()
     resumed = [int(s) for s in re.findall(r"resumed from the checkpoint of step (\d+)", rank1)]
     # checkpoints every 2 steps, the kill after step 5 was logged: the restart began at the newest checkpoint Ray
     # had registered by then (it registers one when the controller next polls the reports: 2 or 4 here), not at 0
@@ -270,4 +276,3 @@ def test_two_workers_evaluate_every_test_record_once(synthetic_shards, tmp_path)
     assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == split  # the union is the split, with no repeats
     assert ranks[0]["ids"] and ranks[1]["ids"]
     assert ranks[0]["real"] + ranks[1]["real"] == 44
-

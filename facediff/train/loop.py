@@ -74,9 +74,11 @@ def _check_resumed_data(batch, state: TrainState, skipped: set[int]) -> None:
 def _maybe_crash(step: int, fault: dict | None) -> None:
     """Fault injection for tests of resume and FailureConfig: `crash_at_step` raises once at that step;
     `step_delay` (seconds) slows every step, a window for a test that kills a worker process from outside."""
-    if fault and fault.get("step_delay"):
+    if not fault:
+        return
+    if fault.get("step_delay"):
         time.sleep(fault["step_delay"])
-    if not fault or step != fault.get("crash_at_step"):
+    if step != fault.get("crash_at_step"):
         return
     marker = Path(fault["marker"])
     if not marker.exists():
