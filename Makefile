@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test bench gpu-wheels gpu-check
 setup:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 
 demo: setup
 	$(UV) run --frozen facediff demo

@@ -114,11 +114,11 @@ def main() -> None:
               f"{len(shard_paths(args.dataset, args.split))} shards")
     import ray
 
-    from facediff.console import quiet_ray_loggers
+    from facediff.console import init_local_ray, quiet_ray_loggers
 
     quiet_ray_loggers()
     t = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    init_local_ray(args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     init_s = time.perf_counter() - t
     results = []

@@ -129,7 +129,9 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    from facediff.console import init_local_ray
+
+    init_local_ray(args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"batch_size={args.batch_size}, machine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
           "img/s of data + encode cost, one row per autoencoder as soon as it is measured")

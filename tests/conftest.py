@@ -17,7 +17,9 @@ def pytest_configure(config):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False)
+    from facediff.console import init_local_ray
+
+    init_local_ray(RAY_NUM_CPUS, include_dashboard=False)
     try:
         yield ray
     finally:
@@ -29,7 +31,9 @@ def ray_session(ray_cluster):
     """One local Ray cluster for the whole test session (ray.init costs seconds and ~1.7 GB); started again if a
     test module stopped it to run on a fresh one of its own (test_tune.py)."""
     if not ray_cluster.is_initialized():
-        ray_cluster.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False)
+        from facediff.console import init_local_ray
+
+        init_local_ray(RAY_NUM_CPUS, include_dashboard=False)
     return ray_cluster
 
 

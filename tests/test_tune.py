@@ -43,10 +43,11 @@ def tune_ray():
     import ray
 
     from conftest import RAY_NUM_CPUS
+    from facediff.console import init_local_ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False)
+    init_local_ray(RAY_NUM_CPUS, include_dashboard=False)
     try:
         yield ray
     finally:

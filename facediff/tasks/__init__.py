@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from facediff.config.schema import ExperimentConfig
 from facediff.tasks.base import DiffusionTask
-from facediff.tasks.controlnet import ControlNetPeople
-from facediff.tasks.latent import LatentConditionalDiffusion
-from facediff.tasks.pixel import PixelDiffusion
-from facediff.tasks.sd_lora import StableDiffusionLoRA
 
-TASKS: dict[str, type[DiffusionTask]] = {
-    "unet": PixelDiffusion,
-    "dit": PixelDiffusion,
-    "lc_unet": LatentConditionalDiffusion,
-    "sd_lora": StableDiffusionLoRA,
-    "controlnet": ControlNetPeople,
+# family -> "module:class", imported when a run builds that family: the others' imports (diffusers' ControlNet,
+# peft, lpips, facenet-pytorch) cost every Ray worker seconds of start-up it does not need
+TASKS: dict[str, str] = {
+    "unet": "facediff.tasks.pixel:PixelDiffusion",
+    "dit": "facediff.tasks.pixel:PixelDiffusion",
+    "lc_unet": "facediff.tasks.latent:LatentConditionalDiffusion",
+    "sd_lora": "facediff.tasks.sd_lora:StableDiffusionLoRA",
+    "controlnet": "facediff.tasks.controlnet:ControlNetPeople",
 }
+
+
+def task_class(family: str) -> type[DiffusionTask]:
+    if family not in TASKS:
+        raise ValueError(f"model family {family!r} has no training task yet; trainable families: {sorted(TASKS)}")
+    module, name = TASKS[family].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_task(cfg: ExperimentConfig, load_pretrained: bool = True) -> DiffusionTask:
@@ -27,12 +34,10 @@ def build_task(cfg: ExperimentConfig, load_pretrained: bool = True) -> Diffusion
     networks with random weights (tiny presets) are the same in training, sampling and evaluation.
     `load_pretrained=False` builds pretrained networks from their shipped architecture only (no weights read).
     """
-    family = cfg.model.family
-    if family not in TASKS:
-        raise ValueError(f"model family {family!r} has no training task yet; trainable families: {sorted(TASKS)}")
+    cls = task_class(cfg.model.family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.trainer.seed)
-        return TASKS[family](cfg, load_pretrained=load_pretrained)
+        return cls(cfg, load_pretrained=load_pretrained)
 
 
-__all__ = ["DiffusionTask", "TASKS", "build_task"]
+__all__ = ["DiffusionTask", "TASKS", "build_task", "task_class"]
