@@ -114,7 +114,7 @@ def train_segformer(
 
 @app.command()
 def sample(
-    model: Annotated[Path, typer.Argument(help="a run folder or an exported model folder")],
+    model: Annotated[str, typer.Argument(help="a run folder (local or s3://...) or an exported model folder")],
     n: int = 16,
     out: Annotated[Path, typer.Option(help="PNG grid to write")] = Path("outputs/samples.png"),
     sampler: Annotated[str, typer.Option(help="ddpm, ddim or dpm++")] = "ddim",
@@ -172,8 +172,9 @@ def sample(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="a run folder, an exported model folder, or an experiment config "
-                                               "(the model untrained, e.g. plain SD under a fresh ControlNet)")],
+    model: Annotated[str, typer.Argument(help="a run folder (local or s3://...), an exported model folder, or an "
+                                              "experiment config (the model untrained, e.g. plain SD under a fresh "
+                                              "ControlNet)")],
     split: Annotated[Optional[str], typer.Option(help="the prepared split to compare against; default the "
                                                       "config's data.eval_split")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="key=value config overrides")] = None,

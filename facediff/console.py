@@ -19,6 +19,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from facediff.storage import StoredFile
 
 VERBOSE_ENV = "FACEDIFF_VERBOSE"  # an environment variable, so Ray's processes and `ray_jobs/` see it too
 
@@ -116,8 +120,13 @@ class RunProgress:
     of the run, so logs stay short. Used as a context manager around `trainer.fit()`.
     """
 
-    def __init__(self, label: str, metrics_file: Path, total_kimg: float, stream=None, interval_s: float = 1.0):
-        self.label, self.path, self.total_kimg = label, Path(metrics_file), total_kimg
+    def __init__(self, label: str, metrics_file: Path | StoredFile, total_kimg: float, stream=None,
+                 interval_s: float = 1.0):
+        from facediff.storage import StoredFile
+
+        # a StoredFile: the run's metrics in remote storage (written there by rank 0, wherever it runs)
+        self.file = metrics_file if isinstance(metrics_file, StoredFile) else StoredFile.local(metrics_file)
+        self.label, self.total_kimg = label, total_kimg
         self.stream = stream or sys.stderr
         self.interval_s = interval_s
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -125,7 +134,7 @@ class RunProgress:
         self._lock = threading.Lock()  # the follower thread and the final poll at exit
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._start = time.time()
-        self._offset = self.path.stat().st_size if self.path.exists() else 0  # a resumed run's old rows
+        self._offset = self.file.size() or 0  # a resumed run's old rows
         self._last: dict = {}
         self._printed: dict = {}
         self._first: tuple[float, float] | None = None  # (when, kimg) of the first row this run wrote
@@ -175,16 +184,15 @@ class RunProgress:
             self._read_new_rows()
 
     def _read_new_rows(self) -> None:
-        if not self.path.exists():
+        size = self.file.size()
+        if size is None:
             return
-        if self.path.stat().st_size < self._offset:  # rewritten (a resumed run drops rows past its checkpoint)
+        if size < self._offset:  # rewritten (a resumed run drops rows past its checkpoint)
             self._offset = 0
-        with self.path.open() as f:
-            f.seek(self._offset)
-            chunk = f.read()
-        complete = chunk[:chunk.rfind("\n") + 1]  # a row being written is read next time
-        self._offset += len(complete.encode())
-        for text in complete.splitlines():
+        chunk = self.file.read_from(self._offset)
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a row being written is read next time
+        self._offset += len(complete)
+        for text in complete.decode().splitlines():
             if not text.strip():
                 continue
             row = json.loads(text)

@@ -18,6 +18,7 @@ from facediff.config import load_config
 from facediff.config.schema import ExperimentConfig
 from facediff.data.celebamask import ATTRIBUTE_NAMES
 from facediff.integrity import folder_problem
+from facediff.storage import is_remote
 from facediff.tasks import DiffusionTask, build_task
 from facediff.viz import image_grid
 
@@ -61,6 +62,27 @@ def run_checkpoint(run: Path) -> Path:
                      + (f", or use the run's export {export}" if export.is_dir() else ""))
 
 
+def fetch_remote_run(uri: str) -> Path:
+    """A run in remote storage (s3://bucket/prefix/run) as a local folder holding what sampling and evaluation
+    read: its config, its export and each checkpoint's top-level files (EMA weights, trainer state; not the
+    optimizer state under `state/`), in the run's local mirror (see `storage.RunStorage`)."""
+    from facediff.storage import RunStorage
+    from facediff.train.run import EXPORT_DIR
+
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    storage = RunStorage(parent, name)
+    if not storage.pull("config.yaml"):
+        raise FileNotFoundError(f"{uri}: no run there (no config.yaml)")
+    storage.pull(EXPORT_DIR)
+    for folder, is_folder in storage.listing().items():
+        if not (is_folder and folder.startswith("checkpoint_")):
+            continue
+        for file, sub in storage.listing(folder).items():
+            if not sub:
+                storage.pull(f"{folder}/{file}")
+    return storage.local
+
+
 def load_model(path: str | Path, overrides: list[str] = (),
                check: Callable[[ExperimentConfig], None] | None = None) -> tuple[ExperimentConfig, DiffusionTask]:
     """A run folder (uses its newest complete checkpoint), an exported model folder (written by `export`), or an
@@ -70,7 +92,7 @@ def load_model(path: str | Path, overrides: list[str] = (),
     sees the config before any network is built (a caller's own checks fail fast, not after loading weights)."""
     from facediff.train.run import load_task_with_ema
 
-    path = Path(path)
+    path = fetch_remote_run(str(path)) if is_remote(path) else Path(path)
     untrained = path.is_file() and path.suffix in (".yaml", ".yml")
     if untrained:
         source = path

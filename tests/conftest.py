@@ -62,3 +62,27 @@ def synthetic_shards(tmp_path_factory):
     prepare_celebamask(root / "raw", root / "shards", image_size=32, mask_size=32, rows_per_shard=8, workers=2,
                        progress=False)
     return root / "shards"
+
+
+def two_trial_grid(total_kimg: float) -> str:
+    """A Tune grid of two short tiny-UNet trials run one after the other (FIFO, lr 2e-3 and 1e-3), one step per
+    16 images, each step logged and every second step checkpointed."""
+    return f"""
+train_config: {REPO / "configs" / "experiments" / "tiny_unet.yaml"}
+reproduces: nothing (test)
+metric: loss
+mode: min
+overrides:
+  trainer.num_workers: 1
+  trainer.resources_per_worker: {{CPU: 0.5}}
+  trainer.batch_size: 16
+  trainer.checkpoint_every_kimg: 0.032
+  trainer.log_every_steps: 1
+  trainer.keep_last: 1
+  trainer.total_kimg: {total_kimg}
+search_space:
+  optimizer.lr: {{grid: [2.0e-3, 1.0e-3]}}
+scheduler: {{kind: fifo}}
+resources_per_trial: {{CPU: 0.25}}
+max_concurrent_trials: 1
+"""

@@ -72,7 +72,7 @@ def test_tune_trials_get_absolute_paths_and_read_no_file(tmp_path, monkeypatch, 
     exp = load_experiment(REPO / "configs" / "tune" / "demo.yaml", ["data.path=data/shards", "storage_path=tune"])
     assert exp.dir == work / "tune" / "demo"
     monkeypatch.chdir(tmp_path)  # the trial's working directory is another one
-    cfg = exp.trial_config({"optimizer.lr": 3e-4}, exp.dir / "t1")
+    cfg = exp.trial_config({"optimizer.lr": 3e-4}, "t1")
     assert cfg.data.path == str(work / "data" / "shards") and cfg.optimizer.lr == 3e-4
     assert cfg.trainer.storage_path == str(exp.dir / "t1")
 

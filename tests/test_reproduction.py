@@ -228,11 +228,13 @@ def test_paper_row_must_be_a_grid_point(tmp_path):
 def test_results_table_prints_the_papers_fid_beside_ours(tmp_path):
     import pandas as pd
 
+    from facediff.storage import RunStorage
     from facediff.tune.results import trial_rows, write_table
 
     grid, _ = load_grid(GRIDS / "infonce.yaml")
     exp = SimpleNamespace(grid=grid, metric="fd_mtcnn_onet", total_kimg=1.0, dir=tmp_path, name="infonce",
-                          grid_path=GRIDS / "infonce.yaml")
+                          grid_path=GRIDS / "infonce.yaml",
+                          trial_run=lambda trial: RunStorage(str(tmp_path / trial), "train"))
     results = []
     for i, (name, values) in enumerate([("lc_unet_3", [0.9, 0.7]), ("lc_unet_3_no_infonce", [0.8])]):
         (tmp_path / f"trial_{i}").mkdir()

@@ -19,7 +19,7 @@ from facediff.config import load_config
 from facediff.tasks import build_task
 from facediff.train.engine import lr_factor, safe_checkpoint_engine
 from facediff.train.progress import read_metrics
-from facediff.train.run import train
+from facediff.train.run import resume_point, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 STEPS = 8  # 44 train rows, 2 workers x batch 4: 5 steps per epoch, so the run crosses an epoch boundary
@@ -117,6 +117,50 @@ def test_worker_killed_by_sigkill_restarts_from_its_checkpoint(synthetic_shards,
     assert len(resumed) == 1 and 2 <= resumed[0] <= killed["at"] and resumed[0] % 2 == 0, (resumed, killed)
     assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1))
     assert json.loads((run / "checkpoint_000000012" / "trainer_state.json").read_text())["step"] == steps
+
+
+def test_killed_train_command_resumes_when_run_again(synthetic_shards, tmp_path, ray_session):
+    """`facediff train` SIGKILLed mid-run (the driver: no cleanup, no exception), then the same command again:
+    the second one resumes from the first one's last checkpoint and ends at the configured step."""
+    import subprocess
+    import sys
+
+    steps = 16  # 0.5-2 s a step here: a window to kill in
+    command = [str(Path(sys.executable).parent / "facediff"), "train", "configs/experiments/tiny_unet.yaml",
+               f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.run_name=run",
+               "trainer.batch_size=4", f"trainer.total_kimg={steps * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
+               "trainer.log_every_steps=1", "trainer.keep_last=2"]
+    # the test session's cluster: a second local Ray instance on this machine would fight over its ports
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    run = tmp_path / "runs" / "run"
+    first = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        give_up = time.monotonic() + 600
+        registered = None
+        while time.monotonic() < give_up and first.poll() is None:
+            try:  # Ray's record of a whole checkpoint (until then a re-run starts over, rightly)
+                registered = resume_point(run).checkpoint
+                if registered and len(read_metrics(run)) >= 3:
+                    break
+            except ValueError:  # a file being written
+                pass
+            time.sleep(0.1)
+    finally:
+        first.kill()
+        first.wait()
+    killed_at = read_metrics(run)[-1]["step"]
+    assert registered and 3 <= killed_at < steps, (registered, killed_at)  # killed mid-run, after a checkpoint
+
+    again = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from the checkpoint of step (\d+)",
+                                          (run / "logs" / "rank0.log").read_text())]
+    assert len(resumed) == 1 and int(registered[-9:]) <= resumed[0] <= killed_at, (resumed, registered, killed_at)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1))
+    assert (run / "export" / "model_index.json").is_file()
+
 
 
 def test_nonfinite_loss_on_one_rank_is_skipped_on_all_or_stops_the_run(synthetic_shards, tmp_path):

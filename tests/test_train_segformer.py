@@ -80,3 +80,26 @@ def test_tiny_run_learns_and_saves_a_loadable_encoder(ray_session, synthetic_sha
     encoder = PartMaskEncoder(ref, num_groups=len(groups), load_weights=True)
     want = saved.segformer.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in encoder.backbone.state_dict().items())
+
+
+@pytest.mark.ray
+def test_interrupted_run_resumes_from_its_checkpoint_and_a_finished_one_starts_afresh(ray_session, synthetic_shards,
+                                                                                      tmp_path):
+    args = [f"data={synthetic_shards}", f"output_dir={tmp_path / 'out'}", "steps=20", "checkpoint_every_steps=8",
+            "log_every_steps=4", "num_preview=2"]
+    cfg = load_segformer_config(REPO / "configs" / "segformer" / "tiny.yaml", args)
+    fault = {"crash_at_step": 13, "marker": str(tmp_path / "crashed")}
+    with pytest.raises(Exception, match="injected worker crash at step 13"):
+        train_segformer(cfg, fault=fault)
+    assert not (tmp_path / "out").exists()  # no output from a run that did not finish
+    longer = load_segformer_config(REPO / "configs" / "segformer" / "tiny.yaml", [*args, "steps=30"])
+    with pytest.raises(ValueError, match="interrupted train-segformer run of another config"):
+        train_segformer(longer)
+
+    out = train_segformer(cfg, fault=fault)  # the same config again: resumes
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 8 and metrics["steps"] == 20
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.json", "preview.png", "segformer"]
+    assert not (tmp_path / ".out-ray" / cfg.name).exists()  # finished: the next run starts afresh
+    again = json.loads((train_segformer(cfg) / "metrics.json").read_text())
+    assert again["resumed_from_step"] is None and again["steps"] == 20

@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from conftest import two_trial_grid
 from PIL import Image
 
 from facediff.train.progress import read_metrics
@@ -54,6 +55,16 @@ def tune_ray():
         ray.shutdown()
 
 
+def _printed_summary(stdout: str) -> dict:
+    """The summary `facediff tune` prints (Ray may print dicts of its own to stdout too: take the last block)."""
+    import json
+
+    lines = stdout.splitlines()
+    first = max(k for k, line in enumerate(lines) if line == "{")
+    last = next(k for k in range(first, len(lines)) if lines[k] == "}")
+    return json.loads("\n".join(lines[first:last + 1]))
+
+
 @pytest.mark.timeout(1200)
 def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards, tune_ray):
     """The README's `uv run facediff tune configs/tune/demo.yaml`, run as a user runs it: from the repository,
@@ -62,7 +73,6 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
 
     It runs before the ASHA test: on the test session's cluster (no dashboard, so no State API) Ray Train's
     placement-group cleaner cannot free the workers of trials ASHA stopped, and their CPUs stay reserved."""
-    import json
     import os
     import shutil
     import subprocess
@@ -80,10 +90,7 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
              "scheduler.max_kimg=0.128"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
         assert done.returncode == 0, done.stderr[-3000:]
-        lines = done.stdout.splitlines()  # Ray prints its own dicts to stdout too: take the summary's block
-        first = max(k for k, line in enumerate(lines) if line == "{")
-        last = next(k for k in range(first, len(lines)) if lines[k] == "}")
-        summary = json.loads("\n".join(lines[first:last + 1]))
+        summary = _printed_summary(done.stdout)
         assert summary["trials"] == 2 and summary["errors"] == 0 and summary["reported_metric"] == 2
         with open(REPO / rel / "tune" / "demo" / "results.csv") as f:
             rows = list(csv.DictReader(f))
@@ -131,3 +138,65 @@ def test_asha_grid_reports_stops_and_resumes(synthetic_shards, tmp_path):
     assert {t: (exp / t / "train" / "metrics.jsonl").read_text() for t in logged} == logged
     with open(exp / "results.csv") as f:
         assert list(csv.DictReader(f)) == rows
+
+
+
+
+@pytest.mark.timeout(1200)
+def test_killed_tune_command_keeps_finished_trials_when_run_again(synthetic_shards, tmp_path, tune_ray):
+    """`facediff tune` SIGKILLed while its second trial trains, then the same command again: the finished trial
+    is not run again (its worker started once, its rows are unchanged), the other one finishes."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    grid = tmp_path / "kill.yaml"
+    grid.write_text(two_trial_grid(0.16))  # 10 steps a trial
+    exp = tmp_path / "tune" / "kill"
+    command = [str(Path(sys.executable).parent / "facediff"), "tune", str(grid), f"data.path={synthetic_shards}",
+               f"storage_path={tmp_path / 'tune'}"]
+    env = {**os.environ, "RAY_ADDRESS": tune_ray.get_runtime_context().gcs_address,  # this module's instance
+           "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its experiment state every second (default: >= 10 s)
+
+    def trial_runs():
+        return sorted(p.parent for p in exp.glob("*/train/config.yaml"))
+
+    def finished(run: Path) -> bool:
+        return (run / "export" / "model_index.json").is_file()
+
+    def saved_status(run: Path) -> str | None:  # Tune's own saved record of a trial (what a restore reads)
+        states = sorted(exp.glob("experiment_state-*.json"))
+        try:
+            trials = [json.loads(state) for state, _ in json.loads(states[-1].read_text())["trial_data"]]
+        except (IndexError, ValueError, KeyError):  # not written yet, or being written
+            return None
+        return next((t["status"] for t in trials if t.get("trial_id") == run.parent.name), None)
+
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        give_up = time.monotonic() + 600
+        while time.monotonic() < give_up and first.poll() is None:
+            runs = trial_runs()
+            done = [r for r in runs if finished(r)]
+            started = [r for r in runs if not finished(r) and read_metrics(r)]
+            if done and started and saved_status(done[0]) == "TERMINATED":
+                break
+            time.sleep(0.2)
+    finally:
+        first.kill()
+        first.wait()
+    done = [r for r in trial_runs() if finished(r)]
+    assert len(done) == 1 and len(trial_runs()) == 2, trial_runs()  # killed with one trial done, one training
+    kept_rows = (done[0] / "metrics.jsonl").read_text()
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = _printed_summary(again.stdout)
+    assert summary["trials"] == 2 and summary["errors"] == 0
+    assert (done[0] / "metrics.jsonl").read_text() == kept_rows
+    assert len(re.findall(r"rank 0 of 1:", (done[0] / "logs" / "rank0.log").read_text())) == 1  # never re-run
+    for run in trial_runs():
+        assert finished(run) and [r["step"] for r in read_metrics(run)] == list(range(1, 11))

@@ -48,8 +48,8 @@ def test_grid_file_loads(path, no_inception):
     # the first value of every dimension gives a valid trial config that carries it
     params = {k: (d.grid or d.choice or [None])[0] if (d.grid or d.choice) else (d.uniform or d.loguniform)[0]
               for k, d in exp.grid.search_space.items()}
-    cfg = exp.trial_config(params, Path("/tmp/trial"))
-    assert cfg.trainer.storage_path == "/tmp/trial" and cfg.trainer.total_kimg == exp.total_kimg
+    cfg = exp.trial_config(params, "trial1")
+    assert cfg.trainer.storage_path == str(exp.dir / "trial1") and cfg.trainer.total_kimg == exp.total_kimg
     assert cfg.eval.every_kimg is not None  # ASHA reads the image metric at every rung
     for key, value in params.items():
         if key != GRID_CONFIG_KEY:
@@ -80,7 +80,7 @@ def test_overrides_split_between_grid_and_every_trial(tmp_path, no_inception):
     exp = load_experiment(grid, ["num_samples=3", "data.path=/x", f"storage_path={tmp_path}/out",
                                  "scheduler.max_kimg=0.5", "scheduler.grace_period_kimg=0.1"])
     assert exp.grid.num_samples == 3 and exp.dir == tmp_path / "out" / "g" and exp.total_kimg == 0.5
-    cfg = exp.trial_config({"optimizer.lr": 3e-4}, tmp_path / "t")
+    cfg = exp.trial_config({"optimizer.lr": 3e-4}, "t")
     assert cfg.data.path == "/x" and cfg.optimizer.lr == 3e-4 and cfg.trainer.total_kimg == 0.5
     assert cfg.trainer.run_name == "train"
     with pytest.raises(ConfigError, match="data.pth"):
@@ -104,7 +104,7 @@ def test_config_file_dimension_is_validated(tmp_path, no_inception):
                  "  train_config: {grid: [a.yaml, b.yaml]}\n  optimizer.lr: {grid: [1.0e-4]}\n")
     exp = load_experiment(grid)
     assert [p.name for p in exp.config_files()] == ["a.yaml", "b.yaml"]
-    cfg = exp.trial_config({"train_config": "b.yaml", "optimizer.lr": 1e-4}, tmp_path / "t")
+    cfg = exp.trial_config({"train_config": "b.yaml", "optimizer.lr": 1e-4}, "t")
     assert cfg.model.block_out_channels == [16, 32] and cfg.name == "b"
     bad = write(tmp_path / "bad.yaml", "train_config: a.yaml\nmetric: loss\nsearch_space:\n"
                 "  train_config: {grid: [a.yaml, missing.yaml]}\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,6 +92,12 @@ def consumed_ids(directory: Path) -> set[int]:
     for path in sorted(Path(directory).glob(DATA_FILE.format(rank="*"))):
         ids.update(load_file(str(path))["consumed_ids"].tolist())
     return ids
+
+
+def position_files(names) -> list[str]:
+    """Of a checkpoint folder's file names, those that hold the data position (trainer state, consumed ids)."""
+    data = re.compile(DATA_FILE.format(rank=r"\d+").replace(".", r"\.") + "$")
+    return [name for name in names if name == STATE_FILE or data.match(name)]
 
 
 def read_state(directory: Path) -> TrainState:

@@ -104,7 +104,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    log_to_file(Path(loop_config["log_dir"]) / "logs" / f"rank{rank}.log")
+    storage = loop_config["storage"]  # the run's folder: logs and metrics go to its local side, then to storage
+    rank_log = f"logs/rank{rank}.log"
+    log_to_file(storage.local / rank_log)
     log.info("rank %d of %d: local rank %d on node %s (node rank %d), device %s, pid %d", rank, world,
              ctx.get_local_rank(), ray.get_runtime_context().get_node_id(), ctx.get_node_rank(), device, os.getpid())
 
@@ -129,7 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ips, total = images_per_step(cfg, world), total_steps(cfg, world)
     checkpoint_every = _every(cfg.trainer.checkpoint_every_kimg, ips)
     eval_every = _every(cfg.eval.every_kimg, ips)
-    run_log = RunLog(Path(loop_config["log_dir"]), total, cfg.trainer.total_kimg, state.step) if rank == 0 else None
+    run_log = RunLog(storage, total, cfg.trainer.total_kimg, state.step) if rank == 0 else None
     evaluator = None
     if eval_every is not None:
         from facediff.eval.evaluate import Evaluator
@@ -201,6 +203,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if run_log is not None:
                 run_log.write(metrics)
             _report(metrics, engine, ema, state, generator, rank, save_now, consumed)
+            if save_now:
+                storage.push(rank_log)
             window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
             if done:
                 break

@@ -6,6 +6,10 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from facediff.storage import RunStorage
 
 log = logging.getLogger("facediff.train")
 
@@ -13,13 +17,16 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class RunLog:
-    def __init__(self, log_dir: Path, total_steps: int, total_kimg: float, resumed_step: int):
+    """Written in the run's local folder and copied to its storage after every row (a no-op for local storage)."""
+
+    def __init__(self, storage: RunStorage, total_steps: int, total_kimg: float, resumed_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = Path(log_dir)
+        self.storage, self.dir = storage, storage.local
         self.dir.mkdir(parents=True, exist_ok=True)
         self.total_steps, self.total_kimg = total_steps, total_kimg
         self.path = self.dir / METRICS_FILE
+        storage.pull(METRICS_FILE)  # a resumed run continues the stored rows, wherever this rank runs now
         self._drop_rows_after(resumed_step)
         self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resumed_step + 1)
         self.start, self.start_step = time.time(), resumed_step
@@ -39,6 +46,8 @@ class RunLog:
             if key != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, metrics["step"])
         self.tensorboard.flush()
+        self.storage.push(METRICS_FILE)
+        self.storage.push("tensorboard")
         step = metrics["step"]
         rate = (step - self.start_step) / max(1e-9, time.time() - self.start)
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from facediff.console import RunProgress, start_ray
 from facediff.data.latents import check_cached_latents
 from facediff.data.shards import check_train_records, shard_paths
 from facediff.data.stream import build_dataset
+from facediff.storage import RunStorage
 from facediff.tasks import DiffusionTask, build_task
 from facediff.train import checkpoint
 from facediff.train.checkpoint import load_ema_weights
@@ -38,10 +40,9 @@ def run_name(cfg: ExperimentConfig) -> str:
     return cfg.trainer.run_name or cfg.name
 
 
-def run_dir(cfg: ExperimentConfig) -> Path:
-    if "://" in cfg.trainer.storage_path:
-        raise ValueError("facediff's logs and export need a filesystem storage_path (NFS on a cluster)")
-    return Path(cfg.trainer.storage_path).resolve() / run_name(cfg)
+def run_storage(cfg: ExperimentConfig) -> RunStorage:
+    """The run's folder in `trainer.storage_path` (a local folder, or s3://bucket/prefix: see `storage.py`)."""
+    return RunStorage(cfg.trainer.storage_path, run_name(cfg))
 
 
 # Ray Train V2 keeps the run's registered checkpoints in this file of the run folder (ray.train.v2 constants)
@@ -57,17 +58,20 @@ class ResumePoint:
     consumed: set[int] = field(default_factory=set)
 
 
-def resume_point(run: Path) -> ResumePoint:
+def resume_point(run: Path | RunStorage) -> ResumePoint:
     """The checkpoint Ray Train will hand to the workers (the latest registered one in its snapshot, never a
-    folder whose upload did not finish) and the data position it holds."""
-    snapshot = Path(run) / RAY_CHECKPOINT_SNAPSHOT
-    if not snapshot.is_file():
+    folder whose upload did not finish) and the data position it holds. Only the checkpoint's small files are
+    read (copied into the local mirror first when the run is in remote storage)."""
+    storage = run if isinstance(run, RunStorage) else RunStorage(str(Path(run).parent), Path(run).name)
+    if not storage.exists(RAY_CHECKPOINT_SNAPSHOT):
         return ResumePoint()
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    latest = json.loads(storage.read_bytes(RAY_CHECKPOINT_SNAPSHOT)).get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
-    if not name or not (Path(run) / name / checkpoint.STATE_FILE).is_file():
+    if not name or not storage.exists(f"{name}/{checkpoint.STATE_FILE}"):
         return ResumePoint()
-    folder = Path(run) / name
+    for file in checkpoint.position_files(storage.listing(name)):
+        storage.pull(f"{name}/{file}")
+    folder = storage.local / name
     return ResumePoint(name, checkpoint.read_state(folder).epoch, checkpoint.consumed_ids(folder))
 
 
@@ -77,14 +81,14 @@ def _dataset_options(cfg: ExperimentConfig) -> dict:
                 blocks_per_cpu=not d.deterministic_order, use_latents=d.use_latents)
 
 
-def train_dataset(experiment: dict, run: str) -> ray.data.Dataset:
+def train_dataset(experiment: dict, run: RunStorage) -> ray.data.Dataset:
     """The training split as the run continues from its latest checkpoint: epochs (flips, file order) counted
     from the checkpoint's epoch, and the records already consumed in it left out of the first pass.
 
     Ray Train calls this (a dataset factory) each time it starts the workers, in a new `fit()` and after a
     worker failure alike, so the pipeline is built for the checkpoint the workers are about to restore."""
     cfg = ExperimentConfig.model_validate(experiment)
-    point = resume_point(Path(run))
+    point = resume_point(run)
     if point.checkpoint:
         log.info("data resumes in epoch %d at %s, %d records of it already consumed",
                  point.epoch, point.checkpoint, len(point.consumed))
@@ -119,8 +123,8 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         check_cached_latents(d.path, model_autoencoder(cfg.model))
 
 
-def build_datasets(cfg: ExperimentConfig, run: Path) -> dict:
-    train = functools.partial(train_dataset, cfg.model_dump(mode="json"), str(run))
+def build_datasets(cfg: ExperimentConfig, run: RunStorage) -> dict:
+    train = functools.partial(train_dataset, cfg.model_dump(mode="json"), run)
     train()  # checks shards, manifest and options now, in the driver, with a readable error
     datasets = {"train": train}
     if cfg.eval.every_kimg is not None:
@@ -160,19 +164,22 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
-          trace_dir: str | Path | None = None, progress: bool = True) -> Path:
+          trace_dir: str | Path | None = None, progress: bool = True, storage: RunStorage | None = None) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder.
 
     `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
     trainer's reports to Tune). `fault` (tests) makes a worker crash once at a step; `trace_dir` makes every
     rank log the ids, epochs and flips it trained on (`loop.DataTrace`). `progress`: a progress line on the
-    console (a Tune trial has none: Tune reports its trials).
+    console (a Tune trial has none: Tune reports its trials). `storage`: the run's folder as the caller resolved
+    it (a Tune trial's, through its experiment's filesystem); default `trainer.storage_path`/run name.
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
     check_inputs(cfg)
-    out = run_dir(cfg)
+    storage = storage or run_storage(cfg)
+    out = storage.local
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
+    storage.push("config.yaml")
     if cfg.eval.every_kimg is not None:
         from facediff.eval.evaluate import build_attribute_metric
         from facediff.eval.metrics import load_inception
@@ -183,7 +190,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     init_ray(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "log_dir": str(out), "fault": fault,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
                            "trace_dir": str(trace_dir) if trace_dir else None},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
@@ -193,20 +200,25 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         ),
         run_config=RunConfig(
             name=run_name(cfg),
-            storage_path=str(out.parent),
+            # remote: the filesystem travels with its endpoint and options (Ray then wants the path without scheme)
+            storage_path=posixpath.dirname(storage.root) if storage.remote else str(out.parent),
+            storage_filesystem=storage.fs if storage.remote else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last),
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
         ),
-        datasets=build_datasets(cfg, out),
+        datasets=build_datasets(cfg, storage),
         dataset_config=data_config(cfg),
     )
     if progress:
-        with RunProgress(f"train {run_name(cfg)}", out / METRICS_FILE, cfg.trainer.total_kimg):
+        with RunProgress(f"train {run_name(cfg)}", storage.file(METRICS_FILE), cfg.trainer.total_kimg):
             result = trainer.fit()
     else:
         result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         load_task_with_ema(cfg, Path(folder)).export(out / EXPORT_DIR)
-    log.info("run %s finished; EMA model exported to %s", run_name(cfg), out / EXPORT_DIR)
+    storage.push(EXPORT_DIR)
+    for written_by_rank0 in (METRICS_FILE, "tensorboard"):  # into the driver's mirror (rank 0 may be elsewhere)
+        storage.pull(written_by_rank0)
+    log.info("run %s finished; EMA model exported to %s", run_name(cfg), f"{storage.uri}/{EXPORT_DIR}")
     return out

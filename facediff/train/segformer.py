@@ -44,6 +44,7 @@ from facediff.train.distributed import owned_by, sum_across_ranks
 
 log = logging.getLogger("facediff.segformer")
 MODEL_DIR = "segformer"
+PROGRESS_WEIGHTS, PROGRESS_OPTIMIZER, PROGRESS_STATE = "progress.safetensors", "optimizer.pt", "progress.json"
 SHUFFLE_BUFFER = 256
 
 
@@ -69,6 +70,8 @@ class SegformerTrainConfig(Strict):
     use_gpu: bool = False
     resources_per_worker: dict[str, PositiveFloat] = {"CPU": 1.0}
     log_every_steps: PositiveInt = 20
+    checkpoint_every_steps: PositiveInt = 500  # a re-run of an interrupted run resumes from the last of these
+    max_failures: Annotated[int, Field(ge=-1)] = 0  # worker-group restarts Ray makes from it (-1: without end)
     num_preview: Annotated[int, Field(ge=0)] = 8
     output_dir: str = "runs/segformer"
 
@@ -194,6 +197,36 @@ def preview_png(triples: list[tuple[Tensor, Tensor, Tensor]], num_groups: int, o
     return out
 
 
+# ----------------------------------------------------------------------------------------- checkpoints
+def save_progress(folder: Path, model, optimizer, schedule, step: int, epoch: int) -> None:
+    """Rank 0's resumable state (DDP keeps every rank's weights and optimizer state identical): the weights as
+    safetensors, the optimizer and schedule as tensors-only state dicts, step and epoch."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / PROGRESS_WEIGHTS))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / PROGRESS_OPTIMIZER)
+    (folder / PROGRESS_STATE).write_text(json.dumps({"step": step, "epoch": epoch}))
+
+
+def load_progress(folder: Path, model, optimizer, schedule) -> tuple[int, int]:
+    """Restore what `save_progress` wrote (safely: safetensors, and `weights_only` for the optimizer state)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(folder / PROGRESS_WEIGHTS)))
+    states = torch.load(folder / PROGRESS_OPTIMIZER, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    schedule.load_state_dict(states["schedule"])
+    state = json.loads((folder / PROGRESS_STATE).read_text())
+    return state["step"], state["epoch"]
+
+
+def _maybe_crash(step: int, fault: dict | None) -> None:
+    """Tests: raise once at `crash_at_step` (a marker file remembers it across worker restarts)."""
+    if fault and step == fault.get("crash_at_step") and not Path(fault["marker"]).exists():
+        Path(fault["marker"]).touch()
+        raise RuntimeError(f"injected worker crash at step {step}")
+
+
 # ----------------------------------------------------------------------------------------- the worker loop
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
@@ -210,12 +243,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial decode heads on every rank (DDP broadcasts rank 0's anyway)
     model = ray.train.torch.prepare_model(build_segmenter(cfg.model, groups, load_weights=True))
+    module = getattr(model, "module", model)  # DDP wraps it
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / cfg.steps)
 
+    step, epoch, resumed_from = 0, 0, None
+    if (resume := ray.train.get_checkpoint()) is not None:
+        with resume.as_directory() as folder:
+            step, epoch = load_progress(Path(folder), module, optimizer, schedule)
+        resumed_from = step
+        if rank == 0:
+            print(f"[train-segformer] resumed from the checkpoint of step {step} (epoch {epoch})", flush=True)
     shard = ray.train.get_dataset_shard("train")
-    step, epoch, window, start = 0, 0, [], time.time()
+    window, start = [], time.time()
     while step < cfg.steps:
+        # a resumed epoch is read from its beginning again (the records of its first part come twice)
         batches = iter_train_batches(shard, cfg.batch_size, device=device, local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                      local_shuffle_seed=cfg.seed * 10_007 + epoch)
         for batch in batches:
@@ -227,7 +269,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             schedule.step()
             step += 1
             window.append(loss.item())
-            if step % cfg.log_every_steps == 0 and step < cfg.steps:
+            _maybe_crash(step, loop_config.get("fault"))
+            if step % cfg.checkpoint_every_steps == 0 and step < cfg.steps:
+                with tempfile.TemporaryDirectory(prefix="facediff-segformer-") as folder:
+                    if rank == 0:
+                        save_progress(Path(folder), module, optimizer, schedule, step, epoch)
+                    ray.train.report({"step": step, "epoch": epoch},
+                                     checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+            elif step % cfg.log_every_steps == 0 and step < cfg.steps:
                 metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(window)),
                            "images_per_s": len(window) * cfg.batch_size * world / (time.time() - start)}
                 if rank == 0:
@@ -241,7 +290,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     test = iter_train_batches(ray.train.get_dataset_shard("test"), cfg.eval_batch_size, device=device,
                               drop_last=False)
-    module = getattr(model, "module", model)  # DDP wraps it
     result, kept = evaluate_segmenter(module, test, lut, names, rank, world, keep=cfg.num_preview if rank == 0 else 0)
     metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(window)) if window else float("nan"),
                "miou": result["miou"], **{f"iou/{k}": v for k, v in result["iou"].items()}}
@@ -253,9 +301,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         module.save_pretrained(Path(folder) / MODEL_DIR)  # config.json + model.safetensors
         (Path(folder) / "metrics.json").write_text(json.dumps(
             {"miou": result["miou"], "iou": result["iou"], "steps": step, "epochs": epoch,
+             "resumed_from_step": resumed_from,
              "final_train_loss": metrics["loss"], "groups": {k: list(v) for k, v in groups.items()}}, indent=2))
         if kept:
             preview_png(kept, len(groups), Path(folder) / "preview.png")
+        save_progress(Path(folder), module, optimizer, schedule, step, epoch)  # a re-run skips to the evaluation
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -268,10 +318,14 @@ def _init_ray(cfg: SegformerTrainConfig) -> None:
     start_ray(cfg.num_workers * cfg.resources_per_worker.get("CPU", 1.0) + 1)
 
 
-def train_segformer(cfg: SegformerTrainConfig) -> Path:
-    """Fine-tune, evaluate and write `output_dir` (segformer/, metrics.json, preview.png, config.yaml)."""
+def train_segformer(cfg: SegformerTrainConfig, fault: dict | None = None) -> Path:
+    """Fine-tune, evaluate and write `output_dir` (segformer/, metrics.json, preview.png, config.yaml).
+
+    Ray Train's run lives beside the output (`.<output name>-ray/<name>`) until the output is written: re-running
+    an interrupted run (the same config) resumes from its last checkpoint; a finished run's is removed, so the
+    next run of the config starts afresh. `fault` (tests) crashes a worker once at a step."""
     from ray.train import DataConfig as RayDataConfig
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from facediff.data.stream import build_dataset
@@ -279,7 +333,13 @@ def train_segformer(cfg: SegformerTrainConfig) -> Path:
     if "://" in cfg.output_dir:
         raise ValueError(f"output_dir {cfg.output_dir!r}: train-segformer writes to a filesystem path")
     out = Path(cfg.output_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ray_run = out.parent / f".{out.name}-ray" / cfg.name
+    recorded = ray_run / "facediff-config.yaml"
+    if recorded.is_file() and recorded.read_text() != dump_config(cfg):
+        raise ValueError(f"{ray_run}: an interrupted train-segformer run of another config; re-run it with the config "
+                         f"in {recorded}, or delete {ray_run} to start this one afresh")
+    ray_run.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(dump_config(cfg))
     _init_ray(cfg)
     datasets = {
         "train": build_dataset(cfg.data, cfg.train_split, image_size=cfg.image_size, hflip=cfg.hflip, shuffle=True,
@@ -288,12 +348,13 @@ def train_segformer(cfg: SegformerTrainConfig) -> Path:
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "fault": fault},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=dict(cfg.resources_per_worker)),
-        # a fresh run name each time: Ray Train V2 would otherwise restore an earlier run of the same name
-        run_config=RunConfig(name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-                             storage_path=str(out.parent / f".{out.name}-ray")),
+        # the same name and path again: Ray Train V2 restores the run's last checkpoint
+        run_config=RunConfig(name=cfg.name, storage_path=str(ray_run.parent),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets=datasets,
         dataset_config=RayDataConfig(datasets_to_split=["train"]),  # every worker reads the whole test split
     )
@@ -302,10 +363,12 @@ def train_segformer(cfg: SegformerTrainConfig) -> Path:
         raise RuntimeError(f"train-segformer {cfg.name}: the run ended without a final checkpoint")
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex}.partial"
     with result.checkpoint.as_directory() as folder:
-        shutil.copytree(folder, staging)
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(PROGRESS_WEIGHTS, PROGRESS_OPTIMIZER,
+                                                                        PROGRESS_STATE))
     (staging / "config.yaml").write_text(dump_config(cfg))
     if out.exists():  # replace an earlier output only once the new one is complete
         shutil.rmtree(out)
     os.replace(staging, out)
+    shutil.rmtree(ray_run)  # the output is whole: the next run of this config starts afresh
     log.info("train-segformer %s: test mIoU %.4f; wrote %s", cfg.name, result.metrics["miou"], out)
     return out

@@ -11,6 +11,7 @@ experiment: finished and stopped trials are kept, interrupted or errored ones re
 from __future__ import annotations
 
 import logging
+import posixpath
 from pathlib import Path
 
 from facediff.tune.space import Experiment, load_experiment, param_space
@@ -44,20 +45,23 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     from ray import tune
 
     from facediff.console import start_ray
-    from facediff.tune.results import best_trial, plot_metric, trial_rows, write_table
+    from facediff.tune.results import BEST, best_trial, plot_metric, trial_rows, write_table
     from facediff.tune.trial import run_trial, trial_dirname
 
     exp = load_experiment(grid_path, overrides)
     exp.check_data()
-    exp.dir.mkdir(parents=True, exist_ok=True)
     log.info("experiment %s: %s; metric %s (%s), %s scheduler, trials of %s kimg",
-             exp.name, exp.dir, exp.metric, exp.grid.mode, exp.grid.scheduler.kind, exp.total_kimg)
+             exp.name, exp.storage.uri, exp.metric, exp.grid.mode, exp.grid.scheduler.kind, exp.total_kimg)
     start_ray(required_cpus(exp))
     trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=exp),
                                     dict(exp.grid.resources_per_trial))
-    if tune.Tuner.can_restore(str(exp.dir)):
-        log.info("resuming experiment %s: finished trials are kept, unfinished and errored ones resume", exp.dir)
-        tuner = tune.Tuner.restore(str(exp.dir), trainable=trainable, resume_errored=True)
+    storage = exp.storage
+    # remote: Tune gets the filesystem itself (with its endpoint and options) and the path without the scheme
+    where = {"storage_filesystem": storage.fs if storage.remote else None}
+    if tune.Tuner.can_restore(storage.root, **where):
+        log.info("resuming experiment %s: finished trials are kept, unfinished and errored ones resume",
+                 storage.uri)
+        tuner = tune.Tuner.restore(storage.root, trainable=trainable, resume_errored=True, **where)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -66,20 +70,26 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
                 metric=exp.metric, mode=exp.grid.mode, scheduler=_scheduler(exp), num_samples=exp.grid.num_samples,
                 max_concurrent_trials=exp.grid.max_concurrent_trials, trial_dirname_creator=trial_dirname,
             ),
-            run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.dir.parent)),
+            run_config=tune.RunConfig(name=exp.name, storage_path=posixpath.dirname(storage.root), **where),
         )
     results = tuner.fit()
+    exp.dir.mkdir(parents=True, exist_ok=True)  # the results are written here, then copied to remote storage
     rows = trial_rows(results, exp)
     csv_path, md_path = write_table(rows, exp)
     best = best_trial(rows, exp)
+    plot = plot_metric(rows, exp)
+    for written in (csv_path, md_path, plot, exp.dir / BEST):
+        storage.push(written.name)
     errors = [r for r in results if r.error is not None]
     summary = {
-        "experiment": str(exp.dir), "metric": exp.metric, "trials": len(rows),
+        "experiment": storage.uri, "metric": exp.metric, "trials": len(rows),
         "stopped_early": sum(r["stopped_early"] for r in rows),
         "errors": len(errors),
         "first_error": str(errors[0].error).strip().splitlines()[-1][:300] if errors else None,
         "reported_metric": sum(r[f"best_{exp.metric}"] is not None for r in rows),
-        "table": str(csv_path), "markdown": str(md_path), "plot": str(plot_metric(rows, exp)), "best": best,
+        **{key: f"{storage.uri}/{path.name}" for key, path in (("table", csv_path), ("markdown", md_path),
+                                                                  ("plot", plot))},
+        "best": best,
     }
     log.info("experiment %s done: %d trials, %d stopped early; best %s = %s (%s)", exp.name, len(rows),
              summary["stopped_early"], exp.metric, best and best[f"best_{exp.metric}"], best and best["checkpoint"])

@@ -10,12 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import posixpath
 from pathlib import Path
 from typing import Any
 
 from facediff.train.checkpoint import latest_complete
-from facediff.train.progress import read_metrics
-from facediff.tune.space import RUN_DIR, Experiment
+from facediff.storage import RunStorage
+from facediff.train.progress import METRICS_FILE, read_metrics
+from facediff.tune.space import Experiment
 
 TABLE, MARKDOWN, PLOT, BEST = "results.csv", "results.md", "metric_vs_kimg.png", "best.json"
 
@@ -24,13 +26,15 @@ def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
     """One row per trial (sorted by trial id): its sampled values, best metric, kimg reached, outcome."""
     rows = []
     for result in results:
-        trial_dir = Path(result.path)
+        trial_id = posixpath.basename(result.path.rstrip("/"))
+        run = exp.trial_run(trial_id)
+        run.pull(METRICS_FILE)  # remote storage: into the local mirror
         history = result.metrics_dataframe
         points = []
         if history is not None and exp.metric in history:
             points = [(float(k), float(m)) for k, m in zip(history["kimg"], history[exp.metric])
                       if not (math.isnan(k) or math.isnan(m))]
-        logged = [r["kimg"] for r in read_metrics(trial_dir / RUN_DIR)]
+        logged = [r["kimg"] for r in read_metrics(run.local)]
         kimg = max([k for k, _ in points] + logged, default=0.0)
         values = [m for _, m in points]
         best = (min(values) if exp.grid.mode == "min" else max(values)) if values else None
@@ -40,10 +44,9 @@ def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
             outcome = "stopped early"
         else:
             outcome = "completed"
-        checkpoint = latest_complete(trial_dir / RUN_DIR)  # what `facediff sample` would load
         paper = exp.grid.paper_row(result.config or {})
         rows.append({
-            "trial": trial_dir.name,
+            "trial": trial_id,
             **{key: (result.config or {}).get(key) for key in exp.grid.search_space},
             **({"paper_row": paper.row if paper else ""} if exp.grid.paper_rows else {}),
             f"best_{exp.metric}": best,
@@ -51,10 +54,22 @@ def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
             "kimg": round(kimg, 6),
             "stopped_early": outcome == "stopped early",
             "outcome": outcome if result.error is None else f"error: {type(result.error).__name__}",
-            "checkpoint": str(checkpoint) if checkpoint else "",
+            "checkpoint": _newest_checkpoint(run),
             "_points": points,
         })
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def _newest_checkpoint(run: RunStorage) -> str:
+    """What `facediff sample` would load: the newest complete checkpoint folder; in remote storage, the newest
+    one Ray registered (it registers a checkpoint only once every rank's upload finished)."""
+    if run.remote:
+        from facediff.train.run import resume_point
+
+        name = resume_point(run).checkpoint
+        return f"{run.uri}/{name}" if name else ""
+    found = latest_complete(run.local)
+    return str(found) if found else ""
 
 
 def _columns(rows: list[dict]) -> list[str]:

@@ -29,6 +29,7 @@ from facediff.config import ConfigError, ExperimentConfig, GridConfig, load_conf
 from facediff.config.load import CLI, GRID_CONFIG_KEY, apply_overrides, parse_override, validate
 from facediff.config.schema import EvalConfig
 from facediff.data.shards import check_train_records
+from facediff.storage import RunStorage
 
 log = logging.getLogger("facediff.tune")
 RUN_DIR = "train"  # a trial's Ray Train run folder inside its Tune trial folder
@@ -75,14 +76,28 @@ class Experiment:
     base: ExperimentConfig
     metric: str
     total_kimg: float
-    dir: Path  # the experiment folder: Tune's state, one folder per trial, the results
+    storage: RunStorage  # the experiment folder (local, or s3://...: Tune's state, one folder per trial, results)
     fixed: list[str] = field(default_factory=list)  # training overrides every trial gets
     # each training config file a trial may use (as the grid names it): resolved, with `fixed` applied
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
+    def dir(self) -> Path:
+        """The experiment's local folder: the experiment itself, or its local mirror when storage is remote."""
+        return self.storage.local
+
+    @property
     def name(self) -> str:
-        return self.dir.name
+        return self.storage.name
+
+    def trial_storage_path(self, trial_id: str) -> str:
+        """Where a trial's Train run lives (`<trial_id>/train`): in the experiment's own storage."""
+        return f"{self.storage.uri}/{trial_id}"
+
+    def trial_run(self, trial_id: str) -> RunStorage:
+        """A trial's Train run folder, through the experiment's filesystem (resolved once, on the driver)."""
+        return RunStorage(self.trial_storage_path(trial_id), RUN_DIR,
+                          filesystem=self.storage.fs if self.storage.remote else None)
 
     def config_names(self) -> list[str]:
         files = self.grid.search_space.get(GRID_CONFIG_KEY)
@@ -100,12 +115,12 @@ class Experiment:
             except (FileNotFoundError, ValueError) as err:
                 raise ConfigError(f"{self.grid_path}: data.path (of {name}): {err}") from None
 
-    def trial_config(self, params: dict[str, Any], trial_dir: Path) -> ExperimentConfig:
+    def trial_config(self, params: dict[str, Any], trial_id: str) -> ExperimentConfig:
         """A trial's training config: its config file (resolved on the driver), the grid's overrides, its
         sampled values, its folder. Reads no file: it runs inside Ray."""
         name = params.get(GRID_CONFIG_KEY, self.grid.train_config)
         sampled = [f"{k}={_dump(v)}" for k, v in params.items() if k != GRID_CONFIG_KEY]
-        placed = [f"trainer.storage_path={Path(trial_dir).resolve()}", f"trainer.run_name={RUN_DIR}",
+        placed = [f"trainer.storage_path={self.trial_storage_path(trial_id)}", f"trainer.run_name={RUN_DIR}",
                   f"trainer.total_kimg={self.total_kimg}"]
         raw = apply_overrides(copy.deepcopy(self.configs[name]), sampled + placed, {})
         return validate(ExperimentConfig, raw, {}, f"{self.grid_path} ({name}, {CLI})")
@@ -118,11 +133,12 @@ def load_experiment(grid_path: str | Path, overrides: list[str] | None = None) -
     grid_path = Path(grid_path).resolve()
     fixed = [f"{k}={_dump(v)}" for k, v in grid.overrides.items()]
     total_kimg = grid.scheduler.max_kimg or base.trainer.total_kimg
-    if "://" in grid.storage_path:
-        raise ConfigError(f"{grid_path}: storage_path: {grid.storage_path!r}: trials write logs and checkpoints "
-                          "to a filesystem path; on a cluster use shared storage mounted on every node (NFS)")
+    try:
+        storage = RunStorage(grid.storage_path, grid.name or grid_path.stem)
+    except ValueError as err:
+        raise ConfigError(f"{grid_path}: storage_path: {err}") from None
     exp = Experiment(grid=grid, grid_path=grid_path, base=base, metric=grid.metric, total_kimg=total_kimg,
-                     dir=Path(grid.storage_path).resolve() / (grid.name or grid_path.stem), fixed=fixed)
+                     storage=storage, fixed=fixed)
     if grid.scheduler.kind == "asha" and grid.scheduler.grace_period_kimg > total_kimg:
         raise ConfigError(f"{grid_path}: scheduler.grace_period_kimg ({grid.scheduler.grace_period_kimg}) exceeds "
                           f"the trials' length ({total_kimg} kimg)")

@@ -9,7 +9,6 @@ interrupted trial resumes its Train run from its last checkpoint.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -45,10 +44,11 @@ def run_trial(params: dict[str, Any], experiment) -> None:
 
     from facediff.train.run import train
 
-    trial_dir = Path(experiment.dir) / ray.tune.get_context().get_trial_id()
-    cfg = experiment.trial_config(params, trial_dir)
-    log.info("trial %s: %s", trial_dir.name, {k: v for k, v in params.items()})
-    train(cfg, callbacks=[MetricReportCallback(experiment.metric)], progress=False)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = experiment.trial_config(params, trial_id)
+    log.info("trial %s: %s", trial_id, {k: v for k, v in params.items()})
+    train(cfg, callbacks=[MetricReportCallback(experiment.metric)], progress=False,
+          storage=experiment.trial_run(trial_id))
 
 
 def trial_dirname(trial) -> str:

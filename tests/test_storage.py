@@ -1,0 +1,163 @@
+"""Runs stored in S3: a real S3-compatible server (moto's standalone server) on 127.0.0.1, credentials and
+endpoint from the environment, as a user's AWS set-up gives them."""
+
+import io
+import json
+
+import pytest
+import torch
+from conftest import REPO, two_trial_grid
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from facediff.config import load_config
+from facediff.console import RunProgress
+from facediff.storage import RunStorage, is_remote
+from facediff.train.progress import METRICS_FILE
+
+BUCKET = "facediff-runs"
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 server on a free port of 127.0.0.1 with one empty bucket; the AWS variables point at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield client
+    finally:
+        server.stop()
+
+
+def _keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    keys = (item["Key"][len(prefix):] for page in pages for item in page.get("Contents", []))
+    return sorted(key for key in keys if key and not key.endswith("/"))  # pyarrow marks folders with empty keys
+
+
+def test_run_storage_copies_files_and_folders_both_ways(s3, tmp_path):
+    storage = RunStorage(f"s3://{BUCKET}/exp", "run")
+    assert storage.remote and is_remote(storage.uri) and not is_remote(tmp_path)
+    (storage.local / "export" / "unet").mkdir(parents=True, exist_ok=True)
+    (storage.local / "export" / "unet" / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+    (storage.local / "config.yaml").write_text("name: run\n")
+    storage.push("export")
+    storage.push("config.yaml")
+    assert _keys(s3, "exp/run/") == ["config.yaml", "export/unet/weights.bin"]
+    assert storage.listing() == {"config.yaml": False, "export": True}
+
+    other = RunStorage(f"s3://{BUCKET}/exp", "run")  # another command (or node): a local folder of its own
+    assert other.local != storage.local and not any(other.local.iterdir())
+    assert other.pull("export") and not other.pull("missing")
+    assert (other.local / "export" / "unet" / "weights.bin").read_bytes() == b"\x00\x01" * 1000
+
+
+def test_progress_line_follows_metrics_in_s3(s3):
+    storage = RunStorage(f"s3://{BUCKET}/exp", "progress")
+    rows = [{"step": s, "kimg": float(s), "loss": 1.0 / s, "images_per_s": 10.0} for s in (1, 2)]
+    out = io.StringIO()
+    with RunProgress("train s3", storage.file(METRICS_FILE), 4.0, stream=out, interval_s=0.01) as progress:
+        # rank 0 writes its rows, the last one torn mid-line, and copies the file to S3
+        (storage.local / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "ki')
+        storage.push(METRICS_FILE)
+    assert progress._last == rows[-1]  # the torn third row is left for the next read
+    assert "train s3 [##########----------] 2.00/4 kimg" in out.getvalue() and "loss 0.5000" in out.getvalue()
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(900)
+def test_train_resume_and_sample_with_runs_in_s3(s3, synthetic_shards, tmp_path, monkeypatch):
+    from facediff.sampling import load_model
+    from facediff.train.run import train
+
+    monkeypatch.chdir(tmp_path)  # nothing of the run may land in a local folder named after storage_path
+    steps = 6
+    cfg = load_config(REPO / "configs" / "experiments" / "tiny_unet.yaml", [
+        f"data.path={synthetic_shards}", f"trainer.storage_path=s3://{BUCKET}/exp", "trainer.run_name=run",
+        "trainer.batch_size=4", f"trainer.total_kimg={steps * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
+        "trainer.log_every_steps=1", "trainer.keep_last=2", "trainer.zero_stage=2", "trainer.ema.warmup=false",
+    ])
+    fault = {"crash_at_step": 5, "marker": str(tmp_path / "crashed")}
+    with pytest.raises(Exception, match="injected worker crash at step 5"):
+        train(cfg, fault=fault)
+    stored = _keys(s3, "exp/run/")
+    metrics = s3.get_object(Bucket=BUCKET, Key=f"exp/run/{METRICS_FILE}")["Body"].read().decode()
+    assert [json.loads(r)["step"] for r in metrics.splitlines()] == [1, 2, 3, 4]
+    assert "checkpoint_000000004/ema.safetensors" in stored and "config.yaml" in stored
+
+    train(cfg, fault=fault)  # the same command again: resumes from the checkpoint in S3
+    stored = _keys(s3, "exp/run/")
+    metrics = s3.get_object(Bucket=BUCKET, Key=f"exp/run/{METRICS_FILE}")["Body"].read().decode()
+    assert [json.loads(r)["step"] for r in metrics.splitlines()] == list(range(1, steps + 1))
+    rank0_log = s3.get_object(Bucket=BUCKET, Key="exp/run/logs/rank0.log")["Body"].read().decode()
+    assert "resumed from the checkpoint of step 4" in rank0_log
+    assert sorted({k.split("/")[0] for k in stored if k.startswith("checkpoint_0")}) == \
+        ["checkpoint_000000004", "checkpoint_000000006"]  # keep_last=2, pruned in S3 by Ray
+    assert any(k.startswith("tensorboard/events.out.tfevents") for k in stored)
+    assert {"export/model_index.json", "export/unet/config.json"} <= set(stored)
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / BUCKET).exists()
+
+    # sampling and evaluation read the run straight from S3: the newest checkpoint's EMA weights
+    ema = load_safetensors(s3.get_object(Bucket=BUCKET, Key="exp/run/checkpoint_000000006/ema.safetensors")
+                           ["Body"].read())
+    _, task = load_model(f"s3://{BUCKET}/exp/run")
+    assert torch.equal(task.state_dict()["net.conv_in.weight"], ema["ema.net.conv_in.weight"])
+
+    from typer.testing import CliRunner
+
+    from facediff.cli import app
+
+    done = CliRunner().invoke(app, ["sample", f"s3://{BUCKET}/exp/run", "--n", "4", "--steps", "2",
+                                    "--out", str(tmp_path / "grid.png")])
+    assert done.exit_code == 0, done.output
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size[0] >= 2 * 32 and grid.size[1] >= 2 * 32  # 4 tiles of 32 px
+
+
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(900)
+def test_tune_experiment_in_s3_writes_there_and_restores_from_there(s3, synthetic_shards, tmp_path, monkeypatch):
+    import csv
+
+    from facediff.tune import run_tune
+
+    monkeypatch.chdir(tmp_path)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(two_trial_grid(0.032))  # 2 steps a trial
+    args = [f"data.path={synthetic_shards}", f"storage_path=s3://{BUCKET}/tune"]
+    summary = run_tune(grid, args)
+    assert summary["experiment"] == f"s3://{BUCKET}/tune/grid"
+    assert summary["trials"] == 2 and summary["errors"] == 0 and summary["reported_metric"] == 2
+    stored = _keys(s3, "tune/grid/")
+    assert {"results.csv", "results.md", "metric_vs_kimg.png", "best.json"} <= set(stored)
+    assert any(k.startswith("experiment_state-") for k in stored)  # Tune's own state, for a restore
+    rows = list(csv.DictReader(io.StringIO(s3.get_object(Bucket=BUCKET, Key="tune/grid/results.csv")["Body"]
+                                           .read().decode())))
+    assert len(rows) == 2 and all(r["outcome"] == "completed" and float(r["kimg"]) == 0.032 for r in rows)
+    logged = {}
+    for r in rows:  # each trial's Train run lives in the bucket: rows, checkpoint, export
+        assert {f"{r['trial']}/train/metrics.jsonl", f"{r['trial']}/train/export/model_index.json"} <= set(stored)
+        key = f"tune/grid/{r['trial']}/train/metrics.jsonl"
+        logged[r["trial"]] = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert [json.loads(x)["step"] for x in logged[r["trial"]].splitlines()] == [1, 2]
+        assert r["checkpoint"] == f"s3://{BUCKET}/tune/grid/{r['trial']}/train/checkpoint_000000002"
+    assert summary["best"]["checkpoint"].startswith(f"s3://{BUCKET}/")
+
+    again = run_tune(grid, args)  # restored from the bucket: no trial runs again
+    assert again["trials"] == 2 and again["best"]["trial"] == summary["best"]["trial"]
+    for trial, rows_before in logged.items():
+        key = f"tune/grid/{trial}/train/metrics.jsonl"
+        assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == rows_before
