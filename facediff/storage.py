@@ -2,10 +2,10 @@
 
 Ray Train writes checkpoints through pyarrow's filesystems itself; facediff's own files of a run (`config.yaml`,
 `metrics.jsonl`, TensorBoard events, the workers' logs, `export/`) are written into a local folder first (the run
-folder itself when storage is local, else a local mirror of it) and copied to the remote store through the same
-pyarrow filesystem. Credentials and the endpoint come from the environment, as for any AWS client
+folder itself when storage is local, else a new temporary folder) and copied to the remote store through the same
+pyarrow filesystem. Credentials and the endpoint come from the driver's environment, as for any AWS client
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` for an S3-compatible server); nothing here
-names them.
+names them. They travel inside the pickled filesystem to Ray's processes, as Ray's own storage options do.
 """
 
 from __future__ import annotations

@@ -62,11 +62,29 @@ def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.
     # adapter / ControlNet, not another copy of the 1.3 B-parameter pipeline.
     engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=True)
     save_file(rng_state(generator), str(directory / f"rng_rank{rank}.safetensors"))
-    save_file({"consumed_ids": torch.tensor(list(consumed_ids or []), dtype=torch.int64)},
-              str(directory / DATA_FILE.format(rank=rank)))
     if rank == 0:
         save_file(ema.state_dict(), str(directory / EMA_FILE))
-        (directory / STATE_FILE).write_text(json.dumps(asdict(state)))
+    save_position(directory, state, rank, consumed_ids)
+
+
+def save_position(directory: Path, state: TrainState, rank: int, consumed_ids: list[int] | None) -> None:
+    """The data position (every rank its consumed ids, rank 0 the trainer state): what `run.resume_point` reads
+    to build a resumed run's data pipeline."""
+    save_file({"consumed_ids": torch.tensor(list(consumed_ids or []), dtype=torch.int64)},
+              str(Path(directory) / DATA_FILE.format(rank=rank)))
+    if rank == 0:
+        (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state)))
+
+
+def check_resumed_data(batch, state: TrainState, skipped: set[int]) -> None:
+    """The data pipeline must continue where the checkpoint left off (see `run.resume_point`): the first batch
+    after a resume belongs to the checkpoint's epoch and holds none of the records consumed before it."""
+    epochs = set(batch["epoch"].tolist())
+    if epochs != {state.epoch}:
+        raise RuntimeError(f"data epoch {sorted(epochs)} reached the loop, but the run is in epoch {state.epoch}: "
+                           "the dataset was built for another checkpoint than the one resumed from")
+    if skipped and skipped & set(batch["id"].tolist()):
+        raise RuntimeError("records consumed before the checkpoint came again in the resumed epoch")
 
 
 def load(directory: Path, engine, ema: EMA, generator: torch.Generator, rank: int) -> TrainState:

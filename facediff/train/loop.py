@@ -61,16 +61,6 @@ class DataTrace:
             self.file.flush()
 
 
-def _check_resumed_data(batch, state: TrainState, skipped: set[int]) -> None:
-    """The data pipeline must continue where the checkpoint left off (see `run.resume_point`)."""
-    epochs = set(batch["epoch"].tolist())
-    if epochs != {state.epoch}:
-        raise RuntimeError(f"data epoch {sorted(epochs)} reached the loop, but the run is in epoch {state.epoch}: "
-                           "the dataset was built for another checkpoint than the one resumed from")
-    if skipped and skipped & set(batch["id"].tolist()):
-        raise RuntimeError("records consumed before the checkpoint came again in the resumed epoch")
-
-
 def _maybe_crash(step: int, fault: dict | None) -> None:
     """Fault injection for tests of resume and FailureConfig: `crash_at_step` raises once at that step;
     `step_delay` (seconds) slows every step, a window for a test that kills a worker process from outside."""
@@ -148,7 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         for index, batch in enumerate(batches):
             if index == 0:
-                _check_resumed_data(batch, state, skipped)
+                checkpoint.check_resumed_data(batch, state, skipped)
             engine.module.training_progress = state.step / total  # a function of the step: resumes in phase
             trace.write(state.step + 1, batch, engine.module.training_progress)
             consumed.update(batch["id"].tolist())

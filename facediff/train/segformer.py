@@ -21,6 +21,7 @@ Ray checkpoint; the driver copies it to `output_dir` (atomically: a temporary fo
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -40,11 +41,13 @@ from facediff.config.load import apply_overrides, dump_config, load_raw, validat
 from facediff.config.schema import DataConfig, PositiveFloat, PositiveInt, PretrainedRef, Strict
 from facediff.data.celebamask import NUM_PART_CLASSES, PART_LABELS
 from facediff.models.segformer import IMAGE_MEAN, IMAGE_STD, group_palette
+from facediff.train import checkpoint
+from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import owned_by, sum_across_ranks
 
 log = logging.getLogger("facediff.segformer")
 MODEL_DIR = "segformer"
-PROGRESS_WEIGHTS, PROGRESS_OPTIMIZER, PROGRESS_STATE = "progress.safetensors", "optimizer.pt", "progress.json"
+PROGRESS_WEIGHTS, PROGRESS_OPTIMIZER = "progress.safetensors", "optimizer.pt"
 SHUFFLE_BUFFER = 256
 
 
@@ -198,17 +201,21 @@ def preview_png(triples: list[tuple[Tensor, Tensor, Tensor]], num_groups: int, o
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-def save_progress(folder: Path, model, optimizer, schedule, step: int, epoch: int) -> None:
-    """Rank 0's resumable state (DDP keeps every rank's weights and optimizer state identical): the weights as
-    safetensors, the optimizer and schedule as tensors-only state dicts, step and epoch."""
+def save_progress(folder: Path, model, optimizer, schedule, state: TrainState, rank: int,
+                  consumed: set[int]) -> None:
+    """A resumable checkpoint: every rank its data position (the ids it consumed in the epoch in progress; rank
+    0 the step and epoch), rank 0 also the weights as safetensors and the optimizer and schedule as tensors-only
+    state dicts (DDP keeps them identical on every rank)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / PROGRESS_WEIGHTS))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / PROGRESS_OPTIMIZER)
-    (folder / PROGRESS_STATE).write_text(json.dumps({"step": step, "epoch": epoch}))
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / PROGRESS_WEIGHTS))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+                   folder / PROGRESS_OPTIMIZER)
+    checkpoint.save_position(folder, state, rank, sorted(consumed))
 
 
-def load_progress(folder: Path, model, optimizer, schedule) -> tuple[int, int]:
+def load_progress(folder: Path, model, optimizer, schedule) -> tuple[TrainState, set[int]]:
     """Restore what `save_progress` wrote (safely: safetensors, and `weights_only` for the optimizer state)."""
     from safetensors.torch import load_file
 
@@ -216,8 +223,7 @@ def load_progress(folder: Path, model, optimizer, schedule) -> tuple[int, int]:
     states = torch.load(folder / PROGRESS_OPTIMIZER, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     schedule.load_state_dict(states["schedule"])
-    state = json.loads((folder / PROGRESS_STATE).read_text())
-    return state["step"], state["epoch"]
+    return checkpoint.read_state(folder), checkpoint.consumed_ids(folder)
 
 
 def _maybe_crash(step: int, fault: dict | None) -> None:
@@ -247,46 +253,52 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / cfg.steps)
 
-    step, epoch, resumed_from = 0, 0, None
+    state, consumed, resumed_from = TrainState(), set(), None  # consumed: ids used in the epoch in progress
     if (resume := ray.train.get_checkpoint()) is not None:
         with resume.as_directory() as folder:
-            step, epoch = load_progress(Path(folder), module, optimizer, schedule)
-        resumed_from = step
+            state, consumed = load_progress(Path(folder), module, optimizer, schedule)
+        resumed_from = state.step
         if rank == 0:
-            print(f"[train-segformer] resumed from the checkpoint of step {step} (epoch {epoch})", flush=True)
+            print(f"[train-segformer] resumed from the checkpoint of step {state.step} (epoch {state.epoch})",
+                  flush=True)
+    skipped = set(consumed)  # the dataset factory leaves these out of the resumed epoch (`_train_dataset`)
     shard = ray.train.get_dataset_shard("train")
     window, start = [], time.time()
-    while step < cfg.steps:
-        # a resumed epoch is read from its beginning again (the records of its first part come twice)
+    while state.step < cfg.steps:
         batches = iter_train_batches(shard, cfg.batch_size, device=device, local_shuffle_buffer_size=SHUFFLE_BUFFER,
-                                     local_shuffle_seed=cfg.seed * 10_007 + epoch)
-        for batch in batches:
+                                     local_shuffle_seed=cfg.seed * 10_007 + state.epoch)
+        for index, batch in enumerate(batches):
+            if index == 0:
+                checkpoint.check_resumed_data(batch, state, skipped)
+            consumed.update(batch["id"].tolist())
             target = lut[batch["parts"].long()]
             loss = model(pixel_values=normalize_images(batch["image"]), labels=target).loss  # CE at full size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            step += 1
+            state.step, state.batches_in_epoch = state.step + 1, state.batches_in_epoch + 1
             window.append(loss.item())
-            _maybe_crash(step, loop_config.get("fault"))
-            if step % cfg.checkpoint_every_steps == 0 and step < cfg.steps:
+            _maybe_crash(state.step, loop_config.get("fault"))
+            if state.step % cfg.checkpoint_every_steps == 0 and state.step < cfg.steps:
                 with tempfile.TemporaryDirectory(prefix="facediff-segformer-") as folder:
-                    if rank == 0:
-                        save_progress(Path(folder), module, optimizer, schedule, step, epoch)
-                    ray.train.report({"step": step, "epoch": epoch},
-                                     checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
-            elif step % cfg.log_every_steps == 0 and step < cfg.steps:
-                metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(window)),
+                    save_progress(Path(folder), module, optimizer, schedule, state, rank, consumed)
+                    ray.train.report({"step": state.step, "epoch": state.epoch},
+                                     checkpoint=ray.train.Checkpoint.from_directory(folder))
+            elif state.step % cfg.log_every_steps == 0 and state.step < cfg.steps:
+                metrics = {"step": state.step, "epoch": state.epoch, "loss": float(np.mean(window)),
                            "images_per_s": len(window) * cfg.batch_size * world / (time.time() - start)}
                 if rank == 0:
-                    print(f"[train-segformer] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "
+                    print(f"[train-segformer] step {state.step}/{cfg.steps} loss {metrics['loss']:.4f} "
                           f"({metrics['images_per_s']:.1f} img/s)", flush=True)
                 ray.train.report(metrics)
                 window, start = [], time.time()
-            if step >= cfg.steps:
+            if state.step >= cfg.steps:
                 break
-        epoch += 1
+        else:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            consumed, skipped = set(), set()
+    step, epoch = state.step, state.epoch + (state.batches_in_epoch > 0)  # epochs begun
 
     test = iter_train_batches(ray.train.get_dataset_shard("test"), cfg.eval_batch_size, device=device,
                               drop_last=False)
@@ -305,11 +317,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
              "final_train_loss": metrics["loss"], "groups": {k: list(v) for k, v in groups.items()}}, indent=2))
         if kept:
             preview_png(kept, len(groups), Path(folder) / "preview.png")
-        save_progress(Path(folder), module, optimizer, schedule, step, epoch)  # a re-run skips to the evaluation
+        save_progress(Path(folder), module, optimizer, schedule, state, rank, consumed)  # a re-run: evaluation only
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 # ---------------------------------------------------------------------------------------------- the driver
+def _train_dataset(config: dict, ray_run: str):
+    """The training split as the run continues from its last registered checkpoint (a factory Ray Train calls at
+    every worker start): epochs counted from the checkpoint's, its epoch's consumed records left out."""
+    from facediff.data.stream import build_dataset
+    from facediff.train.run import resume_point
+
+    cfg = SegformerTrainConfig.model_validate(config)
+    point = resume_point(Path(ray_run))
+    return build_dataset(cfg.data, cfg.train_split, image_size=cfg.image_size, hflip=cfg.hflip, shuffle=True,
+                         seed=cfg.seed, epoch=None, first_epoch=point.epoch, skip_ids=point.consumed)
+
+
 def _init_ray(cfg: SegformerTrainConfig) -> None:
     """Join a running cluster, or start a local one with a CPU left for Ray Data beside the workers (without
     it, workers holding every CPU starve Ray Data and training waits forever without an error)."""
@@ -338,12 +362,13 @@ def train_segformer(cfg: SegformerTrainConfig, fault: dict | None = None) -> Pat
     if recorded.is_file() and recorded.read_text() != dump_config(cfg):
         raise ValueError(f"{ray_run}: an interrupted train-segformer run of another config; re-run it with the config "
                          f"in {recorded}, or delete {ray_run} to start this one afresh")
+    _init_ray(cfg)
+    train = functools.partial(_train_dataset, cfg.model_dump(mode="json"), str(ray_run))
+    train()  # checks the shards now, in the driver, with a readable error (before anything is written)
     ray_run.mkdir(parents=True, exist_ok=True)
     recorded.write_text(dump_config(cfg))
-    _init_ray(cfg)
     datasets = {
-        "train": build_dataset(cfg.data, cfg.train_split, image_size=cfg.image_size, hflip=cfg.hflip, shuffle=True,
-                               seed=cfg.seed, epoch=None),
+        "train": train,
         "test": build_dataset(cfg.data, cfg.eval_split, image_size=cfg.image_size, hflip=False),
     }
     trainer = TorchTrainer(
@@ -363,8 +388,8 @@ def train_segformer(cfg: SegformerTrainConfig, fault: dict | None = None) -> Pat
         raise RuntimeError(f"train-segformer {cfg.name}: the run ended without a final checkpoint")
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex}.partial"
     with result.checkpoint.as_directory() as folder:
-        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(PROGRESS_WEIGHTS, PROGRESS_OPTIMIZER,
-                                                                        PROGRESS_STATE))
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns(
+            PROGRESS_WEIGHTS, PROGRESS_OPTIMIZER, checkpoint.STATE_FILE, checkpoint.DATA_FILE.format(rank="*")))
     (staging / "config.yaml").write_text(dump_config(cfg))
     if out.exists():  # replace an earlier output only once the new one is complete
         shutil.rmtree(out)
