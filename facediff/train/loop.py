@@ -61,7 +61,7 @@ class DataTrace:
             self.file.flush()
 
 
-def _maybe_crash(step: int, fault: dict | None) -> None:
+def maybe_crash(step: int, fault: dict | None) -> None:
     """Fault injection for tests of resume and FailureConfig: `crash_at_step` raises once at that step;
     `step_delay` (seconds) slows every step, a window for a test that kills a worker process from outside."""
     if not fault:
@@ -166,7 +166,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             state.step += 1
             decay = ema.update(engine.module)
-            _maybe_crash(state.step, loop_config.get("fault"))
+            maybe_crash(state.step, loop_config.get("fault"))
 
             done = state.step >= total
             save_now = done or state.step % checkpoint_every == 0

@@ -226,19 +226,13 @@ def load_progress(folder: Path, model, optimizer, schedule) -> tuple[TrainState,
     return checkpoint.read_state(folder), checkpoint.consumed_ids(folder)
 
 
-def _maybe_crash(step: int, fault: dict | None) -> None:
-    """Tests: raise once at `crash_at_step` (a marker file remembers it across worker restarts)."""
-    if fault and step == fault.get("crash_at_step") and not Path(fault["marker"]).exists():
-        Path(fault["marker"]).touch()
-        raise RuntimeError(f"injected worker crash at step {step}")
-
-
 # ----------------------------------------------------------------------------------------- the worker loop
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
     from facediff.data.stream import iter_train_batches
+    from facediff.train.loop import maybe_crash
 
     cfg = SegformerTrainConfig.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
@@ -279,7 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             schedule.step()
             state.step, state.batches_in_epoch = state.step + 1, state.batches_in_epoch + 1
             window.append(loss.item())
-            _maybe_crash(state.step, loop_config.get("fault"))
+            maybe_crash(state.step, loop_config.get("fault"))
             if state.step % cfg.checkpoint_every_steps == 0 and state.step < cfg.steps:
                 with tempfile.TemporaryDirectory(prefix="facediff-segformer-") as folder:
                     save_progress(Path(folder), module, optimizer, schedule, state, rank, consumed)
