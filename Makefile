@@ -10,6 +10,7 @@ PYTEST_ARGS ?=
 setup:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) sync --frozen --compile-bytecode
+	$(UV) run --frozen python tools/build_ops.py
 
 demo: setup
 	$(UV) run --frozen facediff demo

@@ -9,7 +9,7 @@ import pytest
 
 from facediff.config.schema import AutoencoderConfig
 from facediff.models.autoencoder import LatentCodec, latent_shape, scaling_factor
-from facediff.models.pretrained import WeightsNotFound, build_from_ref, from_config, preset_config
+from facediff.models.pretrained import WeightsNotFound, from_config, preset_config
 
 TINY = {"vq": "tiny_vq", "kl": "tiny_kl"}
 REPO = Path(__file__).resolve().parents[1]

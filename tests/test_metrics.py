@@ -78,6 +78,10 @@ def test_without_weights_load_inception_warns_once_naming_every_path(no_weights,
         assert str(path) in message
     assert str(no_weights / "torch" / "hub" / "checkpoints") in message  # the hub cache follows TORCH_HOME
     assert metrics.INCEPTION_URL in message and "fd_mtcnn_onet" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="facediff.eval.metrics"):
+        assert load_inception(str(configured)) is None  # the same job's next run (the demo's next stage)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_unreadable_checkpoint_is_reported_and_skipped(no_weights, caplog):

@@ -117,12 +117,18 @@ def _search_inception(weights: str | None) -> tuple[nn.Module | None, list[str]]
     return None, looked
 
 
+_WARNED_MISSING: set[tuple[str | None, str]] = set()
+
+
 def load_inception(weights: str | None, fallback: str = "mtcnn_onet") -> nn.Module | None:
     """torch-fidelity's FID InceptionV3 from `weights`, the torch hub cache or (network allowing) a download;
     None, with one warning naming every place looked at, when none works."""
     module, looked = _search_inception(weights)
     if module is None:
-        log.warning("FID Inception weights not available; looked at: %s. Falling back to %s.", "; ".join(looked),
+        # once per process and setting: the demo's second stage would repeat the first's warning word for word
+        report = log.debug if (weights, fallback) in _WARNED_MISSING else log.warning
+        _WARNED_MISSING.add((weights, fallback))
+        report("FID Inception weights not available; looked at: %s. Falling back to %s.", "; ".join(looked),
                     "no metric" if fallback == "none" else f"{fallback} features (reported as fd_{fallback}, not fid)")
     return module
 
