@@ -254,7 +254,8 @@ def fit_autoencoder(
         result = run(cfg, out, steps=steps, batch_size=batch_size, lr=lr, seed=cfg.trainer.seed)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    typer.echo(f"wrote {out}: reconstruction MSE {result['mse_before']:.4f} -> {result['mse_after']:.4f}")
+    typer.echo(f"wrote {out}: reconstruction MSE {result['mse_before']:.4f} -> {result['mse_after']:.4f}, "
+               f"latent scaling factor {result['scaling_factor']:.3f} (unit-variance latents)")
 
 
 def main() -> None:  # pragma: no cover
