@@ -17,7 +17,12 @@ def main() -> None:
         print("deepspeed: no shared-memory CPU op to build here")
         return
     start = time.perf_counter()
-    builder.load(verbose=False)
+    try:
+        builder.load(verbose=False)
+    except Exception as err:  # no compiler here: set-up goes on, and DeepSpeed tries again in its first run
+        print(f"deepspeed: could not build {builder.absolute_name()} ({type(err).__name__}: {err}); "
+              "CPU training runs will try at their start")
+        return
     print(f"deepspeed: {builder.absolute_name()} ready in {time.perf_counter() - start:.0f} s")
 
 

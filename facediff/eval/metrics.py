@@ -129,7 +129,7 @@ def load_inception(weights: str | None, fallback: str = "mtcnn_onet") -> nn.Modu
         report = log.debug if (weights, fallback) in _WARNED_MISSING else log.warning
         _WARNED_MISSING.add((weights, fallback))
         report("FID Inception weights not available; looked at: %s. Falling back to %s.", "; ".join(looked),
-                    "no metric" if fallback == "none" else f"{fallback} features (reported as fd_{fallback}, not fid)")
+               "no metric" if fallback == "none" else f"{fallback} features (reported as fd_{fallback}, not fid)")
     return module
 
 
