@@ -73,6 +73,30 @@ def test_progress_line_follows_metrics_in_s3(s3):
     assert "train s3 [##########----------] 2.00/4 kimg" in out.getvalue() and "loss 0.5000" in out.getvalue()
 
 
+def test_each_rank_reads_a_remote_checkpoint_from_its_own_download(s3, tmp_path):
+    """Ray's shared download let a late rank re-download over files another rank was reading (a truncated
+    safetensors header on resume from S3); `checkpoint.local_folder` gives every reader its own copy."""
+    from ray.train import Checkpoint
+
+    from facediff.train.checkpoint import local_folder
+
+    storage = RunStorage(f"s3://{BUCKET}/exp", "ckpt")
+    (storage.local / "checkpoint_000000004").mkdir()
+    (storage.local / "checkpoint_000000004" / "ema.safetensors").write_bytes(b"\x07" * 4096)
+    storage.push("checkpoint_000000004")
+    remote = Checkpoint(path=f"{storage.root}/checkpoint_000000004", filesystem=storage.fs)
+    with local_folder(remote) as first, local_folder(remote) as second:  # two ranks of one node at once
+        assert first != second
+        assert (first / "ema.safetensors").read_bytes() == (second / "ema.safetensors").read_bytes() == b"\x07" * 4096
+    assert not first.exists() and not second.exists()  # downloads are removed, the stored checkpoint stays
+    assert "checkpoint_000000004/ema.safetensors" in _keys(s3, "exp/ckpt/")
+
+    local = Checkpoint.from_directory(str(tmp_path))  # a local checkpoint is read in place and left alone
+    with local_folder(local) as folder:
+        assert folder == tmp_path
+    assert tmp_path.exists()
+
+
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(900)

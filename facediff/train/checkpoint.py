@@ -13,11 +13,15 @@ the final `checkpoint_<step>` folder itself, though, so a reader that takes fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -156,3 +160,25 @@ def latest_complete(run: Path) -> Path | None:
             return folder
         damaged.append((folder.name, found))
     return None
+
+
+@contextlib.contextmanager
+def local_folder(resume_from) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local folder, for one worker to read.
+
+    A local checkpoint is read in place. A remote one (S3, ...) is downloaded by each worker into its own
+    temporary folder, removed afterwards. Ray's shared download (`Checkpoint.as_directory`) is not safe for the
+    ranks of one node: a rank that takes the download lock after another rank's download has finished downloads
+    again, in place, over the files that rank is reading. A resume from S3 failed that way with a truncated
+    safetensors header."""
+    import pyarrow.fs
+
+    if isinstance(resume_from.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(resume_from.path)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="facediff-resume-"))
+    try:
+        resume_from.to_directory(str(folder))
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

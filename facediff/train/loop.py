@@ -111,9 +111,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     poison_at = (loop_config.get("fault") or {}).get("nan_at_step")  # tests: the step whose loss turns NaN
     state, consumed = TrainState(), set()  # consumed: ids used in the epoch in progress, by every rank
     if (resume_from := ray.train.get_checkpoint()) is not None:
-        with resume_from.as_directory() as folder:
-            state = checkpoint.load(Path(folder), engine, ema, generator, rank)
-            consumed = checkpoint.consumed_ids(Path(folder))
+        with checkpoint.local_folder(resume_from) as folder:
+            state = checkpoint.load(folder, engine, ema, generator, rank)
+            consumed = checkpoint.consumed_ids(folder)
         log.info("resumed from the checkpoint of step %d (epoch %d)", state.step, state.epoch)
     skipped = set(consumed)  # the data pipeline drops these from the resumed epoch (`run.resume_point`)
     trace = DataTrace(loop_config.get("trace_dir"), rank)

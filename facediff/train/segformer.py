@@ -249,8 +249,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     state, consumed, resumed_from = TrainState(), set(), None  # consumed: ids used in the epoch in progress
     if (resume := ray.train.get_checkpoint()) is not None:
-        with resume.as_directory() as folder:
-            state, consumed = load_progress(Path(folder), module, optimizer, schedule)
+        with checkpoint.local_folder(resume) as folder:
+            state, consumed = load_progress(folder, module, optimizer, schedule)
         resumed_from = state.step
         if rank == 0:
             print(f"[train-segformer] resumed from the checkpoint of step {state.step} (epoch {state.epoch})",
