@@ -169,8 +169,8 @@ def local_folder(resume_from) -> Iterator[Path]:
     A local checkpoint is read in place. A remote one (S3, ...) is downloaded by each worker into its own
     temporary folder, removed afterwards. Ray's shared download (`Checkpoint.as_directory`) is not safe for the
     ranks of one node: a rank that takes the download lock after another rank's download has finished downloads
-    again, in place, over the files that rank is reading. A resume from S3 failed that way with a truncated
-    safetensors header."""
+    again, in place, over the files that rank is reading (ray-project/ray#48726, open). A resume from S3 failed
+    that way with a truncated safetensors header."""
     import pyarrow.fs
 
     if isinstance(resume_from.filesystem, pyarrow.fs.LocalFileSystem):
