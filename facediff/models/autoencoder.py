@@ -46,6 +46,13 @@ def _stated(config: Any, key: str) -> Any:
     return config[key]
 
 
+def unscaled_latents(model: nn.Module, kind: str, images: torch.Tensor) -> torch.Tensor:
+    """The latents a latent model trains on, before scaling: VQ pre-quantisation, KL posterior mean (see above)."""
+    if kind == "vq":
+        return model.encode(images).latents
+    return model.encode(images).latent_dist.mean
+
+
 def resolve_scaling_factor(cfg, config: Any) -> float:
     if cfg.scaling_factor is not None:
         return float(cfg.scaling_factor)
@@ -123,11 +130,7 @@ class LatentCodec(nn.Module):
             raise ValueError(f"encode expects images (B, 3, H, W), got {tuple(images.shape)}")
         self.latent_shape(images.shape[-1])  # a clear error for sizes the encoder cannot halve evenly
         p = self._param()
-        x = images.to(device=p.device, dtype=p.dtype)
-        if self.kind == "vq":
-            z = self.model.encode(x).latents
-        else:
-            z = self.model.encode(x).latent_dist.mean
+        z = unscaled_latents(self.model, self.kind, images.to(device=p.device, dtype=p.dtype))
         return (z - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()

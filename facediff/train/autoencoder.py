@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from facediff.config.schema import ExperimentConfig
-from facediff.models.autoencoder import CLASSES
+from facediff.models.autoencoder import CLASSES, unscaled_latents
 from facediff.models.pretrained import build_from_ref
 
 log = logging.getLogger("facediff.train")
@@ -56,11 +56,10 @@ def reconstruction_error(model, images: torch.Tensor, kind: str) -> float:
 
 
 def unit_variance_scaling(model, images: torch.Tensor, kind: str, batch_size: int = 64) -> float:
-    """1 / std of the unscaled latents the codec trains on (VQ: pre-quantisation; KL: posterior mean)."""
+    """1 / std of the latents `LatentCodec` encodes before scaling, over `images`."""
     model.eval()
     with torch.no_grad():
-        latents = [model.encode(x).latents if kind == "vq" else model.encode(x).latent_dist.mean
-                   for x in images.split(batch_size)]
+        latents = [unscaled_latents(model, kind, x) for x in images.split(batch_size)]
     return 1.0 / float(torch.cat(latents).float().std())
 
 
