@@ -34,6 +34,18 @@ def config(synthetic_shards, tmp_path, path="configs/experiments/tiny_unet.yaml"
     ])
 
 
+def report_recorder(path: Path):
+    """A Train callback (it runs in the controller actor) that appends each report's per-rank metrics to a file."""
+    from ray.train import UserCallback
+
+    class RecordReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    return RecordReports()
+
+
 def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
     cfg = config(synthetic_shards, tmp_path)
     fault = {"crash_at_step": 5, "marker": str(tmp_path / "crashed")}
@@ -43,9 +55,14 @@ def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
     before = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in before] == [1, 2, 3, 4]  # last checkpoint: step 4
 
-    train(cfg, fault=fault)  # the same command again: resumes from step 4
+    reports = tmp_path / "reports.jsonl"
+    train(cfg, fault=fault, callbacks=[report_recorder(reports)])  # the same command again: resumes from step 4
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # a row is logged every step, but Ray gets a report only with a checkpoint (every 2 steps here): Train V2
+    # takes one report per 2 s poll, and a report every step made every step wait for it
+    reported = [json.loads(line)[0]["step"] for line in reports.read_text().splitlines()]
+    assert reported == [6, 8]
     assert (run / "metrics.jsonl").read_text().splitlines()[:4] == before  # steps 1-4 were not re-run
     total = STEPS
     for r in rows:  # the schedule continues: no second warm-up after the resume

@@ -1,9 +1,13 @@
 """The per-worker training loop run by Ray Train: one DeepSpeed engine per worker.
 
 Progress is counted in optimizer steps and images seen (kimg = steps x global batch / 1000). Every
-`log_every_steps` the ranks average their loss and report to Ray; every `checkpoint_every_kimg` (and at the
-end) they write a checkpoint with the report; every `eval.every_kimg` they sample with the EMA weights and
-report the image-distance metric, which Tune's ASHA reads.
+`log_every_steps` the ranks average their loss and rank 0 logs it (`metrics.jsonl`, TensorBoard: the console's
+progress line reads these); every `checkpoint_every_kimg` (and at the end) they write a checkpoint; every
+`eval.every_kimg` they sample with the EMA weights and compute the image-distance metric, which Tune's ASHA reads.
+
+Only checkpoints and evaluations are reported to Ray. Train V2's controller takes one report per worker per
+poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) and a report waits while the previous one is untaken, so a
+report every 10 fast steps held training to 10 steps per 2 s (0.20 s a step where the step costs 0.07 s).
 """
 
 from __future__ import annotations
@@ -192,7 +196,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(evaluator.evaluate(ema, engine.module, state.step))
             if run_log is not None:
                 run_log.write(metrics)
-            _report(metrics, engine, ema, state, generator, rank, save_now, consumed)
+            if save_now or eval_now:
+                _report(metrics, engine, ema, state, generator, rank, save_now, consumed)
             if save_now:
                 storage.push(rank_log)
             window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
