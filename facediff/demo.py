@@ -38,12 +38,12 @@ log = logging.getLogger("facediff.demo")
 # wall-clock budget (README, "What the demo shows"):
 # - the pixel UNet predicts x0 ("sample"): after ~5 kimg an epsilon model's samples are coloured noise
 #   (fd_mtcnn_onet 1.70 in a plain-loop probe), an x0 model's are smooth head shapes on backgrounds (1.51);
-# - the latent model's step over 3x8x8 latents costs ~1/8 of the pixel UNet's at 32 px, so it trains on
-#   LATENT_KIMG_FACTOR times the pixel stage's images in less time;
+# - a Ray Train step of the latent model over 3x8x8 latents takes ~0.12 s, the pixel UNet's at 32 px ~0.42 s, so
+#   it trains on LATENT_KIMG_FACTOR times the pixel stage's images in about the same time;
 # - the tiny VQ autoencoder is fitted for 1,000 steps of 16 faces: at 400 steps of 32 its decoder loses glasses
 #   and hair outlines (train MSE 0.035, 51 s); 1,000 of 16 keep them (0.015, 75 s; 1,000 of 32: 0.0096, 115 s).
 PIXEL_OVERRIDES = ["diffusion.prediction_type=sample"]
-LATENT_KIMG_FACTOR = 3
+LATENT_KIMG_FACTOR = 4
 AUTOENCODER_STEPS, AUTOENCODER_BATCH = 1000, 16
 SUMMARY = "summary.json"
 STAGES = ("pixel", "conditional", "sd_lora", "controlnet")
