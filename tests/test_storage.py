@@ -73,6 +73,29 @@ def test_progress_line_follows_metrics_in_s3(s3):
     assert "train s3 [##########----------] 2.00/4 kimg" in out.getvalue() and "loss 0.5000" in out.getvalue()
 
 
+def _stored_steps(s3, key: str) -> list[int]:
+    return [json.loads(r)["step"] for r in s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode().splitlines()]
+
+
+def test_run_log_copies_to_s3_with_the_first_row_checkpoints_and_the_end_not_every_row(s3):
+    from facediff.train.progress import RunLog
+
+    storage = RunStorage(f"s3://{BUCKET}/exp", "cadence")
+    key = f"exp/cadence/{METRICS_FILE}"
+    run_log = RunLog(storage, total_steps=6, total_kimg=0.6, resumed_step=0)
+    row = {"kimg": 0.1, "loss": 0.5, "lr": 1e-3, "images_per_s": 10.0}
+    run_log.write({"step": 1, **row})
+    run_log.write({"step": 2, **row})
+    run_log.write({"step": 3, **row})
+    assert _stored_steps(s3, key) == [1]  # rows between copies stay local (within PUSH_EVERY_S)
+    run_log.write({"step": 4, **row}, sync=True)  # a checkpoint's row: everything up to it is stored
+    assert _stored_steps(s3, key) == [1, 2, 3, 4]
+    run_log.write({"step": 5, **row})
+    run_log.close()
+    assert _stored_steps(s3, key) == [1, 2, 3, 4, 5]
+    assert any(k.startswith("tensorboard/events.out.tfevents") for k in _keys(s3, "exp/cadence/"))
+
+
 def test_each_rank_reads_a_remote_checkpoint_from_its_own_download(s3, tmp_path):
     """Ray's shared download let a late rank re-download over files another rank was reading (a truncated
     safetensors header on resume from S3); `checkpoint.local_folder` gives every reader its own copy."""

@@ -195,7 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if eval_now:
                 metrics.update(evaluator.evaluate(ema, engine.module, state.step))
             if run_log is not None:
-                run_log.write(metrics)
+                run_log.write(metrics, sync=save_now)
             if save_now or eval_now:
                 _report(metrics, engine, ema, state, generator, rank, save_now, consumed)
             if save_now:

@@ -14,10 +14,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("facediff.train")
 
 METRICS_FILE = "metrics.jsonl"
+# Copies of the log to remote storage, at most this often between checkpoints: a copy after every row (the
+# whole file and TensorBoard folder) would stall rank 0 every `log_every_steps`, and every rank at the next
+# collective.
+PUSH_EVERY_S = 30.0
 
 
 class RunLog:
-    """Written in the run's local folder and copied to its storage after every row (a no-op for local storage)."""
+    """Written in the run's local folder and copied to its storage (a no-op for local storage) with the first row,
+    with every row written with `sync` (checkpoints: a resumed run continues the stored rows), at most every
+    PUSH_EVERY_S seconds between, and at the end."""
 
     def __init__(self, storage: RunStorage, total_steps: int, total_kimg: float, resumed_step: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -30,6 +36,7 @@ class RunLog:
         self._drop_rows_after(resumed_step)
         self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resumed_step + 1)
         self.start, self.start_step = time.time(), resumed_step
+        self.pushed_at: float | None = None
 
     def _drop_rows_after(self, step: int) -> None:
         """A crashed run may have logged past its last checkpoint; the resumed run re-does those steps."""
@@ -39,15 +46,20 @@ class RunLog:
         kept = [line for line in rows if json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
-    def write(self, metrics: dict) -> None:
+    def push(self) -> None:
+        self.storage.push(METRICS_FILE)
+        self.storage.push("tensorboard")
+        self.pushed_at = time.time()
+
+    def write(self, metrics: dict, sync: bool = False) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, metrics["step"])
         self.tensorboard.flush()
-        self.storage.push(METRICS_FILE)
-        self.storage.push("tensorboard")
+        if sync or self.pushed_at is None or time.time() - self.pushed_at >= PUSH_EVERY_S:
+            self.push()
         step = metrics["step"]
         rate = (step - self.start_step) / max(1e-9, time.time() - self.start)
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
@@ -60,6 +72,7 @@ class RunLog:
 
     def close(self) -> None:
         self.tensorboard.close()
+        self.push()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
