@@ -86,3 +86,18 @@ scheduler: {{kind: fifo}}
 resources_per_trial: {{CPU: 0.25}}
 max_concurrent_trials: 1
 """
+
+
+def report_recorder(path):
+    """A Ray Train callback (it runs in the controller actor) that appends each report's per-rank metrics to
+    `path`, one JSON list per report."""
+    import json
+
+    from ray.train import UserCallback
+
+    class RecordReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    return RecordReports()

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import report_recorder
+
 from facediff.data.batch import finish_batch
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, NUM_ATTRIBUTES, PART_LABELS, group_parts
 from facediff.data.shards import SCHEMA_VERSION, ShardWriter, shard_paths, write_manifest
@@ -329,18 +331,6 @@ def count_rows_loop():
     return loop
 
 
-def worker_metrics_recorder(path):
-    """A Train callback (it runs in the controller actor) that writes every worker's reported metrics to a file."""
-    from ray.train import UserCallback
-
-    class RecordWorkerMetrics(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            with open(path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-
-    return RecordWorkerMetrics()
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_torch_trainer_workers_share_the_dataset(ray_session, dataset, tmp_path):
@@ -355,7 +345,7 @@ def test_torch_trainer_workers_share_the_dataset(ray_session, dataset, tmp_path)
         run_config=RunConfig(
             name=f"stream-{uuid.uuid4().hex[:8]}",
             storage_path=str(tmp_path),
-            callbacks=[worker_metrics_recorder(str(record))],
+            callbacks=[report_recorder(str(record))],
         ),
     )
     result = trainer.fit()

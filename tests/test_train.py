@@ -15,6 +15,8 @@ import torch
 from diffusers import DDPMPipeline, DiTTransformer2DModel
 from safetensors.torch import load_file
 
+from conftest import report_recorder
+
 from facediff.config import load_config
 from facediff.tasks import build_task
 from facediff.train.engine import lr_factor, safe_checkpoint_engine
@@ -32,18 +34,6 @@ def config(synthetic_shards, tmp_path, path="configs/experiments/tiny_unet.yaml"
         "trainer.log_every_steps=1", "trainer.keep_last=2", "trainer.zero_stage=2", "optimizer.warmup_steps=4", "optimizer.schedule=cosine",
         "trainer.ema.warmup=false", "trainer.ema.decay=0.9", *extra,
     ])
-
-
-def report_recorder(path: Path):
-    """A Train callback (it runs in the controller actor) that appends each report's per-rank metrics to a file."""
-    from ray.train import UserCallback
-
-    class RecordReports(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            with open(path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-
-    return RecordReports()
 
 
 def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
