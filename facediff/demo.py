@@ -121,7 +121,8 @@ def conditional_stage(out: Path, shards: Path, kimg: float) -> dict:
         "paths": {"autoencoder": out / "autoencoder", "run": run, "attribute_sweep": sweep, "curves": curves},
         "lines": [
             f"  fitted tiny VQ autoencoder     {out / 'autoencoder'}  (reconstruction MSE "
-            f"{fitted['mse_before']:.3f} -> {fitted['mse_after']:.3f}, latent scaling factor {fitted['scaling_factor']:.3f})",
+            f"{fitted['mse_before']:.3f} -> {fitted['mse_after']:.3f}, "
+            f"latent scaling factor {fitted['scaling_factor']:.3f})",
             f"  conditional UNet run           {run}",
             f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f} "
             f"(InfoNCE {last.get('loss_infonce', float('nan')):.3f}); {_fmt(metrics)}",

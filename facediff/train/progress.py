@@ -37,6 +37,7 @@ class RunLog:
         self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resumed_step + 1)
         self.start, self.start_step = time.time(), resumed_step
         self.pushed_at: float | None = None
+        self.unpushed = False  # rows written since the last copy
 
     def _drop_rows_after(self, step: int) -> None:
         """A crashed run may have logged past its last checkpoint; the resumed run re-does those steps."""
@@ -49,7 +50,7 @@ class RunLog:
     def push(self) -> None:
         self.storage.push(METRICS_FILE)
         self.storage.push("tensorboard")
-        self.pushed_at = time.time()
+        self.pushed_at, self.unpushed = time.time(), False
 
     def write(self, metrics: dict, sync: bool = False) -> None:
         with self.path.open("a") as f:
@@ -58,6 +59,7 @@ class RunLog:
             if key != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, metrics["step"])
         self.tensorboard.flush()
+        self.unpushed = True
         if sync or self.pushed_at is None or time.time() - self.pushed_at >= PUSH_EVERY_S:
             self.push()
         step = metrics["step"]
@@ -72,7 +74,8 @@ class RunLog:
 
     def close(self) -> None:
         self.tensorboard.close()
-        self.push()
+        if self.unpushed:  # the loop's last row is a checkpoint's, already copied
+            self.push()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -280,11 +280,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     ray.train.report({"step": state.step, "epoch": state.epoch},
                                      checkpoint=ray.train.Checkpoint.from_directory(folder))
             elif state.step % cfg.log_every_steps == 0 and state.step < cfg.steps:
-                metrics = {"step": state.step, "epoch": state.epoch, "loss": float(np.mean(window)),
-                           "images_per_s": len(window) * cfg.batch_size * world / (time.time() - start)}
                 if rank == 0:  # not a Ray report: those wait for the controller's 2 s poll (see train/loop.py)
-                    print(f"[train-segformer] step {state.step}/{cfg.steps} loss {metrics['loss']:.4f} "
-                          f"({metrics['images_per_s']:.1f} img/s)", flush=True)
+                    rate = len(window) * cfg.batch_size * world / (time.time() - start)
+                    print(f"[train-segformer] step {state.step}/{cfg.steps} loss {np.mean(window):.4f} "
+                          f"({rate:.1f} img/s)", flush=True)
                 window, start = [], time.time()
             if state.step >= cfg.steps:
                 break
