@@ -215,8 +215,8 @@ def tune(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes everything")] = Path("outputs/demo"),
-    n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 256,
-    kimg: Annotated[float, typer.Option(help="thousands of images to train each model on")] = 4.0,
+    n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 1024,
+    kimg: Annotated[float, typer.Option(help="thousands of images to train each model on")] = 12.0,
     stages: Annotated[str, typer.Option(help="comma-separated: pixel, conditional, sd_lora, controlnet")] =
     "pixel,conditional",
     conditional: Annotated[bool, typer.Option(help="--no-conditional leaves the conditional stage out")] = True,

@@ -1,6 +1,6 @@
 """`facediff demo`: the whole pipeline on the embedded synthetic faces, offline, on 2 CPU cores.
 
-Stage 1, pixel space: synthetic faces -> shards -> a tiny UNet trained by Ray Train on 2 DeepSpeed workers ->
+Stage 1, pixel space: synthetic faces -> shards -> a small fast UNet trained by Ray Train on 2 DeepSpeed workers ->
 samples and curves. Stage 2, latent conditional: a tiny VQ autoencoder fitted on the same shards -> a tiny
 attribute-conditioned UNet over its latents -> an attribute sweep (each row one test face's attributes, each
 column one attribute switched, the same noise along a row). Opt-in stages (`--stages`): `sd_lora`, the tiny SD
@@ -29,21 +29,20 @@ from facediff.train.run import train
 from facediff.viz import labelled_grid, plot_curves, preview_dataset
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
-CONFIG = EXPERIMENTS / "tiny_unet.yaml"
-CONDITIONAL_CONFIG = EXPERIMENTS / "tiny_lc_unet.yaml"
+CONFIG = EXPERIMENTS / "demo_unet.yaml"  # the tiny UNet made fast on a CPU; x0 prediction (see the file)
+CONDITIONAL_CONFIG = EXPERIMENTS / "demo_lc_unet.yaml"  # the tiny one predicting x0 (see the file)
 LORA_CONFIG = EXPERIMENTS / "tiny_sd_lora.yaml"
 CONTROLNET_CONFIG = EXPERIMENTS / "tiny_controlnet.yaml"
 log = logging.getLogger("facediff.demo")
-# What the short demo runs change from the tiny configs the tests share, measured on 2 cores with the same
-# wall-clock budget (README, "What the demo shows"):
-# - the pixel UNet predicts x0 ("sample"): after ~5 kimg an epsilon model's samples are coloured noise
-#   (fd_mtcnn_onet 1.70 in a plain-loop probe), an x0 model's are smooth head shapes on backgrounds (1.51);
-# - a Ray Train step of the latent model over 3x8x8 latents takes ~0.12 s, the pixel UNet's at 32 px ~0.42 s, so
-#   it trains on LATENT_KIMG_FACTOR times the pixel stage's images in about the same time;
+# The demo's budget, measured on 2 cores (README, "What the demo shows"):
+# - 1,024 faces (922 train, 102 test): with 25 test faces real vs real reads 0.55 in fd_mtcnn_onet (0.15 with
+#   102), so the old demo's distance could not tell good samples from real ones; and Ray Data restarts its
+#   stream at every epoch (~0.3 s), which at 231 faces was every 14 steps, 13% of a pixel step's wall time;
+# - both models train on 12 kimg (750 steps of 16): the pixel UNet's step costs ~0.15 s through Ray Train, the
+#   latent model's ~0.12 s; 16 kimg instead of 12 did not change the latent model's numbers;
 # - the tiny VQ autoencoder is fitted for 1,000 steps of 16 faces: at 400 steps of 32 its decoder loses glasses
 #   and hair outlines (train MSE 0.035, 51 s); 1,000 of 16 keep them (0.015, 75 s; 1,000 of 32: 0.0096, 115 s).
-PIXEL_OVERRIDES = ["diffusion.prediction_type=sample"]
-LATENT_KIMG_FACTOR = 4
+DEFAULT_FACES, DEFAULT_KIMG = 1024, 12.0
 AUTOENCODER_STEPS, AUTOENCODER_BATCH = 1000, 16
 SUMMARY = "summary.json"
 STAGES = ("pixel", "conditional", "sd_lora", "controlnet")
@@ -79,7 +78,7 @@ def _trained(last: dict) -> dict:
 
 
 def pixel_stage(out: Path, shards: Path, kimg: float) -> dict:
-    run = train(load_config(CONFIG, _run_overrides(shards, out / "runs", kimg) + PIXEL_OVERRIDES))
+    run = train(load_config(CONFIG, _run_overrides(shards, out / "runs", kimg)))
     rows = read_metrics(run)
     curves = plot_curves(rows, out / "curves.png")
     _, task = load_model(run)
@@ -198,7 +197,8 @@ def _stage(name: str, description: str, run, results: dict) -> list[str]:
     return [f"{name} stage ({result['seconds']:.0f} s):", *result.pop("lines")]
 
 
-def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0, stages: tuple[str, ...] = DEFAULT_STAGES) -> str:
+def run_demo(out: str | Path, n: int = DEFAULT_FACES, kimg: float = DEFAULT_KIMG,
+             stages: tuple[str, ...] = DEFAULT_STAGES) -> str:
     """Run the chosen stages; write `OUT/summary.json` (metrics, seconds and paths per stage) and return the
     summary table the command prints."""
     unknown = [stage for stage in stages if stage not in STAGES]
@@ -222,12 +222,11 @@ def run_demo(out: str | Path, n: int = 256, kimg: float = 4.0, stages: tuple[str
     lines = ["facediff demo finished:"]
     lines += _stage("data", f"{n} synthetic faces -> CelebAMask-HQ layout -> Parquet shards", data, results)
     if "pixel" in stages:
-        lines += _stage("pixel", f"tiny UNet, 2 DeepSpeed workers, {kimg:g} kimg",
+        lines += _stage("pixel", f"demo UNet, 2 DeepSpeed workers, {kimg:g} kimg",
                         lambda: pixel_stage(out, shards, kimg), results)
     if "conditional" in stages:
-        latent_kimg = kimg * LATENT_KIMG_FACTOR
-        lines += _stage("conditional", f"tiny VQ autoencoder + attribute-conditioned UNet, {latent_kimg:g} kimg",
-                        lambda: conditional_stage(out, shards, latent_kimg), results)
+        lines += _stage("conditional", f"tiny VQ autoencoder + attribute-conditioned UNet, {kimg:g} kimg",
+                        lambda: conditional_stage(out, shards, kimg), results)
     if "sd_lora" in stages:
         lines += _stage("sd_lora", "tiny SD pipeline + LoRA, attribute prompts",
                         lambda: sd_lora_stage(out, shards, min(kimg, 1.0)), results)

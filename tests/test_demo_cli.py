@@ -11,3 +11,23 @@ def test_unknown_demo_stage_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert result.exit_code == 2
     assert "--stages: unknown or no stages ['lora']; choose from pixel, conditional, sd_lora, controlnet" in result.output
     assert not out.exists()
+
+
+def test_demo_configs_change_only_what_the_demo_measured():
+    """The demo's models are the tiny presets plus the changes its measurements chose (configs/experiments/demo_*):
+    x0 prediction for both, and for the pixel UNet the fast 4-level shape; nothing else may drift from the presets."""
+    from facediff.config import load_config
+    from facediff.demo import CONDITIONAL_CONFIG, CONFIG
+
+    def flat(cfg):
+        dump = cfg.model_dump()
+        return {f"{section}.{key}": value for section in ("model", "diffusion", "trainer", "optimizer", "data", "eval")
+                for key, value in dump[section].items()}
+
+    pixel, tiny = flat(load_config(CONFIG)), flat(load_config(CONFIG.parent / "tiny_unet.yaml"))
+    assert {k for k in pixel if pixel[k] != tiny[k]} == {
+        "model.block_out_channels", "model.layers_per_block", "model.down_block_types", "model.up_block_types",
+        "model.norm_num_groups", "diffusion.prediction_type"}
+    assert pixel["diffusion.prediction_type"] == "sample" and pixel["model.block_out_channels"] == [16, 32, 64, 64]
+    latent, tiny_latent = flat(load_config(CONDITIONAL_CONFIG)), flat(load_config(CONFIG.parent / "tiny_lc_unet.yaml"))
+    assert {k: v for k, v in latent.items() if tiny_latent[k] != v} == {"diffusion.prediction_type": "sample"}
