@@ -38,11 +38,12 @@ log = logging.getLogger("facediff.demo")
 # - 1,024 faces (922 train, 102 test): with 25 test faces real vs real reads 0.55 in fd_mtcnn_onet (0.15 with
 #   102), so the old demo's distance could not tell good samples from real ones; and Ray Data restarts its
 #   stream at every epoch (~0.3 s), which at 231 faces was every 14 steps, 13% of a pixel step's wall time;
-# - both models train on 12 kimg (750 steps of 16): the pixel UNet's step costs ~0.15 s through Ray Train, the
-#   latent model's ~0.12 s; 16 kimg instead of 12 did not change the latent model's numbers;
+# - the pixel UNet trains on 16 kimg (1,000 steps of 16, ~0.15 s a step through Ray Train): fd_mtcnn_onet 0.43,
+#   where 12 kimg gave 0.57-0.66; the latent model on 3/4 of that, 12 kimg (attr_acc 0.67 in two runs);
 # - the tiny VQ autoencoder is fitted for 1,000 steps of 16 faces: at 400 steps of 32 its decoder loses glasses
 #   and hair outlines (train MSE 0.035, 51 s); 1,000 of 16 keep them (0.015, 75 s; 1,000 of 32: 0.0096, 115 s).
-DEFAULT_FACES, DEFAULT_KIMG = 1024, 12.0
+DEFAULT_FACES, DEFAULT_KIMG = 1024, 16.0
+LATENT_KIMG_FACTOR = 0.75
 AUTOENCODER_STEPS, AUTOENCODER_BATCH = 1000, 16
 SUMMARY = "summary.json"
 STAGES = ("pixel", "conditional", "sd_lora", "controlnet")
@@ -225,8 +226,9 @@ def run_demo(out: str | Path, n: int = DEFAULT_FACES, kimg: float = DEFAULT_KIMG
         lines += _stage("pixel", f"demo UNet, 2 DeepSpeed workers, {kimg:g} kimg",
                         lambda: pixel_stage(out, shards, kimg), results)
     if "conditional" in stages:
-        lines += _stage("conditional", f"tiny VQ autoencoder + attribute-conditioned UNet, {kimg:g} kimg",
-                        lambda: conditional_stage(out, shards, kimg), results)
+        latent_kimg = kimg * LATENT_KIMG_FACTOR
+        lines += _stage("conditional", f"tiny VQ autoencoder + attribute-conditioned UNet, {latent_kimg:g} kimg",
+                        lambda: conditional_stage(out, shards, latent_kimg), results)
     if "sd_lora" in stages:
         lines += _stage("sd_lora", "tiny SD pipeline + LoRA, attribute prompts",
                         lambda: sd_lora_stage(out, shards, min(kimg, 1.0)), results)
