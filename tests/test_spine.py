@@ -240,3 +240,15 @@ def test_device_option_errors_are_one_line(command, tmp_path):
     result = CliRunner().invoke(app, [command, str(tmp_path), "--device", "cuda" if not torch.cuda.is_available()
                                       else "gpu0"])
     assert result.exit_code == 2 and "--device" in result.output and "Traceback" not in result.output
+
+
+def test_first_nonfinite_keeps_the_first_bad_step_on_the_device():
+    from facediff.train.distributed import FirstNonFinite
+
+    watch = FirstNonFinite("cpu")
+    for step, loss in enumerate([0.5, 0.4, 0.3], start=1):
+        watch.note(torch.tensor(loss), step)
+    assert watch.first() is None  # finite losses only
+    for step, loss in [(4, float("nan")), (5, 0.2), (6, float("inf"))]:
+        watch.note(torch.tensor(loss), step)
+    assert watch.first() == 4 and watch.step.device.type == "cpu"  # the first bad step, not the last

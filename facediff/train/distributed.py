@@ -40,6 +40,28 @@ def nonfinite_anywhere(loss: torch.Tensor, device: torch.device | str) -> bool:
     return bool(count.item() > 0)
 
 
+class FirstNonFinite:
+    """The first step whose loss was NaN or infinite on any rank, kept on the device: `note` costs no host sync
+    (a `.item()` per step would stall a GPU's queue), `first` (one all-reduce and one sync) is asked only where
+    the loop logs, evaluates or saves, so a run stops before anything after the bad step is written
+    (trainer.on_nonfinite_loss=stop)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = device
+        self.step = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
+
+    def note(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.step = torch.where(bad, self.step.clamp(max=step), self.step)
+
+    def first(self) -> int | None:
+        step = self.step.clone()
+        if is_distributed():
+            dist.all_reduce(step, op=dist.ReduceOp.MIN)
+        value = float(step.item())
+        return None if value == float("inf") else int(value)
+
+
 def mean_across_ranks(values: dict[str, float], device: torch.device | str) -> dict[str, float]:
     """The mean over ranks of each named scalar (one collective for all of them)."""
     if not is_distributed() or not values:

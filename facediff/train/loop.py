@@ -31,7 +31,7 @@ from facediff.data.stream import iter_train_batches
 from facediff.tasks import build_task
 from facediff.train import checkpoint
 from facediff.train.checkpoint import TrainState
-from facediff.train.distributed import mean_across_ranks, nonfinite_anywhere, seed_worker_rng
+from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
 from facediff.train.engine import GpuStep, build_engine, images_per_step, total_steps
 from facediff.train.progress import RunLog
@@ -113,6 +113,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed * 1_000_003 + rank)
     skipped_nonfinite = 0  # steps skipped for a non-finite loss in this attempt (trainer.on_nonfinite_loss)
     poison_at = (loop_config.get("fault") or {}).get("nan_at_step")  # tests: the step whose loss turns NaN
+    # stop: the check waits on the device until the next log, evaluation or checkpoint (no host sync per step);
+    # skip must decide before each backward, so it pays one small all-reduce and a sync per step
+    watch = FirstNonFinite(device) if cfg.trainer.on_nonfinite_loss == "stop" else None
     state, consumed = TrainState(), set()  # consumed: ids used in the epoch in progress, by every rank
     if (resume_from := ray.train.get_checkpoint()) is not None:
         with checkpoint.local_folder(resume_from) as folder:
@@ -149,10 +152,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with gpu_step.forward():
                 loss = engine(gpu_step.batch(batch), generator)
             loss, poison_at = _maybe_poison(loss, state.step + 1, rank, poison_at)
-            if nonfinite_anywhere(loss, device):  # every rank takes the same branch: collectives stay matched
-                if cfg.trainer.on_nonfinite_loss == "stop":
-                    raise NonFiniteLoss(f"step {state.step + 1}: the loss is not finite on at least one rank "
-                                        f"(this rank's: {loss.item()}); trainer.on_nonfinite_loss=skip skips such steps")
+            if watch is not None:
+                watch.note(loss, state.step + 1)
+            elif nonfinite_anywhere(loss, device):  # every rank takes the same branch: collectives stay matched
                 skipped_nonfinite += 1
                 log.warning("step %d: non-finite loss on at least one rank; batch skipped (%d so far)",
                             state.step + 1, skipped_nonfinite)
@@ -177,6 +179,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             eval_now = evaluator is not None and (done or state.step % eval_every == 0)
             if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
                 continue
+            if watch is not None and (bad := watch.first()) is not None:  # before this step is logged or saved
+                raise NonFiniteLoss(f"step {bad}: the loss is not finite on at least one rank (found at step "
+                                    f"{state.step}'s log; nothing after it was saved); trainer.on_nonfinite_loss=skip "
+                                    "skips such steps")
             means = mean_across_ranks(
                 {"loss": float(window_loss) / max(1, window_n),
                  **{name: float(total) / max(1, window_n) for name, total in sorted(window_terms.items())}},
