@@ -41,7 +41,8 @@ log = logging.getLogger("facediff.demo")
 # - the pixel UNet trains on 16 kimg (1,000 steps of 16, ~0.15 s a step through Ray Train): fd_mtcnn_onet 0.43,
 #   where 12 kimg gave 0.57-0.66; the latent model on 3/4 of that, 12 kimg (attr_acc 0.67 in two runs);
 # - the tiny VQ autoencoder is fitted for 1,000 steps of 16 faces: at 400 steps of 32 its decoder loses glasses
-#   and hair outlines (train MSE 0.035, 51 s); 1,000 of 16 keep them (0.015, 75 s; 1,000 of 32: 0.0096, 115 s).
+#   and hair outlines (train MSE 0.035, 51 s); 1,000 of 16 keep the hair (0.015, 75 s; 1,000 of 32: 0.0096, 115 s).
+#   Glasses survive in neither: the attribute reader reads them at 0.53 on its reconstructions (1.0 on the faces).
 DEFAULT_FACES, DEFAULT_KIMG = 1024, 16.0
 LATENT_KIMG_FACTOR = 0.75
 AUTOENCODER_STEPS, AUTOENCODER_BATCH = 1000, 16
