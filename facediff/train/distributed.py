@@ -47,7 +47,6 @@ class FirstNonFinite:
     (trainer.on_nonfinite_loss=stop)."""
 
     def __init__(self, device: torch.device | str):
-        self.device = device
         self.step = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
 
     def note(self, loss: torch.Tensor, step: int) -> None:
