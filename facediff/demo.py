@@ -43,6 +43,8 @@ log = logging.getLogger("facediff.demo")
 # - the tiny VQ autoencoder is fitted for 1,000 steps of 16 faces: at 400 steps of 32 its decoder loses glasses
 #   and hair outlines (train MSE 0.035, 51 s); 1,000 of 16 keep the hair (0.015, 75 s; 1,000 of 32: 0.0096, 115 s).
 #   Glasses survive in neither: the attribute reader reads them at 0.53 on its reconstructions (1.0 on the faces).
+#   A factor-2 VQ (3x16x16) keeps them (0.73), but the latent model over it costs 1.9x a step and had not learnt
+#   to draw them after 2,535 steps (README, "What the demo shows"), so the demo keeps the 3x8x8 one.
 DEFAULT_FACES, DEFAULT_KIMG = 1024, 16.0
 LATENT_KIMG_FACTOR = 0.75
 AUTOENCODER_STEPS, AUTOENCODER_BATCH = 1000, 16
