@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import pytest
 
@@ -99,3 +100,14 @@ def test_a_failed_job_is_one_line_with_its_cause_and_exit_1(monkeypatch):
         "error: training failed: NonFiniteLoss: step 2: the loss is not finite (run again with --verbose for the traceback)"]
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
     assert isinstance(CliRunner().invoke(app, []).exception, RuntimeError)  # --verbose: the real error
+
+
+@pytest.mark.ray
+def test_local_ray_workers_run_at_the_drivers_priority(ray_session):
+    """Ray's default worker niceness (15) let two busy processes starve the demo's training workers to ~1 img/s."""
+
+    @ray_session.remote
+    def niceness():
+        return os.nice(0)
+
+    assert ray_session.get(niceness.remote()) == os.nice(0)
