@@ -1,7 +1,10 @@
 """Images/s of facediff's training step (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers) against a plain
 `torchrun` DDP loop of the same tiny model and global batch, measured side by side in one run.
 
-    uv run python benchmarks/train_overhead.py [--kimg 1.5 --repeats 3]
+    uv run python benchmarks/train_overhead.py [--kimg 1.5 --repeats 3] [--set trainer.zero_stage=0 ...]
+
+`--set` overrides facediff's side only (a config key, as `facediff train --set` takes it), to measure a setting
+against the same plain loop.
 
 Both read the same synthetic shards and skip their first steps (start-up, JIT) when timing.
 """
@@ -79,6 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kimg", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the median is reported")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for facediff's side (repeatable)")
     parser.add_argument("--ddp-worker", nargs=3, metavar=("SHARDS", "STEPS", "RESULT"))
     args = parser.parse_args()
     if args.ddp_worker:
@@ -95,7 +100,7 @@ def main() -> None:
     prepare_celebamask(tmp / "raw", tmp / "shards", image_size=32, mask_size=32, rows_per_shard=32, progress=False)
     cfg = load_config(CONFIG, [f"data.path={tmp / 'shards'}", f"trainer.storage_path={tmp / 'runs'}",
                                f"trainer.total_kimg={args.kimg}", "trainer.zero_stage=2",
-                               "trainer.log_every_steps=5", f"trainer.checkpoint_every_kimg={args.kimg}"])
+                               "trainer.log_every_steps=5", f"trainer.checkpoint_every_kimg={args.kimg}", *args.set])
     world, batch = cfg.trainer.num_workers, cfg.trainer.batch_size
     steps = round(args.kimg * 1000 / (world * batch))
     result = tmp / "ddp.json"
@@ -112,7 +117,9 @@ def main() -> None:
               f"ratio {ours[-1] / plain[-1]:.2f}", flush=True)
     ratios = sorted(o / p for o, p in zip(ours, plain))
     print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed, {args.repeats} alternating runs")
-    print(f"{'facediff (Ray Train + DeepSpeed ZeRO-2)':<42} {statistics.median(ours):8.1f} img/s (median)")
+    if args.set:
+        print(f"facediff overrides: {' '.join(args.set)}")
+    print(f"{f'facediff (Ray Train + DeepSpeed ZeRO-{cfg.trainer.zero_stage})':<42} {statistics.median(ours):8.1f} img/s (median)")
     print(f"{'plain torchrun DDP (gloo)':<42} {statistics.median(plain):8.1f} img/s (median)")
     print(f"ratios per run: {', '.join(f'{r:.2f}' for r in ratios)}")
     print(f"ratio {statistics.median(ratios):.2f}")
