@@ -1,0 +1,20 @@
+"""The driver's torch threads follow the idle cores: a busy machine stalled 2 OpenMP threads 3x behind 1."""
+
+import torch
+
+from facediff.threads import DEFAULT_THREADS, idle_cores, threads_for_idle_cores
+
+
+def test_driver_threads_follow_the_idle_cores_within_one_and_the_default():
+    try:
+        assert threads_for_idle_cores(idle=0.0) == 1 and torch.get_num_threads() == 1  # every core busy
+        assert threads_for_idle_cores(idle=0.4) == 1
+        assert threads_for_idle_cores(idle=1000.0) == DEFAULT_THREADS == torch.get_num_threads()  # never above
+    finally:
+        torch.set_num_threads(DEFAULT_THREADS)
+
+
+def test_idle_cores_is_a_share_of_the_machine():
+    import psutil
+
+    assert 0.0 <= idle_cores(0.1) <= psutil.cpu_count()
