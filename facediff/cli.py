@@ -27,6 +27,16 @@ def _setup(verbose: Annotated[bool, typer.Option(
     setup_logging(verbose)
 
 
+def _cpu_threads(device: str = "cpu") -> None:
+    """Work this process does on the CPU: torch threads for the idle cores only, said on stderr when lowered
+    (`facediff.threads`: on a busy machine 2 stalled OpenMP threads ran 3x behind 1)."""
+    from facediff.sampling import resolve_device
+    from facediff.threads import busy_cores_note
+
+    if resolve_device(device).type == "cpu" and (note := busy_cores_note()):
+        typer.echo(f"facediff: {note}", err=True)
+
+
 @app.command()
 def preview(
     dataset: Annotated[Path, typer.Argument(help="a prepared dataset folder")],
@@ -145,6 +155,7 @@ def sample(
         if attributes is not None:
             attribute_vector(attributes)
         target = resolve_device(device)
+        _cpu_threads(device)
         cfg, task = load_model(model, overrides or [])
         task = task.to(target)
         family = cfg.model.family
@@ -184,6 +195,7 @@ def evaluate(
     from facediff.eval.evaluate import evaluate_run
 
     try:
+        _cpu_threads(device)
         result = evaluate_run(model, split, overrides or [], device)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
@@ -251,6 +263,7 @@ def fit_autoencoder(
     cfg = _load(path, overrides)
     if cfg.model.family != "lc_unet":
         _fail(f"{path}: model family {cfg.model.family!r} has no autoencoder")
+    _cpu_threads()
     try:
         result = run(cfg, out, steps=steps, batch_size=batch_size, lr=lr, seed=cfg.trainer.seed)
     except (FileNotFoundError, ValueError) as err:

@@ -23,7 +23,7 @@ from facediff.data.prepare import prepare_celebamask
 from facediff.data.shards import atomic_write_text
 from facediff.data.synthetic import write_synthetic_celebamask
 from facediff.sampling import attribute_sweep, generate, load_model, record_conditions, save_samples
-from facediff.threads import DEFAULT_THREADS, threads_for_idle_cores
+from facediff.threads import busy_cores_note
 from facediff.train.autoencoder import fit_autoencoder
 from facediff.train.progress import read_metrics
 from facediff.train.run import train
@@ -193,9 +193,8 @@ def controlnet_stage(out: Path, kimg: float) -> dict:
 
 
 def _stage(name: str, description: str, run, results: dict) -> list[str]:
-    threads = threads_for_idle_cores()  # the driver's own torch work: fewer threads where other work holds cores
-    log.info("stage %s: %s%s", name, description,
-             "" if threads == DEFAULT_THREADS else f" (driver: {threads} of {DEFAULT_THREADS} threads, cores busy)")
+    note = busy_cores_note()  # the driver's own torch work: fewer threads where other work holds cores
+    log.info("stage %s: %s%s", name, description, f" ({note})" if note else "")
     start = time.time()
     result = run()
     result["seconds"] = round(time.time() - start, 1)

@@ -1,5 +1,6 @@
 """Intra-op threads for the work the driver process does itself (the demo fits its autoencoder, trains the
-attribute reader and samples in the driver): as many as the machine has idle cores, at most torch's default.
+attribute reader and samples in the driver; `facediff sample`, `evaluate` and `fit-autoencoder` on the CPU run
+in it too): as many as the machine has idle cores, at most torch's default.
 
 torch's OpenMP threads wait for each other at every parallel region, so a thread that loses its core to another
 process stalls the rest. Measured on 2 cores beside two busy processes, one step of fitting the tiny VQ took
@@ -28,3 +29,9 @@ def threads_for_idle_cores(idle: float | None = None) -> int:
     threads = max(1, min(DEFAULT_THREADS, round(idle)))
     torch.set_num_threads(threads)
     return threads
+
+
+def busy_cores_note(idle: float | None = None) -> str:
+    """`threads_for_idle_cores`, said in words when it lowered the threads ("" when it kept the default)."""
+    threads = threads_for_idle_cores(idle)
+    return "" if threads == DEFAULT_THREADS else f"driver: {threads} of {DEFAULT_THREADS} threads, cores busy"

@@ -86,7 +86,10 @@ def first_weight(task):
     return next(p for p in task.parameters() if p.requires_grad).detach()
 
 
-def test_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, tiny, caplog):
+def test_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, tiny, caplog, monkeypatch):
+    import facediff.threads
+
+    monkeypatch.setattr(facediff.threads, "idle_cores", lambda: 0.0)  # a busy machine: the CLI's CPU work takes 1 thread
     run = fake_run(tmp_path, tiny, [1, 2])
     ema = run / "checkpoint_000000002" / EMA_FILE
     ema.write_bytes(ema.read_bytes()[: ema.stat().st_size // 2])  # an upload cut short
@@ -98,10 +101,16 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, tiny,
     assert len(skips) == 1 and "checkpoint_000000002" in skips[0] and str(ema) in skips[0]
 
     out = tmp_path / "grid.png"
-    result = invoke("sample", run, "--n", 2, "--steps", 1, "--out", out)
-    assert result.exit_code == 0, result.output
-    assert out.is_file()
-    result = invoke("evaluate", run)
+    busy = [f"facediff: driver: 1 of {facediff.threads.DEFAULT_THREADS} threads, cores busy"]
+    try:
+        result = invoke("sample", run, "--n", 2, "--steps", 1, "--out", out)
+        assert result.exit_code == 0, result.output
+        assert out.is_file()
+        assert result.stderr.splitlines()[:1] == (busy if facediff.threads.DEFAULT_THREADS > 1 else [])
+        assert torch.get_num_threads() == 1
+        result = invoke("evaluate", run)
+    finally:
+        torch.set_num_threads(facediff.threads.DEFAULT_THREADS)
     assert result.exit_code == 0, result.output
     assert list(json.loads(result.stdout.strip().splitlines()[-1])) == ["fd_mtcnn_onet"]
 
