@@ -1,12 +1,14 @@
 """Images/s of facediff's training step (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers) against a plain
 `torchrun` DDP loop of the same tiny model and global batch, measured side by side in one run.
 
-    uv run python benchmarks/train_overhead.py [--kimg 1.5 --repeats 3] [--set trainer.zero_stage=0 ...]
+    uv run python benchmarks/train_overhead.py [--kimg 1.5 --repeats 3 --faces 256] [--set trainer.zero_stage=0 ...]
 
 `--set` overrides facediff's side only (a config key, as `facediff train --set` takes it), to measure a setting
-against the same plain loop.
+against the same plain loop. `--faces` sizes the synthetic data: with fewer faces, more of the timed steps start
+a new Ray Data epoch (a new streaming execution) on facediff's side.
 
-Both read the same synthetic shards and skip their first steps (start-up, JIT) when timing.
+Both read the same synthetic shards, do the same work a step (the task's loss, AdamW, the EMA update) and skip
+their first steps (start-up, JIT) when timing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ WARMUP_STEPS = 5
 
 
 def ddp_worker(shards: str, steps: int, result: str) -> None:
-    """One torchrun rank: the same task, data decoding and AdamW, wrapped in DistributedDataParallel."""
+    """One torchrun rank: the same task, data decoding, AdamW and EMA, wrapped in DistributedDataParallel."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -39,6 +41,7 @@ def ddp_worker(shards: str, steps: int, result: str) -> None:
     from facediff.data.batch import images_to_float
     from facediff.data.stream import decode_batch
     from facediff.tasks import build_task
+    from facediff.train.ema import EMA
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -46,6 +49,7 @@ def ddp_worker(shards: str, steps: int, result: str) -> None:
     torch.manual_seed(cfg.trainer.seed)
     model = torch.nn.parallel.DistributedDataParallel(build_task(cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr)
+    ema = EMA(model.module, cfg.trainer.ema)  # a diffusion loop averages its weights every step (DiT's does too)
     table = pa.concat_tables([pq.read_table(p) for p in shard_paths(shards, "train")])
     rows = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
     bs, n = cfg.trainer.batch_size, table.num_rows
@@ -63,6 +67,7 @@ def ddp_worker(shards: str, steps: int, result: str) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
         optimizer.step()
+        ema.update(model.module)
     dist.barrier()
     if rank == 0:
         rate = (steps - WARMUP_STEPS) * bs * world / (time.perf_counter() - start)
@@ -82,6 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kimg", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the median is reported")
+    parser.add_argument("--faces", type=int, default=256,
+                        help="synthetic faces written (9/10 train): fewer faces, more Ray Data epochs (each a new "
+                             "streaming execution) in the timed steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for facediff's side (repeatable)")
     parser.add_argument("--ddp-worker", nargs=3, metavar=("SHARDS", "STEPS", "RESULT"))
@@ -92,11 +100,12 @@ def main() -> None:
 
     from facediff.config import load_config
     from facediff.data.prepare import prepare_celebamask
+    from facediff.data.shards import split_rows
     from facediff.data.synthetic import write_synthetic_celebamask
     from facediff.train.run import train
 
     tmp = Path(tempfile.mkdtemp(prefix="facediff-bench-"))
-    write_synthetic_celebamask(tmp / "raw", n=256, size=64, progress=False)
+    write_synthetic_celebamask(tmp / "raw", n=args.faces, size=64, progress=False)
     prepare_celebamask(tmp / "raw", tmp / "shards", image_size=32, mask_size=32, rows_per_shard=32, progress=False)
     cfg = load_config(CONFIG, [f"data.path={tmp / 'shards'}", f"trainer.storage_path={tmp / 'runs'}",
                                f"trainer.total_kimg={args.kimg}", "trainer.zero_stage=2",
@@ -116,7 +125,9 @@ def main() -> None:
         print(f"run {attempt + 1}/{args.repeats}: facediff {ours[-1]:.1f} img/s, plain {plain[-1]:.1f} img/s, "
               f"ratio {ours[-1] / plain[-1]:.2f}", flush=True)
     ratios = sorted(o / p for o, p in zip(ours, plain))
-    print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed, {args.repeats} alternating runs")
+    epoch_steps = split_rows(tmp / "shards", "train") // (world * batch)
+    print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed, {args.repeats} alternating runs; "
+          f"{split_rows(tmp / 'shards', 'train')} training faces: a Ray Data epoch every {epoch_steps} steps")
     if args.set:
         print(f"facediff overrides: {' '.join(args.set)}")
     print(f"{f'facediff (Ray Train + DeepSpeed ZeRO-{cfg.trainer.zero_stage})':<42} {statistics.median(ours):8.1f} img/s (median)")
