@@ -125,9 +125,9 @@ def main() -> None:
         print(f"run {attempt + 1}/{args.repeats}: facediff {ours[-1]:.1f} img/s, plain {plain[-1]:.1f} img/s, "
               f"ratio {ours[-1] / plain[-1]:.2f}", flush=True)
     ratios = sorted(o / p for o, p in zip(ours, plain))
-    epoch_steps = split_rows(tmp / "shards", "train") // (world * batch)
+    train_faces = split_rows(tmp / "shards", "train")
     print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed, {args.repeats} alternating runs; "
-          f"{split_rows(tmp / 'shards', 'train')} training faces: a Ray Data epoch every {epoch_steps} steps")
+          f"{train_faces} training faces: a Ray Data epoch every {train_faces // (world * batch)} steps")
     if args.set:
         print(f"facediff overrides: {' '.join(args.set)}")
     print(f"{f'facediff (Ray Train + DeepSpeed ZeRO-{cfg.trainer.zero_stage})':<42} {statistics.median(ours):8.1f} img/s (median)")
