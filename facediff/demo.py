@@ -22,7 +22,9 @@ from facediff.console import ray_logs_dir
 from facediff.data.prepare import prepare_celebamask
 from facediff.data.shards import atomic_write_text
 from facediff.data.synthetic import write_synthetic_celebamask
-from facediff.sampling import attribute_sweep, generate, load_model, record_conditions, save_samples
+from facediff.eval.attributes import edit_rate, load_or_train_attribute_reader
+from facediff.sampling import (attribute_sweep, batch_generator, generate, load_model, record_conditions, save_samples,
+                               with_edits)
 from facediff.threads import busy_cores_note
 from facediff.train.autoencoder import fit_autoencoder
 from facediff.train.progress import read_metrics
@@ -37,10 +39,16 @@ CONTROLNET_CONFIG = EXPERIMENTS / "tiny_controlnet.yaml"
 log = logging.getLogger("facediff.demo")
 # The demo's budget, measured on 2 cores (README, "What the demo shows"):
 # - 1,024 faces (922 train, 102 test): with 25 test faces real vs real reads 0.55 in fd_mtcnn_onet (0.15 with
-#   102), so the old demo's distance could not tell good samples from real ones; and Ray Data restarts its
-#   stream at every epoch (~0.3 s), which at 231 faces was every 14 steps, 13% of a pixel step's wall time;
+#   102), so the old demo's distance could not tell good samples from real ones;
+# - shards of 512 rows: Ray Data starts a new streaming execution every epoch (every 28 steps of the latent model),
+#   one read task per shard; with 32-row shards (29 tasks) that start cost ~1.0 s an epoch under training, with
+#   512-row ones ~0.35 s (6 kimg of the latent model: 26.4-27.2 s of training vs 20.8 s);
 # - the pixel UNet trains on 16 kimg (1,000 steps of 16, ~0.15 s a step through Ray Train): fd_mtcnn_onet 0.43,
-#   where 12 kimg gave 0.57-0.66; the latent model on 3/4 of that, 12 kimg (attr_acc 0.67 in two runs);
+#   where 12 kimg gave 0.57-0.66;
+# - the latent model on 24 kimg, 750 steps of 32: on the same faces and VQ (plain loop, 102 test faces) 750 steps
+#   of 16 read glasses at 0.55 and drew them on 0.18-0.39 of the faces that lacked them when asked; 750 of 32 at
+#   0.79 and 0.64, 1,500 of 16 at 0.89 and 0.79. A step of 32 costs 1.4x one of 16 (the tiny model is bound by
+#   per-step overhead), so the larger batch is the cheaper way there;
 # - the tiny VQ autoencoder is fitted for 1,000 steps of 16 faces: at 400 steps of 32 its decoder loses glasses
 #   and hair outlines (train MSE 0.035, 51 s); 1,000 of 16 keep the hair (0.015, 75 s; 1,000 of 32: 0.0096, 115 s).
 #   Clear-lens glasses survived in neither: the reader read them at 0.53 on its reconstructions (1.0 on the faces).
@@ -48,12 +56,14 @@ log = logging.getLogger("facediff.demo")
 #   to draw them after 2,535 steps, so the demo keeps the 3x8x8 one; with the synthetic glasses' lenses tinted
 #   dark, the reconstructions read 0.94 and the samples 0.69 (README, "What the demo shows").
 DEFAULT_FACES, DEFAULT_KIMG = 1024, 16.0
-LATENT_KIMG_FACTOR = 0.75
+LATENT_KIMG_FACTOR = 1.5
+SHARD_ROWS = 512
 AUTOENCODER_STEPS, AUTOENCODER_BATCH = 1000, 16
 SUMMARY = "summary.json"
 STAGES = ("pixel", "conditional", "sd_lora", "controlnet")
 DEFAULT_STAGES = ("pixel", "conditional")
 HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
+EDIT_RECORDS = 32  # test faces each sweep column is measured on (the picture shows 4 of them)
 # Column label -> attribute edits; all are visible on the synthetic faces (see facediff/data/synthetic.py).
 SWEEP = {
     "as is": {},
@@ -77,6 +87,22 @@ def _fmt(metrics: dict[str, float]) -> str:
 def _run_overrides(shards: Path, runs: Path, kimg: float) -> list[str]:
     return [f"data.path={shards}", f"trainer.storage_path={runs}", f"trainer.total_kimg={kimg}",
             f"trainer.checkpoint_every_kimg={kimg / 2}", f"eval.every_kimg={kimg}", "eval.steps=20"]
+
+
+def sweep_edit_rates(task, cfg, n: int = EDIT_RECORDS) -> dict[str, float]:
+    """What the sweep shows, measured: per column, of `n` test faces that lacked the attributes the column switches
+    on, the fraction the attribute reader reads them on after the edit (same sampler as the picture)."""
+    reader = load_or_train_attribute_reader(cfg.data.path, cfg.data.image_size, progress=False)
+    before = record_conditions(cfg, n)["attributes"]
+    rates = {}
+    for k, (label, edits) in enumerate(SWEEP.items()):
+        if not edits:
+            continue
+        images = task.sample(n, batch_generator(1, k), "ddim", 50, {"attributes": with_edits(before, edits)})
+        rate = edit_rate(reader, images, before, edits)
+        if rate is not None:
+            rates[label] = round(rate, 3)
+    return rates
 
 
 def _trained(last: dict) -> dict:
@@ -117,10 +143,11 @@ def conditional_stage(out: Path, shards: Path, kimg: float) -> dict:
     images = attribute_sweep(task, record_conditions(cfg, 4), list(SWEEP.values()), "ddim", 50, seed=0)
     sweep = out / "attribute_sweep.png"
     labelled_grid(images, ncols=len(SWEEP), column_labels=list(SWEEP)).save(sweep)
+    edits = sweep_edit_rates(task, cfg)
     last = rows[-1]
     metrics = _distances(last)
     return {
-        "metrics": metrics, **_trained(last),
+        "metrics": metrics, **_trained(last), "sweep_edit_rates": edits,
         "autoencoder_mse": [fitted["mse_before"], fitted["mse_after"]],
         "autoencoder_scaling_factor": fitted["scaling_factor"],
         "paths": {"autoencoder": out / "autoencoder", "run": run, "attribute_sweep": sweep, "curves": curves},
@@ -132,6 +159,8 @@ def conditional_stage(out: Path, shards: Path, kimg: float) -> dict:
             f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f} "
             f"(InfoNCE {last.get('loss_infonce', float('nan')):.3f}); {_fmt(metrics)}",
             f"  attribute sweep                {sweep}  (columns: {', '.join(SWEEP)})",
+            "  sweep edits read back          " + ", ".join(f"{label} {rate:.2f}" for label, rate in edits.items())
+            + f"  (of {EDIT_RECORDS} test faces, those that lacked the attribute)",
             f"  loss curves                    {curves}",
         ],
     }
@@ -218,7 +247,8 @@ def run_demo(out: str | Path, n: int = DEFAULT_FACES, kimg: float = DEFAULT_KIMG
 
     def data() -> dict:
         write_synthetic_celebamask(raw, n=n, size=64, seed=0)
-        manifest = prepare_celebamask(raw, shards, image_size=32, mask_size=32, rows_per_shard=32, overwrite=True)
+        manifest = prepare_celebamask(raw, shards, image_size=32, mask_size=32, rows_per_shard=SHARD_ROWS,
+                                      overwrite=True)
         preview = preview_dataset(shards, out / "preview.png")
         shutil.rmtree(out / "runs", ignore_errors=True)  # the demo starts over rather than resuming a finished run
         return {"counts": manifest["counts"], "paths": {"faces": raw, "shards": shards, "preview": preview},

@@ -201,9 +201,14 @@ def attribute_sweep(task: DiffusionTask, conditions: dict[str, torch.Tensor], co
     for row in range(len(conditions["attributes"])):
         record = {k: v[row : row + 1] for k, v in conditions.items()}
         for edits in columns:
-            attributes = record["attributes"].clone()
-            for name, value in edits.items():
-                attributes[0, ATTRIBUTE_NAMES.index(name)] = value
-            batch = {**record, "attributes": attributes}
+            batch = {**record, "attributes": with_edits(record["attributes"], edits)}
             images.append(to_uint8(task.sample(1, batch_generator(seed, row), sampler, steps, batch)))
     return np.concatenate(images)
+
+
+def with_edits(attributes: torch.Tensor, edits: dict[str, float]) -> torch.Tensor:
+    """A copy of (n, 40) attributes with the named ones set to the given values."""
+    edited = attributes.clone()
+    for name, value in edits.items():
+        edited[:, ATTRIBUTE_NAMES.index(name)] = value
+    return edited

@@ -9,7 +9,7 @@ from PIL import Image
 
 from facediff.data.synthetic import VISIBLE_ATTRIBUTES, render_face
 from facediff.eval.attributes import (
-    CACHE_DIR, AttributeAccuracy, AttributeReader, load_or_train_attribute_reader,
+    CACHE_DIR, AttributeAccuracy, AttributeReader, edit_rate, load_or_train_attribute_reader,
 )
 
 N_DATASET, N_EVAL, SIZE = 1000, 300, 32
@@ -87,3 +87,23 @@ def test_reader_is_cached_and_reloads_identically(attribute_data, tmp_path):
         AttributeReader.load(tmp_path)
     with pytest.raises(ValueError, match=r"\(B=2, 40\)"):
         AttributeAccuracy(reader).update(images[:2], torch.zeros(2, 31))
+
+
+def test_edit_rate_counts_only_faces_that_lacked_the_attribute(attribute_data):
+    """An edit "shows" when the reader reads it on faces whose record lacked it: unedited faces read ~0, faces that
+    really wear the attribute read ~1, and records that already had it are not counted either way."""
+    _, reader, images, attributes = attribute_data
+    glasses = attributes[:, 15] > 0.5  # Eyeglasses
+    edit = {"Eyeglasses": 1.0}
+    # no edit happened (the images are the records' own faces): of those lacking glasses almost none read glasses;
+    # counting the records that had them would give ~0.3 (30% of the synthetic faces wear glasses)
+    unchanged = edit_rate(reader, images, attributes, edit)
+    # faces that wear glasses, as if their records had lacked them: the edit shows
+    shown_before = attributes[glasses].clone()
+    shown_before[:, 15] = 0.0
+    shown = edit_rate(reader, images[glasses], shown_before, edit)
+    print(f"edit rate: unedited {unchanged:.3f}, wearing {shown:.3f} ({int(glasses.sum())} faces with glasses)")
+    assert unchanged < 0.1 and shown > 0.9
+    assert edit_rate(reader, images, attributes, {}) is None  # nothing switched on
+    assert edit_rate(reader, images, attributes, {"Black_Hair": 0.0}) is None  # switched off only
+    assert edit_rate(reader, images[glasses], attributes[glasses], edit) is None  # every record had it already

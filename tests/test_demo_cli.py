@@ -15,7 +15,7 @@ def test_unknown_demo_stage_is_one_line_exit_2_and_writes_nothing(tmp_path):
 
 def test_demo_configs_change_only_what_the_demo_measured():
     """The demo's models are the tiny presets plus the changes its measurements chose (configs/experiments/demo_*):
-    x0 prediction for both, and for the pixel UNet the fast 4-level shape; nothing else may drift from the presets."""
+    x0 prediction for both, for the pixel UNet the fast 4-level shape, for the latent one batches of 16 a worker; nothing else may drift from the presets."""
     from facediff.config import load_config
     from facediff.demo import CONDITIONAL_CONFIG, CONFIG
 
@@ -30,4 +30,5 @@ def test_demo_configs_change_only_what_the_demo_measured():
         "model.norm_num_groups", "diffusion.prediction_type"}
     assert pixel["diffusion.prediction_type"] == "sample" and pixel["model.block_out_channels"] == [16, 32, 64, 64]
     latent, tiny_latent = flat(load_config(CONDITIONAL_CONFIG)), flat(load_config(CONFIG.parent / "tiny_lc_unet.yaml"))
-    assert {k: v for k, v in latent.items() if tiny_latent[k] != v} == {"diffusion.prediction_type": "sample"}
+    assert {k: v for k, v in latent.items() if tiny_latent[k] != v} == {"diffusion.prediction_type": "sample",
+                                                                         "trainer.batch_size": 16}

@@ -267,3 +267,21 @@ class AttributeAccuracy(Metric):
         values = {f"attr_acc/{name}": float(v) for name, v in zip(self.reader.attributes, balanced)}
         finite = balanced[~balanced.isnan()]
         return {"attr_acc": float(finite.mean()) if len(finite) else math.nan, **values}
+
+
+# ----------------------------------------------------------------------------------------------- edits
+def edit_rate(reader: AttributeReader, images: Tensor, before: Tensor, edits: dict[str, float]) -> float | None:
+    """How often an attribute edit shows: of the records that lacked every attribute the edit switches on
+    (`before`, (B, 40)), the fraction whose generated image (`images`, made with the edit applied) the reader
+    reads with all of them present. None when the edit switches nothing on that the reader reads, or when no
+    record lacked it (there is nothing to measure then)."""
+    switched = [name for name, value in edits.items() if value > 0.5 and name in reader.attributes]
+    if not switched:
+        return None
+    columns = torch.tensor([ATTRIBUTE_NAMES.index(name) for name in switched])
+    lacking = (before[:, columns] < 0.5).all(1).cpu()
+    if not lacking.any():
+        return None
+    read = torch.cat([reader.predict(chunk) for chunk in images[lacking].split(256)]).cpu()
+    present = read[:, [reader.attributes.index(name) for name in switched]].all(1)
+    return float(present.float().mean())
