@@ -229,7 +229,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes everything")] = Path("outputs/demo"),
     n: Annotated[int, typer.Option(help="synthetic faces to generate")] = 1024,
     kimg: Annotated[float, typer.Option(
-        help="thousands of images to train the pixel model on (the latent model: 3/4 of it)")] = 16.0,
+        help="thousands of images to train the pixel model on (the latent model: 1.5 times it)")] = 16.0,
     stages: Annotated[str, typer.Option(help="comma-separated: pixel, conditional, sd_lora, controlnet")] =
     "pixel,conditional",
     conditional: Annotated[bool, typer.Option(help="--no-conditional leaves the conditional stage out")] = True,
