@@ -282,6 +282,6 @@ def edit_rate(reader: AttributeReader, images: Tensor, before: Tensor, edits: di
     lacking = (before[:, columns] < 0.5).all(1).cpu()
     if not lacking.any():
         return None
-    read = torch.cat([reader.predict(chunk) for chunk in images[lacking].split(256)]).cpu()
+    read = torch.cat([reader.predict(chunk) for chunk in images[lacking.to(images.device)].split(256)]).cpu()
     present = read[:, [reader.attributes.index(name) for name in switched]].all(1)
     return float(present.float().mean())
