@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from facediff.config import load_config
 from facediff.console import ray_logs_dir
 from facediff.data.prepare import prepare_celebamask
@@ -89,16 +91,17 @@ def _run_overrides(shards: Path, runs: Path, kimg: float) -> list[str]:
             f"trainer.checkpoint_every_kimg={kimg / 2}", f"eval.every_kimg={kimg}", "eval.steps=20"]
 
 
-def sweep_edit_rates(task, cfg, n: int = EDIT_RECORDS) -> dict[str, float]:
-    """What the sweep shows, measured: per column, of `n` test faces that lacked the attributes the column switches
-    on, the fraction the attribute reader reads them on after the edit (same sampler as the picture)."""
+def sweep_edit_rates(task, cfg, before: torch.Tensor) -> dict[str, float]:
+    """What the sweep shows, measured: per column, of the test faces `before` (B, 40) that lacked the attributes
+    the column switches on, the fraction the attribute reader reads them on after the edit (same sampler as the
+    picture)."""
     reader = load_or_train_attribute_reader(cfg.data.path, cfg.data.image_size, progress=False)
-    before = record_conditions(cfg, n)["attributes"]
     rates = {}
     for k, (label, edits) in enumerate(SWEEP.items()):
         if not edits:
             continue
-        images = task.sample(n, batch_generator(1, k), "ddim", 50, {"attributes": with_edits(before, edits)})
+        images = task.sample(len(before), batch_generator(1, k), "ddim", 50,
+                             {"attributes": with_edits(before, edits)})
         rate = edit_rate(reader, images, before, edits)
         if rate is not None:
             rates[label] = round(rate, 3)
@@ -140,10 +143,12 @@ def conditional_stage(out: Path, shards: Path, kimg: float) -> dict:
     rows = read_metrics(run)
     curves = plot_curves(rows, out / "conditional_curves.png", keys=("loss", "loss_mse", "loss_infonce"))
     _, task = load_model(run)
-    images = attribute_sweep(task, record_conditions(cfg, 4), list(SWEEP.values()), "ddim", 50, seed=0)
+    conditions = record_conditions(cfg, EDIT_RECORDS)  # the picture shows the first 4 of the measured faces
+    images = attribute_sweep(task, {k: v[:4] for k, v in conditions.items()}, list(SWEEP.values()), "ddim", 50,
+                             seed=0)
     sweep = out / "attribute_sweep.png"
     labelled_grid(images, ncols=len(SWEEP), column_labels=list(SWEEP)).save(sweep)
-    edits = sweep_edit_rates(task, cfg)
+    edits = sweep_edit_rates(task, cfg, conditions["attributes"])
     last = rows[-1]
     metrics = _distances(last)
     return {
