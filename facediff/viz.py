@@ -43,16 +43,30 @@ def image_grid(images: np.ndarray | list[np.ndarray], ncols: int | None = None, 
 
 
 def labelled_grid(images: np.ndarray, ncols: int, column_labels: list[str], pad: int = 2,
-                  header: int = 14) -> Image.Image:
-    """`image_grid` with a text label above each column (PIL's built-in font, no font files needed)."""
+                  header: int = 14, max_scale: int = 4) -> Image.Image:
+    """`image_grid` with a text label above each column (PIL's built-in font, no font files needed).
+
+    Tiles narrower than their longest label are enlarged by a whole factor (each pixel a square block, nothing
+    interpolated; at most `max_scale`), so a 32 px sweep's labels are written in full instead of cut to five
+    letters and its faces are large enough to see the edit."""
     from PIL import ImageDraw
 
+    images = np.asarray(images)
+    width = images.shape[2]
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max((draw.textlength(label) for label in column_labels[:ncols]), default=0)
+    scale = int(min(max_scale, max(1, np.ceil((widest + pad) / width))))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        width *= scale
     grid = image_grid(images, ncols=ncols, pad=pad)
     canvas = Image.new("RGB", (grid.width, grid.height + header), "white")
     canvas.paste(grid, (0, header))
-    draw, width = ImageDraw.Draw(canvas), np.asarray(images).shape[2]
+    draw = ImageDraw.Draw(canvas)
     for c, label in enumerate(column_labels[:ncols]):
-        draw.text((pad + c * (width + pad), 1), label[: max(1, width // 6)], fill="black")
+        while len(label) > 1 and draw.textlength(label) > width + pad:  # wider than max_scale allows
+            label = label[:-1]
+        draw.text((pad + c * (width + pad), 1), label, fill="black")
     return canvas
 
 
