@@ -59,6 +59,35 @@ def start_ray(wanted_cpus: float | None = None) -> None:
         ray.init(**kwargs)
     if not loud:
         quiet_ray_loggers()
+        keep_raylet_notes_off_the_terminal()
+
+
+def keep_raylet_notes_off_the_terminal() -> None:
+    """Drop the raylet's "N PYTHON worker processes have been started ... maximum expected startup concurrency"
+    notes from the driver's terminal.
+
+    Ray publishes them to every driver, whatever `log_to_driver` says, each time a node's worker processes pass
+    another multiple of its CPU count: on 2 cores a Tune grid (trial drivers, Train workers, Ray Data tasks)
+    prints them every few trials. They say nothing the user can act on here and stay in the raylet's log
+    (`raylet.out` in Ray's session logs). Ray's other published errors (a worker that died, a task that failed)
+    still reach the terminal. Ray's driver thread looks `print_to_stdstream` up at each message, so wrapping
+    the module's function is enough.
+    """
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "keeps_raylet_notes_off", False):
+        return
+
+    def print_unless_startup_note(data, *args, **kwargs):
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and lines and all("worker processes have been started" in line
+                                                          for line in lines):
+            return
+        original(data, *args, **kwargs)
+
+    print_unless_startup_note.keeps_raylet_notes_off = True
+    worker.print_to_stdstream = print_unless_startup_note
 
 
 def init_local_ray(num_cpus: int, **kwargs) -> None:
@@ -114,11 +143,20 @@ def ray_logs_dir() -> str | None:
         return None
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def redraw(stream, tty: bool, text: str, final: bool) -> None:
+    """One progress line: redrawn in place on a terminal (ended with `final`); elsewhere written only when final."""
+    if tty:
+        stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
+    elif final:
+        stream.write(text + "\n")
+    stream.flush()
 
 
 class RunProgress:
@@ -162,11 +200,7 @@ class RunProgress:
             self._write(self.line(self._last), final=True)
 
     def _write(self, text: str, final: bool) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
-        elif final:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        redraw(self.stream, self.tty, text, final)
 
     def line(self, row: dict) -> str:
         kimg = float(row.get("kimg", 0.0))
@@ -184,7 +218,7 @@ class RunProgress:
         if "loss" in row:
             parts.append(f"loss {row['loss']:.4f}")
         parts += [f"{k} {v:.3f}" for k, v in self._metric.items()]
-        parts.append(f"ETA {_duration(eta)}" if fraction < 1 else f"took {_duration(elapsed)}")
+        parts.append(f"ETA {duration_text(eta)}" if fraction < 1 else f"took {duration_text(elapsed)}")
         return "  ".join(parts)
 
     def _poll(self) -> None:

@@ -55,9 +55,12 @@ def test_start_ray_keeps_workers_output_off_the_terminal_unless_verbose(monkeypa
     import ray
     import ray.data
 
+    from ray._private import worker
+
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # restored after the test
     monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_progress_bars", True)
     console.set_verbose(loud)
     try:
@@ -66,6 +69,54 @@ def test_start_ray_keeps_workers_output_off_the_terminal_unless_verbose(monkeypa
         console.set_verbose(False)
     assert calls[0]["log_to_driver"] is loud and calls[0]["num_cpus"] >= 4
     assert ray.data.DataContext.get_current().enable_progress_bars is loud
+
+
+def test_raylet_startup_notes_stay_off_the_terminal_but_its_errors_do_not(monkeypatch):
+    from ray._private import worker
+
+    printed = []
+    monkeypatch.setattr(worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data["lines"]))
+    console.keep_raylet_notes_off_the_terminal()
+    console.keep_raylet_notes_off_the_terminal()  # once is enough: not wrapped twice
+    note = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 192.0.2.2, which "
+            "is 4x the maximum expected startup concurrency (2).")
+    died = "A worker died or was killed while executing a task by an unexpected system error."
+    worker.print_to_stdstream({"lines": [note], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": [note], "pid": 1234, "is_err": False}, ignore_prefix=False)  # a worker's
+    assert printed == [[died], [note]]
+
+
+def test_tune_progress_counts_outcomes_keeps_the_best_and_prints_only_when_counts_change():
+    import pickle
+    import sys
+    from types import SimpleNamespace
+
+    from facediff.tune.progress import TuneProgress
+
+    def trial(trial_id, status, kimg=None, best=None):
+        return SimpleNamespace(trial_id=trial_id, status=status,
+                               last_result={} if kimg is None else {"kimg": kimg},
+                               metric_analysis={} if best is None else {"fd_mtcnn_onet": {"min": best, "max": 9.0}})
+
+    out = io.StringIO()
+    progress = TuneProgress("lr", "fd_mtcnn_onet", "min", 0.5, stream=out)
+    trials = [trial("a", "RUNNING"), trial("b", "PENDING")]
+    progress.on_trial_start(0, trials, trials[0])
+    progress.on_trial_result(1, trials, trials[0], {})  # counts unchanged: no new line off a terminal
+    trials = [trial("a", "TERMINATED", 0.5, 1.2), trial("b", "RUNNING", 0.1, 0.9)]
+    progress.on_trial_complete(2, trials, trials[0])
+    trials = [trial("a", "TERMINATED", 0.5, 1.2), trial("b", "TERMINATED", 0.25, 0.9), trial("c", "ERROR")]
+    progress.on_trial_complete(3, trials, trials[1])
+    progress.on_experiment_end(trials)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and "\r" not in out.getvalue()
+    assert lines[0].startswith("tune lr: 2 trials  1 running  1 pending  ")
+    assert lines[1].startswith("tune lr: 2 trials  1 running  1 completed  best fd_mtcnn_onet 0.900 (trial b)")
+    assert lines[2].startswith("tune lr: 3 trials  1 completed  1 stopped early  1 errored  best fd_mtcnn_onet 0.900")
+    assert lines[3].split("  ")[:-1] == lines[2].split("  ")[:-1]  # the final line, its time aside
+    restored = pickle.loads(pickle.dumps(progress))  # Tune saves its callbacks with the experiment
+    assert restored.stream is sys.stderr and restored.metric == "fd_mtcnn_onet"
 
 
 def test_verbose_flag_reaches_ray_processes_through_the_environment(monkeypatch):

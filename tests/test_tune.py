@@ -92,6 +92,12 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
         assert done.returncode == 0, done.stderr[-3000:]
         summary = _printed_summary(done.stdout)
         assert summary["trials"] == 2 and summary["errors"] == 0 and summary["reported_metric"] == 2
+        # facediff's progress line, not Tune's trial tables or the raylet's process-count notes
+        progress = [line for line in done.stderr.splitlines() if line.startswith("tune demo: 2 trials")]
+        assert progress and "best fd_mtcnn_onet" in progress[-1], done.stderr
+        assert not any(state in progress[-1] for state in ("running", "pending", "errored")), progress[-1]
+        assert "Trial status" not in done.stdout + done.stderr
+        assert "worker processes have been started" not in done.stdout + done.stderr
         with open(REPO / rel / "tune" / "demo" / "results.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 2

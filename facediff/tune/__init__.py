@@ -44,7 +44,8 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Run (or resume) the experiment of a grid file; returns the best trial's summary and the output files."""
     from ray import tune
 
-    from facediff.console import start_ray
+    from facediff.console import start_ray, verbose
+    from facediff.tune.progress import TuneProgress
     from facediff.tune.results import BEST, best_trial, plot_metric, trial_rows, write_table
     from facediff.tune.trial import run_trial, trial_dirname
 
@@ -70,7 +71,12 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
                 metric=exp.metric, mode=exp.grid.mode, scheduler=_scheduler(exp), num_samples=exp.grid.num_samples,
                 max_concurrent_trials=exp.grid.max_concurrent_trials, trial_dirname_creator=trial_dirname,
             ),
-            run_config=tune.RunConfig(name=exp.name, storage_path=posixpath.dirname(storage.root), **where),
+            # Tune's trial tables (every 30 s) only with --verbose; facediff's line otherwise (a resumed
+            # experiment gets both settings back from its saved run config)
+            run_config=tune.RunConfig(
+                name=exp.name, storage_path=posixpath.dirname(storage.root), **where,
+                verbose=None if verbose() else 0,
+                callbacks=[TuneProgress(exp.name, exp.metric, exp.grid.mode, exp.total_kimg)]),
         )
     results = tuner.fit()
     exp.dir.mkdir(parents=True, exist_ok=True)  # the results are written here, then copied to remote storage
