@@ -268,12 +268,27 @@ class ConsoleFormatter(logging.Formatter):
         return text
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def setup_logging(loud: bool) -> None:
-    """The driver's logging: everything with timestamps under `--verbose`; else facediff's own records only."""
+    """The driver's logging: everything with timestamps under `--verbose`; else facediff's own records only.
+
+    DeepSpeed's logger prints to stdout with its own handler, set up when something first imports deepspeed: in
+    the driver, transformers' `save_pretrained` does (through accelerate) when a run exports an SD pipeline,
+    and DeepSpeed's "Setting accelerator to CPU" warning headed the `sd_lora` demo stage's output. A filter on the logger (which
+    DeepSpeed's set-up keeps) lets only its errors through unless `--verbose`; the workers, which run the
+    engines, log DeepSpeed to `RUN/logs/` as before (`log_to_file`)."""
     set_verbose(loud)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    for old in [f for f in deepspeed_logger.filters if isinstance(f, _ErrorsOnly)]:
+        deepspeed_logger.removeFilter(old)
     if loud:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return
+    deepspeed_logger.addFilter(_ErrorsOnly())
     handler = logging.StreamHandler()
     handler.setFormatter(ConsoleFormatter())
     logging.basicConfig(level=logging.ERROR, handlers=[handler])

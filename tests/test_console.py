@@ -119,6 +119,35 @@ def test_tune_progress_counts_outcomes_keeps_the_best_and_prints_only_when_count
     assert restored.stream is sys.stderr and restored.metric == "fd_mtcnn_onet"
 
 
+def test_deepspeed_warnings_in_the_driver_only_with_verbose():
+    import logging
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger, handler = logging.getLogger("DeepSpeed"), Keep(level=logging.DEBUG)
+    logger.addHandler(handler)  # as DeepSpeed's own stdout handler is, whenever deepspeed is first imported
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        console.setup_logging(False)
+        console.setup_logging(False)  # one filter, not two
+        logger.warning("Setting accelerator to CPU.")
+        logger.error("an error")
+        console.setup_logging(True)
+        logger.warning("verbose: shown")
+    finally:
+        console.setup_logging(False)
+        console.set_verbose(False)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == ["an error", "verbose: shown"]
+    assert len(logger.filters) == 1
+
+
 def test_verbose_flag_reaches_ray_processes_through_the_environment(monkeypatch):
     from typer.testing import CliRunner
 
