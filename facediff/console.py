@@ -278,9 +278,9 @@ def setup_logging(loud: bool) -> None:
 
     DeepSpeed's logger prints to stdout with its own handler, set up when something first imports deepspeed: in
     the driver, transformers' `save_pretrained` does (through accelerate) when a run exports an SD pipeline,
-    and DeepSpeed's "Setting accelerator to CPU" warning headed the `sd_lora` demo stage's output. A filter on the logger (which
-    DeepSpeed's set-up keeps) lets only its errors through unless `--verbose`; the workers, which run the
-    engines, log DeepSpeed to `RUN/logs/` as before (`log_to_file`)."""
+    and DeepSpeed's "Setting accelerator to CPU" warning headed the `sd_lora` demo stage's output. A filter on
+    the logger (which DeepSpeed's set-up keeps) lets only its errors through unless `--verbose`; the workers,
+    which run the engines, log DeepSpeed to `RUN/logs/` as before (`log_to_file`)."""
     set_verbose(loud)
     deepspeed_logger = logging.getLogger("DeepSpeed")
     for old in [f for f in deepspeed_logger.filters if isinstance(f, _ErrorsOnly)]:
