@@ -1,12 +1,15 @@
 """Images/s of the Ray Data loader (facediff.data.stream) against a plain in-process pyarrow + PIL loop.
 
-    uv run python benchmarks/data_throughput.py [DATASET] [--image-sizes 64,128,256 --part-masks both --epochs 3]
+    uv run python benchmarks/data_throughput.py [DATASET] [--image-sizes 64,128,256 --part-masks both --passes 2
+                                                  --epochs-per-pass K]
 
 Both paths decode the same shards with the same `decode_batch` and finish them with the same `finish_batch`
 (float images, part masks; on the CPU here, on the worker's device in training), so the ratio is the cost (or
-gain) of Ray Data itself. The Ray side iterates one training-style Dataset once per epoch, as a Ray Train worker
-does. Without DATASET a temporary dataset of random but decodable 256 px rows (JPEG images, PNG label maps, like
-`prepare celebamask`) is written first. The last line is `ratio <lowest warm ray/plain>`.
+gain) of Ray Data itself. The Ray side iterates one training-style Dataset once per pass of K epochs, as a Ray
+Train worker does (`data.epochs_per_pass`; by default what training picks for the split's size); the plain loop
+reads the same K epochs. `--epochs-per-pass 1` is one streaming execution per epoch (before passes). Without
+DATASET a temporary dataset of random but decodable 256 px rows (JPEG images, PNG label maps, like `prepare
+celebamask`) is written first. The last line is `ratio <lowest warm ray/plain>` (warm: the last pass).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, NUM_ATTRIBUTES, NUM_PART_CLASSES  # noqa: E402
-from facediff.data.shards import SCHEMA_VERSION, SHARD_SCHEMA, ShardWriter, shard_paths, write_manifest  # noqa: E402
+from facediff.data.passes import epochs_per_pass  # noqa: E402
+from facediff.data.shards import (SCHEMA_VERSION, SHARD_SCHEMA, ShardWriter, shard_paths, split_rows,  # noqa: E402
+                                  write_manifest)
 from facediff.data.batch import finish_batch  # noqa: E402
 from facediff.data.stream import build_dataset, decode_batch, iter_train_batches  # noqa: E402
 
@@ -62,25 +67,29 @@ def write_synthetic(root: Path, rows: int, size: int, rows_per_shard: int, seed:
     return root
 
 
-def plain_loop(dataset: Path, split: str, size: int, groups, batch_size: int, epoch: int) -> tuple[int, float]:
+def plain_loop(dataset: Path, split: str, size: int, groups, batch_size: int, epochs: range) -> tuple[int, float]:
     """pyarrow record batches -> decode_batch -> torch -> finish_batch, all in this process (the baseline)."""
     start, rows = time.perf_counter(), 0
-    for path in shard_paths(dataset, split):
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(SHARD_SCHEMA.names)):
-            batch = {name: col.to_numpy(zero_copy_only=False) for name, col in
-                     zip(record_batch.schema.names, record_batch.columns)}
-            out = decode_batch(batch, image_size=size, hflip=True, seed=0, epoch=epoch)
-            tensors = finish_batch({k: torch.from_numpy(v) for k, v in out.items()}, groups)
-            rows += len(tensors["id"])
+    for epoch in epochs:
+        for path in shard_paths(dataset, split):
+            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size,
+                                                                  columns=list(SHARD_SCHEMA.names)):
+                batch = {name: col.to_numpy(zero_copy_only=False) for name, col in
+                         zip(record_batch.schema.names, record_batch.columns)}
+                out = decode_batch(batch, image_size=size, hflip=True, seed=0, epoch=epoch)
+                tensors = finish_batch({k: torch.from_numpy(v) for k, v in out.items()}, groups)
+                rows += len(tensors["id"])
     return rows, time.perf_counter() - start
 
 
-def ray_epochs(dataset: Path, split: str, size: int, groups, batch_size: int, epochs: int) -> list[tuple]:
-    """One training-style Dataset (epoch=None: flips anew each pass), iterated `epochs` times as a Ray Train
-    worker does: (rows, seconds, seconds to the first batch) per epoch; the first epoch includes planning."""
+def ray_passes(dataset: Path, split: str, size: int, groups, batch_size: int, passes: int,
+               epochs_per_pass: int) -> list[tuple]:
+    """One training-style Dataset (epoch=None), iterated `passes` times as a Ray Train worker does, each pass
+    `epochs_per_pass` epochs: (rows, seconds, seconds to the first batch) per pass; the first includes planning."""
     out = []
-    ds = build_dataset(dataset, split, image_size=size, hflip=True, seed=0, epoch=None)
-    for _ in range(epochs):
+    ds = build_dataset(dataset, split, image_size=size, hflip=True, seed=0, epoch=None, shuffle=True,
+                       epochs_per_pass=epochs_per_pass)
+    for _ in range(passes):
         start, rows, first = time.perf_counter(), 0, None
         for batch in iter_train_batches(ds, batch_size, device="cpu", part_groups=groups, drop_last=False):
             if first is None:
@@ -97,7 +106,9 @@ def main() -> None:
     parser.add_argument("--image-sizes", default="64,128,256", help="training sizes to decode at, comma-separated")
     parser.add_argument("--stored-size", type=int, default=256, help="image size of the temporary dataset")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=2, help="passes over the Dataset (the last is the warm one)")
+    parser.add_argument("--epochs-per-pass", type=int, default=None,
+                        help="epochs a pass (default: what training picks for the split's size)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="logical CPUs declared to Ray")
     parser.add_argument("--part-masks", choices=("both", "with", "without"), default="both")
     parser.add_argument("--rows", type=int, default=2048, help="rows of the temporary dataset")
@@ -121,37 +132,40 @@ def main() -> None:
     init_local_ray(args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     init_s = time.perf_counter() - t
+    rows = split_rows(args.dataset, args.split)
+    per_pass = epochs_per_pass(args.epochs_per_pass, rows)
     results = []
     try:
         for size in sizes:
             for with_masks in masks:
                 groups = DEFAULT_PART_GROUPS if with_masks else None
-                plain = [plain_loop(args.dataset, args.split, size, groups, args.batch_size, e)
-                         for e in range(args.epochs)]
-                streamed = ray_epochs(args.dataset, args.split, size, groups, args.batch_size, args.epochs)
+                plain = [plain_loop(args.dataset, args.split, size, groups, args.batch_size,
+                                    range(p * per_pass, (p + 1) * per_pass)) for p in range(args.passes)]
+                streamed = ray_passes(args.dataset, args.split, size, groups, args.batch_size, args.passes, per_pass)
                 results.append((size, with_masks, plain, streamed))
     finally:
         ray.shutdown()
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
 
-    print(f"\nsplit={args.split} batch_size={args.batch_size} epochs={args.epochs} ray num_cpus={args.num_cpus} "
+    print(f"\nsplit={args.split} ({rows} rows) batch_size={args.batch_size} passes={args.passes} of {per_pass} "
+          f"epochs ray num_cpus={args.num_cpus} "
           f"(machine: {os.cpu_count()} cores); ray.init {init_s:.1f}s (not counted)")
-    print(f"{'size':>4} {'masks':>5} {'epoch':>5} {'rows':>6} {'plain img/s':>12} {'ray img/s':>10} {'ray/plain':>9} "
+    print(f"{'size':>4} {'masks':>5} {'pass':>5} {'rows':>6} {'plain img/s':>12} {'ray img/s':>10} {'ray/plain':>9} "
           f"{'ray first batch':>16} {'ray after it':>13} {'ratio':>6}")
     warm = []
     for size, with_masks, plain, streamed in results:
-        for epoch, ((rows_p, sec_p), (rows_r, sec_r, first)) in enumerate(zip(plain, streamed)):
+        for index, ((rows_p, sec_p), (rows_r, sec_r, first)) in enumerate(zip(plain, streamed)):
             assert rows_p == rows_r, f"plain loop saw {rows_p} rows, Ray {rows_r}"
             ratio = (rows_r / sec_r) / (rows_p / sec_p)
             # the epoch's rate once its first batch is in: what a longer epoch tends to (the start is paid once)
             after = (rows_r - args.batch_size) / max(sec_r - first, 1e-9)
-            print(f"{size:>4} {str(with_masks):>5} {epoch:>5} {rows_p:>6} {rows_p / sec_p:>12.0f} {rows_r / sec_r:>10.0f} "
+            print(f"{size:>4} {str(with_masks):>5} {index:>5} {rows_p:>6} {rows_p / sec_p:>12.0f} {rows_r / sec_r:>10.0f} "
                   f"{ratio:>9.2f} {first:>15.2f}s {after:>13.0f} {after / (rows_p / sec_p):>6.2f}")
-        warm.append(ratio)  # the last epoch's
-    print("ray after it: the epoch's rows after its first batch over the time after it; its ratio is against the "
-          "plain loop's whole epoch")
-    print(f"warm = the last epoch; the ratio below is the lowest warm ray/plain of the {len(warm)} rows")
+        warm.append(ratio)  # the last pass's
+    print("ray after it: the pass's rows after its first batch over the time after it; its ratio is against the "
+          "plain loop's whole pass")
+    print(f"warm = the last pass; the ratio below is the lowest warm ray/plain of the {len(warm)} rows")
     print(f"ratio {min(warm):.2f}")
 
 

@@ -5,7 +5,8 @@
 
 `--set` overrides facediff's side only (a config key, as `facediff train --set` takes it), to measure a setting
 against the same plain loop. `--faces` sizes the synthetic data: with fewer faces, more of the timed steps start
-a new Ray Data epoch (a new streaming execution) on facediff's side.
+a new pass (a new Ray Data streaming execution of `data.epochs_per_pass` epochs) on facediff's side;
+`--set data.epochs_per_pass=1` starts one every epoch, as facediff did before passes.
 
 Both read the same synthetic shards, do the same work a step (the task's loss, AdamW, the EMA update) and skip
 their first steps (start-up, JIT) when timing.
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--kimg", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the median is reported")
     parser.add_argument("--faces", type=int, default=256,
-                        help="synthetic faces written (9/10 train): fewer faces, more Ray Data epochs (each a new "
+                        help="synthetic faces written (9/10 train): fewer faces, more Ray Data passes (each a new "
                              "streaming execution) in the timed steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for facediff's side (repeatable)")
@@ -102,7 +103,7 @@ def main() -> None:
     from facediff.data.prepare import prepare_celebamask
     from facediff.data.shards import split_rows
     from facediff.data.synthetic import write_synthetic_celebamask
-    from facediff.train.run import train
+    from facediff.train.run import epochs_per_pass, train
 
     tmp = Path(tempfile.mkdtemp(prefix="facediff-bench-"))
     write_synthetic_celebamask(tmp / "raw", n=args.faces, size=64, progress=False)
@@ -127,7 +128,8 @@ def main() -> None:
     ratios = sorted(o / p for o, p in zip(ours, plain))
     train_faces = split_rows(tmp / "shards", "train")
     print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed, {args.repeats} alternating runs; "
-          f"{train_faces} training faces: a Ray Data epoch every {train_faces // (world * batch)} steps")
+          f"{train_faces} training faces, {epochs_per_pass(cfg)} epochs a pass: a Ray Data streaming execution every "
+          f"{epochs_per_pass(cfg) * train_faces // (world * batch)} steps")
     if args.set:
         print(f"facediff overrides: {' '.join(args.set)}")
     print(f"{f'facediff (Ray Train + DeepSpeed ZeRO-{cfg.trainer.zero_stage})':<42} {statistics.median(ours):8.1f} img/s (median)")

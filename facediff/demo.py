@@ -42,9 +42,9 @@ log = logging.getLogger("facediff.demo")
 # The demo's budget, measured on 2 cores (README, "What the demo shows"):
 # - 1,024 faces (922 train, 102 test): with 25 test faces real vs real reads 0.55 in fd_mtcnn_onet (0.15 with
 #   102), so the old demo's distance could not tell good samples from real ones;
-# - shards of 512 rows: Ray Data starts a new streaming execution every epoch (every 28 steps of the latent model),
-#   one read task per shard; with 32-row shards (29 tasks) that start cost ~1.0 s an epoch under training, with
-#   512-row ones ~0.35 s (6 kimg of the latent model: 26.4-27.2 s of training vs 20.8 s);
+# - shards of 512 rows: Ray Data started a new streaming execution every epoch (every 28 steps of the latent
+#   model; now every pass of 8 epochs), one read task per shard; with 32-row shards (29 tasks) that start cost
+#   ~1.0 s an epoch under training, with 512-row ones ~0.35 s (6 kimg of the latent model: 26.4-27.2 s vs 20.8 s);
 # - the pixel UNet trains on 16 kimg (1,000 steps of 16, ~0.15 s a step through Ray Train): fd_mtcnn_onet 0.43,
 #   where 12 kimg gave 0.57-0.66;
 # - the latent model on 24 kimg, 750 steps of 32: on the same faces and VQ (plain loop, 102 test faces) 750 steps

@@ -3,6 +3,7 @@
 import io
 import json
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from conftest import report_recorder
 
 from facediff.data.batch import finish_batch
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, NUM_ATTRIBUTES, PART_LABELS, group_parts
+from facediff.data.passes import ShardPasses, file_order
 from facediff.data.shards import SCHEMA_VERSION, ShardWriter, shard_paths, write_manifest
 from facediff.data.stream import build_dataset, decode_batch, flip_decisions, iter_train_batches
 
@@ -155,29 +157,49 @@ def test_shapes_dtypes_and_ranges(rows):
     assert out["epoch"].tolist() == [0] * n  # decode() passes a fixed epoch 0
 
 
-def test_resumed_epoch_skips_consumed_records_and_counts_epochs_from_the_checkpoint(rows, monkeypatch):
-    """Inside Ray Train the epoch is the Dataset's execution count, which restarts at 0 when the pipeline is
-    rebuilt for a resume: `first_epoch` offsets it, and `skip_ids` drop the consumed records of that epoch only."""
-    import facediff.data.stream as stream
-
-    kw = dict(image_size=SIZE, hflip=True, seed=5, epoch=None, first_epoch=3,
-              skip_ids=np.array([1, 2, 40]))
-    monkeypatch.setattr(stream, "current_execution_index", lambda: 0)
-    first = decode_batch(rows, **kw)
-    assert first["epoch"].tolist() == [3] * (len(rows["id"]) - 3)
-    assert not {1, 2, 40} & set(first["id"].tolist())
-    np.testing.assert_array_equal(first["flipped"], flip_decisions(first["id"], seed=5, epoch=3))
-    monkeypatch.setattr(stream, "current_execution_index", lambda: 1)
-    second = decode_batch(rows, **kw)
-    assert second["epoch"].tolist() == [4] * len(rows["id"]) and {1, 2, 40} <= set(second["id"].tolist())
+def _read_pass(source, execution):
+    """(epoch, file, id) of every row the source's read tasks give in one execution, in task order (no Ray)."""
+    context = SimpleNamespace(_execution_idx=execution)
+    rows = []
+    for task in source.get_read_tasks(1, data_context=context):
+        for block in task():
+            file = task.metadata.input_files[0]
+            rows += [(e, file, i) for e, i in zip(block["epoch"].to_pylist(), block["id"].to_pylist())]
+    return rows
 
 
-def test_file_order_follows_the_data_epoch_not_the_execution_count():
-    from facediff.data.stream import EpochFileShuffle
+def test_a_pass_reads_its_epochs_in_turn_and_a_resume_continues_it(dataset):
+    """Execution x reads epochs first_epoch + 2x, + 2x + 1 one after the other, each file order seeded by the
+    epoch alone; a resumed source (first_epoch=2) reads what the straight one reads on its second execution,
+    minus the consumed records, which are skipped in their own epoch and in its first execution only."""
+    paths = shard_paths(dataset, "train")  # 3 files of 16 rows, row groups of 8
+    kw = dict(columns=["id"], rows_per_task=8, seed=5, shuffle=True, epochs_per_pass=2)
+    straight = ShardPasses(paths, first_epoch=0, **kw)
+    resumed = ShardPasses(paths, first_epoch=2, skip={2: {1, 2, 40}, 3: {7}}, **kw)
+    assert straight.num_tasks() == 2 * 3 * 2
+    first, second = _read_pass(straight, 0), _read_pass(straight, 1)
+    assert [e for e, _, _ in first] == [0] * 48 + [1] * 48 and [e for e, _, _ in second] == [2] * 48 + [3] * 48
+    for epoch in (0, 1):
+        assert sorted(i for e, _, i in first if e == epoch) == list(range(48))  # every record once an epoch
+        files = list(dict.fromkeys(f for e, f, _ in first if e == epoch))
+        assert files == [paths[k] for k in file_order(3, 5, epoch)]
+    assert file_order(3, 5, 0) != file_order(3, 5, 1) or file_order(3, 5, 1) != file_order(3, 5, 2)
+    skipped = {(2, 1), (2, 2), (2, 40), (3, 7)}
+    assert _read_pass(resumed, 0) == [(e, f, i) for e, f, i in second if (e, i) not in skipped]
+    assert _read_pass(resumed, 1) == [(e, f, i) for e, f, i in _read_pass(straight, 2)]  # skips: first pass only
+    fixed = ShardPasses(paths, first_epoch=4, advance=False, **(kw | {"epochs_per_pass": 1}))
+    assert {e for e, _, _ in _read_pass(fixed, 0) + _read_pass(fixed, 3)} == {4}  # evaluation: one epoch always
 
-    resumed, straight = EpochFileShuffle(7, first_epoch=2), EpochFileShuffle(7, first_epoch=0)
-    assert resumed.get_seed(0) == straight.get_seed(2) and resumed.get_seed(1) == straight.get_seed(3)
-    assert straight.get_seed(0) != straight.get_seed(1)
+
+def test_decode_takes_each_rows_epoch_from_its_epoch_column(rows):
+    epochs = np.arange(len(rows["id"])) % 3 + 4
+    out = decode_batch(rows | {"epoch": epochs}, image_size=SIZE, hflip=True, seed=5, epoch=None)
+    assert out["epoch"].tolist() == epochs.tolist()
+    np.testing.assert_array_equal(out["flipped"], flip_decisions(out["id"], seed=5, epoch=epochs))
+    per_epoch = [flip_decisions(out["id"], seed=5, epoch=e) for e in (4, 5, 6)]
+    assert any((per_epoch[0] != p).any() for p in per_epoch[1:])  # the epoch matters
+    with pytest.raises(ValueError, match="epoch"):
+        decode_batch(rows, image_size=SIZE, hflip=True, seed=5, epoch=None)
 
 
 def test_flip_keeps_image_and_parts_aligned(rows):
@@ -268,10 +290,7 @@ def test_rejects_bad_inputs(dataset, rows):
 @pytest.mark.ray
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_ray_dataset_delivers_every_row_once(ray_session, dataset, shuffle):
-    context = ray_session.data.DataContext.get_current()
-    v2_before = context.use_datasource_v2
     ds = build_dataset(dataset, "train", image_size=SIZE, seed=5, shuffle=shuffle)
-    assert context.use_datasource_v2 == v2_before  # build_dataset switches the reader for its own Dataset only
     ids, flips = [], {}
     for batch in iter_train_batches(ds, 8, part_groups=DEFAULT_PART_GROUPS, drop_last=False):
         n = len(batch["id"])
@@ -288,18 +307,21 @@ def test_ray_dataset_delivers_every_row_once(ray_session, dataset, shuffle):
 
 
 @pytest.mark.ray
-def test_each_pass_over_a_training_dataset_flips_anew(ray_session, dataset):
-    """epoch=None: the epoch is Ray Data's execution count, so augmentation differs between epochs."""
-    ds = build_dataset(dataset, "train", image_size=SIZE, seed=5, epoch=None)
-    passes = []
-    for _ in range(2):
-        flips = {}
+def test_each_pass_over_a_training_dataset_reads_its_epochs_and_flips_each_anew(ray_session, dataset):
+    """epoch=None: iteration x of the Dataset is pass x, epochs 2x and 2x + 1, each record once in each, its
+    flips those of its own epoch."""
+    ds = build_dataset(dataset, "train", image_size=SIZE, seed=5, epoch=None, shuffle=True, epochs_per_pass=2)
+    flips = {}
+    for x in range(2):
+        seen = []
         for batch in iter_train_batches(ds, 16, drop_last=False):
-            flips |= observed_flips(finished_numpy(batch))
-        passes.append(flips)
-    for epoch, flips in enumerate(passes):  # a fresh Dataset: its passes are executions 0 and 1
-        assert flips == dict(zip(range(48), flip_decisions(np.arange(48), seed=5, epoch=epoch).tolist()))
-    assert passes[0] != passes[1]
+            rows = list(zip(batch["epoch"].tolist(), batch["id"].tolist()))
+            seen += rows
+            flips |= {row: red_on_right(image) for row, image in zip(rows, batch["image"].numpy())}
+        assert sorted(seen) == [(e, i) for e in (2 * x, 2 * x + 1) for i in range(48)]
+    for epoch in range(4):
+        assert [flips[epoch, i] for i in range(48)] == flip_decisions(np.arange(48), seed=5, epoch=epoch).tolist()
+    assert [flips[0, i] for i in range(48)] != [flips[1, i] for i in range(48)]
 
 
 @pytest.mark.ray

@@ -37,7 +37,7 @@ def config(synthetic_shards, tmp_path, path="configs/experiments/tiny_unet.yaml"
 
 
 def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
-    cfg = config(synthetic_shards, tmp_path)
+    cfg = config(synthetic_shards, tmp_path, extra=["data.epochs_per_pass=1"])  # the logged epoch: 64 rows of 44
     fault = {"crash_at_step": 5, "marker": str(tmp_path / "crashed")}
     with pytest.raises(Exception, match="injected worker crash at step 5"):
         train(cfg, fault=fault)
@@ -227,24 +227,25 @@ def _epochs_seen(trace_dir) -> dict[int, list[tuple[int, int]]]:
 
 @pytest.mark.timeout(900)
 def test_interrupted_runs_see_the_uninterrupted_runs_data(synthetic_shards, tmp_path):
-    """A restart after a worker crash (same fit) and a resume by re-running (new fit, later epoch) continue the
-    epochs where they were: per epoch, the same (id, flipped) multiset as the uninterrupted run, every record once.
-    44 rows / (2 workers x batch 2) = 11 steps per epoch, none dropped; 22 steps = 2 whole epochs."""
-    steps, ips = 22, 4
+    """A restart after a worker crash (same fit) and a resume by re-running (new fit, later pass) continue the
+    pass where it was: per epoch, the same (id, flipped) multiset as the uninterrupted run, every record once.
+    Passes of 2 epochs: 88 rows / (2 workers x batch 2) = 22 steps a pass, none dropped; 33 steps = epochs 0
+    and 1 whole (pass 0), then half of pass 1 (epochs 2 and 3, read one after the other)."""
+    steps, ips = 33, 4
 
     def cfg(name, total, extra=()):
         return load_config("configs/experiments/tiny_unet.yaml", [
             f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", f"trainer.run_name={name}",
-            "trainer.batch_size=2", f"trainer.total_kimg={total * ips / 1000}",
+            "trainer.batch_size=2", f"trainer.total_kimg={total * ips / 1000}", "data.epochs_per_pass=2",
             f"trainer.checkpoint_every_kimg={3 * ips / 1000}", "trainer.log_every_steps=100", "trainer.keep_last=2",
             *extra])
 
     train(cfg("straight", steps), trace_dir=tmp_path / "straight")
-    # crash at step 7 (last checkpoint: 6, in epoch 0), restart within the fit, stop at 13 (in epoch 1) ...
+    # crash at step 7 (last checkpoint: 6, in pass 0), restart within the fit, stop at 13 (still in pass 0) ...
     train(cfg("interrupted", 13, ["trainer.max_failures=1"]), trace_dir=tmp_path / "interrupted",
           fault={"crash_at_step": 7, "marker": str(tmp_path / "crashed")})
     assert (tmp_path / "crashed").exists()
-    # ... then the same run again for 22 steps: a new fit() resuming in epoch 1 with 2 of its steps consumed
+    # ... then the same run again for 33 steps: a new fit() resuming in pass 0 at step 12, crossing into pass 1
     train(cfg("interrupted", steps), trace_dir=tmp_path / "interrupted")
     assert [r["step"] for r in read_metrics(tmp_path / "runs" / "interrupted")][-1] == steps
 
@@ -253,11 +254,14 @@ def test_interrupted_runs_see_the_uninterrupted_runs_data(synthetic_shards, tmp_
             assert row["progress"] == pytest.approx((row["step"] - 1) / steps if row["step"] > 13 else
                                                     (row["step"] - 1) / 13), row["step"]
     straight, interrupted = _epochs_seen(tmp_path / "straight"), _epochs_seen(tmp_path / "interrupted")
-    assert sorted(straight) == sorted(interrupted) == [0, 1]
+    assert sorted(straight) == sorted(interrupted) == [0, 1, 2, 3]
     for epoch in (0, 1):
         assert len(straight[epoch]) == 44 and len({i for i, _ in straight[epoch]}) == 44  # every record once
         assert interrupted[epoch] == straight[epoch], f"epoch {epoch}"
     assert straight[0] != straight[1]  # and the epochs flip differently
+    for seen in (straight, interrupted):  # pass 1: 44 of its 88 records by step 33, none twice in an epoch
+        assert len(seen[2]) + len(seen[3]) == 44
+        assert all(len({i for i, _ in seen[e]}) == len(seen[e]) for e in (2, 3))
 
 
 def _evaluated_ids_loop(config):

@@ -198,3 +198,39 @@ def test_read_blocks_hold_more_rows_of_smaller_images(synthetic_shards, monkeypa
     blocks = {size: _default_read_parallelism(synthetic_shards, "train", 8, per_cpu=False, image_size=size)
               for size in (32, 64, 128, 256, 512)}
     assert blocks == {32: 16, 64: 16, 128: 32, 256: 64, 512: 64}  # 512 rows a block at most, 128 at least
+
+
+def test_data_position_keeps_epoch_and_id_per_rank_and_reads_files_from_before_passes(tmp_path):
+    from safetensors.torch import save_file
+
+    from facediff.train import checkpoint
+    from facediff.train.checkpoint import TrainState
+
+    state = TrainState(step=12, epoch=8, batches_in_epoch=5)
+    checkpoint.save_position(tmp_path, state, 0, {(8, 3), (9, 3), (8, 40)})  # one id in two epochs of a pass
+    checkpoint.save_position(tmp_path, state, 1, {(9, 7)})
+    assert checkpoint.read_state(tmp_path) == state
+    records = checkpoint.consumed_records(tmp_path)
+    assert records == {(8, 3), (9, 3), (8, 40), (9, 7)}
+    assert checkpoint.by_epoch(records) == {8: {3, 40}, 9: {3, 7}}
+    save_file({"consumed_ids": torch.tensor([5, 6])}, str(tmp_path / "data_rank1.safetensors"))  # ids only
+    assert checkpoint.consumed_records(tmp_path) == {(8, 3), (9, 3), (8, 40), (8, 5), (8, 6)}  # the state's epoch
+
+
+def test_a_resumed_pass_must_hold_only_its_epochs_and_no_consumed_record():
+    from facediff.train.checkpoint import TrainState, check_resumed_data
+
+    state = TrainState(step=3, epoch=4)
+    batch = {"epoch": torch.tensor([4, 5, 5]), "id": torch.tensor([1, 2, 3])}
+    check_resumed_data(batch, state, {(4, 2), (5, 1)}, epochs_per_pass=2)  # (5, 2) is not (4, 2): fine
+    with pytest.raises(RuntimeError, match="epochs"):
+        check_resumed_data(batch, state, set(), epochs_per_pass=1)  # epoch 5 belongs to the next pass
+    with pytest.raises(RuntimeError, match="came again"):
+        check_resumed_data(batch, state, {(5, 3)}, epochs_per_pass=2)
+
+
+def test_default_epochs_per_pass_follows_the_split_size():
+    from facediff.data.passes import epochs_per_pass
+
+    assert [epochs_per_pass(None, rows) for rows in (44, 922, 2_700, 27_000, 100_000)] == [8, 8, 8, 3, 1]
+    assert epochs_per_pass(2, 27_000) == 2  # data.epochs_per_pass wins

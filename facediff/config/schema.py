@@ -39,6 +39,11 @@ class DataConfig(Strict):
     # the cluster's CPUs), so a run is bit-identical on one node or several. false (faster): blocks go to
     # whichever worker asks first; each epoch still holds every record once, but batches differ between runs.
     deterministic_order: bool = False
+    # Training reads this many data epochs per streaming execution of the split (a pass), one after the other:
+    # each execution's start costs ~0.2-0.6 s before its first batch. Batches near an epoch's end may hold rows of
+    # the next one (the local shuffle buffer mixes them); each row keeps its own epoch's flips and captions.
+    # None = enough epochs for 65,536 rows a pass, at most 8 (8 for 2,700 faces, 3 for 27,000).
+    epochs_per_pass: PositiveInt | None = None
     use_latents: bool = False  # read the cached `latents` column written by `facediff prepare latents`
     # The training split must hold exactly this many records (checked against the manifest when a run starts):
     # the paper's data regimes (2,700 or 27,000 faces) are prepared datasets, and this catches a config of one

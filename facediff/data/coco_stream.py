@@ -59,21 +59,22 @@ def decode_captions(encoded) -> list[str]:
     return [bytes(row).rstrip(b"\0").decode("utf-8", errors="ignore") for row in array]
 
 
-def draw_captions(ids: np.ndarray, captions, *, seed: int, epoch: int) -> list[str]:
-    """One caption per record, a function of (seed, epoch, id) only."""
+def draw_captions(ids: np.ndarray, captions, *, seed: int, epochs: np.ndarray) -> list[str]:
+    """One caption per record, a function of (seed, epoch, id) only (`epochs`: each record's data epoch)."""
     drawn = []
-    for i, options in zip(ids, captions):
+    for i, epoch, options in zip(ids, epochs, captions):
         options = list(options) if options is not None else []
         if not options:
             drawn.append("")
             continue
-        drawn.append(str(options[np.random.default_rng([seed, epoch, int(i), 1]).integers(len(options))]))
+        drawn.append(str(options[np.random.default_rng([seed, int(epoch), int(i), 1]).integers(len(options))]))
     return drawn
 
 
-def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: bool, seed: int, epoch: int,
+def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: bool, seed: int, epochs: np.ndarray,
                       flip_decisions) -> dict[str, np.ndarray]:
-    """Decode one batch of COCO people rows at `image_size` (see the module docstring for the columns)."""
+    """Decode one batch of COCO people rows at `image_size` (see the module docstring for the columns);
+    `epochs` (B,) int64: each row's data epoch."""
     ids = np.array(batch["id"], dtype=np.int64)
     n, s = len(ids), image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
@@ -97,7 +98,7 @@ def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: b
     person_boxes *= scale[:, None, None]
     face_boxes *= scale[:, None, None]
 
-    flip = flip_decisions(ids, seed=seed, epoch=epoch) if hflip else np.zeros(n, dtype=bool)
+    flip = flip_decisions(ids, seed=seed, epoch=epochs) if hflip else np.zeros(n, dtype=bool)
     if flip.any():
         images[flip] = images[flip, :, ::-1]
         persons[flip] = persons[flip, :, ::-1]
@@ -107,7 +108,7 @@ def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: b
             boxes[flip] = mirrored * valid[flip][..., None]  # padding stays all-zero
     return {
         "id": ids,
-        "epoch": np.full(n, epoch, dtype=np.int64),
+        "epoch": epochs,
         "flipped": flip.astype(np.uint8),
         "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),  # uint8, made float on the device
         "persons": persons,
@@ -116,5 +117,5 @@ def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: b
         "face_boxes": face_boxes,
         "face_valid": face_valid,
         "face_scores": face_scores,
-        "caption": encode_captions(draw_captions(ids, batch["captions"], seed=seed, epoch=epoch)),
+        "caption": encode_captions(draw_captions(ids, batch["captions"], seed=seed, epochs=epochs)),
     }

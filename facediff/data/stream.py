@@ -32,6 +32,7 @@ from ray.data.collate_fn import DefaultCollateFn
 from facediff.data.celebamask import NUM_ATTRIBUTES, NUM_PART_CLASSES
 from facediff.data.hashing import splitmix64
 from facediff.data.coco_stream import COCO_KIND, decode_coco_batch
+from facediff.data.passes import EPOCH_COLUMN, ShardPasses
 from facediff.data.shards import LATENTS, LATENTS_FLIPPED, SHARD_SCHEMA, read_manifest, shard_paths, split_rows
 
 if TYPE_CHECKING:  # torch stays out of the decode tasks' imports (Ray Data workers start faster)
@@ -59,36 +60,13 @@ PREFETCH_BATCHES = 2
 NON_TENSOR_COLUMNS = ("split",)
 
 
-def flip_decisions(ids: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+def flip_decisions(ids: np.ndarray, *, seed: int, epoch: int | np.ndarray) -> np.ndarray:
     """Whether each row is mirrored: a function of (seed, epoch, id) only, never of batching or order,
-    so a resumed run repeats the augmentation and a test can predict it. One vectorised hash for the whole
-    batch (a NumPy generator per row cost more than decoding a 64 px JPEG)."""
-    key = splitmix64(splitmix64(seed) ^ np.uint64(epoch))
+    so a resumed run repeats the augmentation and a test can predict it. `epoch`: one for all rows or each
+    row's. One vectorised hash for the whole batch (a NumPy generator per row cost more than decoding a 64 px
+    JPEG)."""
+    key = splitmix64(splitmix64(seed) ^ np.asarray(epoch, dtype=np.int64).astype(np.uint64))
     return (splitmix64(key ^ np.asarray(ids, dtype=np.int64).astype(np.uint64)) >> np.uint64(63)).astype(bool)
-
-
-class EpochFileShuffle(FileShuffleConfig):
-    """File order seeded by (seed, data epoch), where the epoch is `first_epoch` + the Dataset's execution count.
-
-    Ray's own `reseed_after_execution` seeds by the execution count alone, which restarts at 0 whenever Ray Train
-    builds its data pipeline anew (a resumed run, a restart after a worker failure); offsetting it by the epoch
-    the run resumes in makes a resumed run read the files in the order the uninterrupted run would have."""
-
-    def __init__(self, seed: int, first_epoch: int = 0):
-        super().__init__(seed=seed, reseed_after_execution=True)
-        self.first_epoch = first_epoch
-
-    def get_seed(self, execution_idx: int = 0) -> int:
-        return int(np.random.SeedSequence([self.seed, self.first_epoch + execution_idx]).generate_state(1)[0])
-
-
-def current_execution_index() -> int:
-    """How many times the Dataset running this task was executed before (0 outside Ray Data).
-
-    Ray Data counts executions in its DataContext, which travels with every task; its own
-    `reseed_after_execution` option reads the same counter.
-    """
-    return int(getattr(ray.data.DataContext.get_current(), "_execution_idx", 0))
 
 
 def _column_2d(column: np.ndarray, width: int, name: str) -> np.ndarray:
@@ -151,32 +129,24 @@ def decode_batch(
     seed: int,
     epoch: int | None,
     latent_shape: tuple[int, int, int] | None = None,
-    first_epoch: int = 0,
-    skip_ids: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode one batch of shard rows (numpy format); the function `map_batches` runs.
 
-    `epoch=None` takes the epoch from Ray Data's execution counter (plus `first_epoch`, the epoch a resumed run
-    starts in), so a Dataset iterated once per epoch (as Ray Train does) flips differently every epoch while
-    staying a function of (seed, epoch, id). `skip_ids` (sorted) are dropped from the first execution only:
-    the records a resumed run already consumed in the epoch it resumes in.
+    `epoch=None` takes each row's data epoch from its "epoch" column (`passes.ShardPasses` writes it), so every
+    epoch of a pass flips differently while flips stay a function of (seed, epoch, id).
     With `latent_shape` (C, h, w) the cached latents are returned too: a flipped row takes `latents_flipped`,
     the exact latents of the mirrored image, never a mirrored latent (only approximately the same).
     """
-    if epoch is None:
-        execution = current_execution_index()
-        epoch = first_epoch + execution
-        if skip_ids is not None and len(skip_ids) and execution == 0:
-            keep = ~np.isin(np.asarray(batch["id"], dtype=np.int64), skip_ids)
-            if not keep.all():
-                batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    ids = np.array(batch["id"], dtype=np.int64)  # a copy: the output must not alias read-only input buffers
+    n, s = len(ids), image_size
+    if epoch is None and EPOCH_COLUMN not in batch:
+        raise ValueError(f"epoch=None needs an {EPOCH_COLUMN!r} column (rows read by passes.ShardPasses)")
+    epochs = np.array(batch[EPOCH_COLUMN] if epoch is None else np.full(n, epoch), dtype=np.int64)
     if "persons" in batch:  # a COCO people dataset (`prepare coco`): its own columns
         if latent_shape is not None:
             raise ValueError("COCO people shards have no cached latents: set data.use_latents to false")
-        return decode_coco_batch(batch, image_size=image_size, hflip=hflip, seed=seed, epoch=epoch,
+        return decode_coco_batch(batch, image_size=image_size, hflip=hflip, seed=seed, epochs=epochs,
                                  flip_decisions=flip_decisions)
-    ids = np.array(batch["id"], dtype=np.int64)  # a copy: the output must not alias read-only input buffers
-    n, s = len(ids), image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
     parts = np.empty((n, s, s), dtype=np.uint8)
     for row, (image_bytes, parts_bytes) in enumerate(zip(batch["image"], batch["parts"])):
@@ -191,7 +161,7 @@ def decode_batch(
         # (l_/r_ eye, brow, ear) are deliberately NOT swapped: CelebAMask-HQ's l_/r_ names follow the annotators'
         # convention, which we do not second-guess; after a flip a "l_eye" region simply sits on the other side.
         # The default part groups merge each pair, so their masks are unaffected by this choice.
-        flip = flip_decisions(ids, seed=seed, epoch=epoch)
+        flip = flip_decisions(ids, seed=seed, epoch=epochs)
         images[flip] = images[flip, :, ::-1]
         parts[flip] = parts[flip, :, ::-1]
 
@@ -200,7 +170,7 @@ def decode_batch(
         raise ValueError("attributes must be 0 or 1")
     out = {
         "id": ids,
-        "epoch": np.full(n, epoch, dtype=np.int64),
+        "epoch": epochs,
         "flipped": flip.astype(np.uint8),
         "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),  # uint8: `batch.finish_batch` makes floats
         "parts": parts,  # part masks are made from it on the device (`batch.finish_batch`)
@@ -213,13 +183,10 @@ def decode_batch(
 
 def _default_read_parallelism(dataset: Path, split: str, num_files: int, per_cpu: bool = True,
                               image_size: int = 256) -> int:
-    """Enough blocks to keep every CPU decoding and let the first batch arrive early.
-
-    The V1 Parquet reader makes at most one read task per file; asking for more blocks than files makes each
-    read task split its output, and the decode stage then runs on those smaller blocks in parallel (it is no
-    longer fused into the read). Without this, a few small shards collapse into one read+decode task and the
-    first batch waits for the whole epoch. per_cpu=False leaves the CPUs out, so the blocks (and with them the
-    rows each Train worker is dealt) are the same on any cluster (`data.deterministic_order`).
+    """Enough blocks (read tasks of whole row groups, `passes.ShardPasses`) to keep every CPU decoding and let
+    the first batch arrive early: at least one per file, two per CPU, and `rows_per_block(image_size)` rows each
+    at most. per_cpu=False leaves the CPUs out, so the blocks (and with them the rows each Train worker is dealt)
+    are the same on any cluster (`data.deterministic_order`).
     """
     rows = split_rows(dataset, split)
     cpus = 0
@@ -266,21 +233,23 @@ def build_dataset(
     shuffle: bool = False,
     use_latents: bool = False,
     first_epoch: int = 0,
-    skip_ids: set[int] | None = None,
+    epochs_per_pass: int = 1,
+    skip_ids: dict[int, set[int]] | None = None,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of decoded rows of one split (see `decode_batch` for the columns).
 
-    Flips depend on (seed, epoch, id). With a fixed `epoch` every iteration repeats the same flips; with
-    `epoch=None` the epoch is `first_epoch` + the Dataset's execution count, so each pass over it flips anew
-    (training); a resumed run passes the epoch it resumes in and the ids it already consumed there (`skip_ids`,
-    dropped from the first pass only), so it continues the uninterrupted run's epochs.
+    Flips depend on (seed, epoch, id). With a fixed `epoch` every iteration reads that epoch again (evaluation).
+    With `epoch=None` (training) each iteration is a *pass* of `epochs_per_pass` epochs read one after the other
+    (`passes.ShardPasses`): iteration x reads epochs `first_epoch + x * epochs_per_pass` onwards, every row
+    tagged with its epoch. A resumed run passes the first epoch of the pass it resumes in and the ids it already
+    consumed there per epoch (`skip_ids`, dropped from the first iteration only), so it continues the
+    uninterrupted run's epochs.
 
-    shuffle=True shuffles the order of shard files, seeded by (seed, epoch) and re-seeded on every execution
-    of this Dataset (so each epoch over the same Dataset reads files in a different, reproducible order).
-    It is deliberately not `random_shuffle` / `randomize_block_order`: both are all-to-all barriers that hold
-    the first batch until the whole split has been read. Mix rows within and across files downstream with
-    `iter_train_batches(local_shuffle_buffer_size=...)`; shards are bounded, so file order + a buffer of a few
-    hundred rows is a good approximation of a full shuffle.
+    shuffle=True reads each epoch's shard files in an order seeded by (seed, epoch), so a resumed run reads
+    them as the uninterrupted run did. It is deliberately not `random_shuffle` / `randomize_block_order`: both
+    are all-to-all barriers that hold the first batch until the whole split has been read. Mix rows within and
+    across files downstream with `iter_train_batches(local_shuffle_buffer_size=...)`; shards are bounded, so
+    file order + a buffer of a few hundred rows is a good approximation of a full shuffle.
 
     blocks_per_cpu=False: the default block count ignores the cluster's CPUs (see `_default_read_parallelism`).
 
@@ -294,25 +263,24 @@ def build_dataset(
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}, first_epoch={first_epoch}")
     if read_parallelism is not None and read_parallelism < 1:
         raise ValueError(f"read_parallelism must be >= 1, got {read_parallelism}")
+    if epochs_per_pass < 1 or (epoch is not None and (epochs_per_pass != 1 or skip_ids)):
+        raise ValueError(f"epochs_per_pass must be >= 1, and 1 without skip_ids for a fixed epoch ({epoch})")
     dataset = Path(dataset)
     paths = shard_paths(dataset, split)  # raises on a missing manifest, split or shard
     if not paths:
         raise ValueError(f"{dataset}: split {split!r} has no shards")
 
-    file_shuffle = None
-    if shuffle:
-        base_seed = int(np.random.SeedSequence([seed, epoch or 0]).generate_state(1)[0])
-        file_shuffle = EpochFileShuffle(base_seed, first_epoch if epoch is None else 0)
     latent_shape = _cached_latent_shape(dataset, image_size, hflip) if use_latents else None
     num_blocks = read_parallelism or _default_read_parallelism(dataset, split, len(paths), blocks_per_cpu, image_size)
     # Latent columns are large (12k values a row for 3x64x64); skip reading them when they are not used.
     coco = read_manifest(dataset).get("kind") == COCO_KIND
     columns = None if use_latents or coco else list(SHARD_SCHEMA.names)
-    ds = _read_shards(paths, num_blocks, file_shuffle, columns)
-    kwargs = dict(image_size=image_size, hflip=hflip, seed=seed, epoch=epoch,
-                  first_epoch=first_epoch)
-    if skip_ids:
-        kwargs["skip_ids"] = np.array(sorted(skip_ids), dtype=np.int64)
+    source = ShardPasses(paths, columns=columns, rows_per_task=math.ceil(split_rows(dataset, split) / num_blocks),
+                         seed=seed, shuffle=shuffle, first_epoch=first_epoch if epoch is None else epoch,
+                         epochs_per_pass=epochs_per_pass, advance=epoch is None, skip=skip_ids)
+    # as many blocks as read tasks: more would make Ray split every task's output
+    ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks())
+    kwargs = dict(image_size=image_size, hflip=hflip, seed=seed, epoch=None)
     if latent_shape is not None:
         kwargs["latent_shape"] = latent_shape
     return ds.map_batches(decode_batch, batch_size=DECODE_BATCH_ROWS, batch_format="numpy", fn_kwargs=kwargs)

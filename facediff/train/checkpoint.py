@@ -3,7 +3,7 @@
 A checkpoint folder holds DeepSpeed's engine state under the tag `state/` (model, optimizer and LR schedule,
 one optimizer partition per rank), `ema.safetensors` (the full averaged weights), `rng_rank{r}.safetensors`
 (each rank's generators: the noise generator, the CPU RNG and, on a GPU, the CUDA RNG of its device),
-`data_rank{r}.safetensors` (the ids of the records rank r consumed in the epoch in progress) and
+`data_rank{r}.safetensors` (the records rank r consumed in the pass in progress: their ids and data epochs) and
 `trainer_state.json` (step, data epoch and position). Each rank writes its files
 into a local folder; Ray Train merges the ranks' folders in storage and registers the checkpoint only once
 every upload finished, so a crash mid-write leaves the previous checkpoint as the latest. Ray copies into
@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,8 +40,8 @@ DATA_FILE = "data_rank{rank}.safetensors"
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
-    epoch: int = 0  # data epoch in progress
-    batches_in_epoch: int = 0  # micro-batches of `epoch` consumed by each rank (their ids: DATA_FILE)
+    epoch: int = 0  # first data epoch of the pass in progress (`passes.ShardPasses`: one pass, one execution)
+    batches_in_epoch: int = 0  # micro-batches of that pass consumed by each rank (their records: DATA_FILE)
 
 
 def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -59,7 +59,7 @@ def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> N
 
 
 def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.Generator, rank: int,
-         consumed_ids: list[int] | None = None) -> None:
+         consumed: Iterable[tuple[int, int]] = ()) -> None:
     directory = Path(directory)
     # collective: every rank writes its partition. Frozen weights are left out (every build of the task makes them
     # identically: seeded, or read from the same pretrained files), so an SD family's checkpoint holds its
@@ -68,27 +68,30 @@ def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.
     save_file(rng_state(generator), str(directory / f"rng_rank{rank}.safetensors"))
     if rank == 0:
         save_file(ema.state_dict(), str(directory / EMA_FILE))
-    save_position(directory, state, rank, consumed_ids)
+    save_position(directory, state, rank, consumed)
 
 
-def save_position(directory: Path, state: TrainState, rank: int, consumed_ids: list[int] | None) -> None:
-    """The data position (every rank its consumed ids, rank 0 the trainer state): what `run.resume_point` reads
-    to build a resumed run's data pipeline."""
-    save_file({"consumed_ids": torch.tensor(list(consumed_ids or []), dtype=torch.int64)},
+def save_position(directory: Path, state: TrainState, rank: int, consumed: Iterable[tuple[int, int]]) -> None:
+    """The data position (every rank the (epoch, id) of the records it consumed in the pass in progress, rank 0
+    the trainer state): what `run.resume_point` reads to build a resumed run's data pipeline."""
+    pairs = torch.tensor(sorted(consumed), dtype=torch.int64).reshape(-1, 2)
+    save_file({"consumed_epochs": pairs[:, 0].contiguous(), "consumed_ids": pairs[:, 1].contiguous()},
               str(Path(directory) / DATA_FILE.format(rank=rank)))
     if rank == 0:
         (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state)))
 
 
-def check_resumed_data(batch, state: TrainState, skipped: set[int]) -> None:
+def check_resumed_data(batch, state: TrainState, skipped: set[tuple[int, int]], epochs_per_pass: int = 1) -> None:
     """The data pipeline must continue where the checkpoint left off (see `run.resume_point`): the first batch
-    after a resume belongs to the checkpoint's epoch and holds none of the records consumed before it."""
-    epochs = set(batch["epoch"].tolist())
-    if epochs != {state.epoch}:
-        raise RuntimeError(f"data epoch {sorted(epochs)} reached the loop, but the run is in epoch {state.epoch}: "
-                           "the dataset was built for another checkpoint than the one resumed from")
-    if skipped and skipped & set(batch["id"].tolist()):
-        raise RuntimeError("records consumed before the checkpoint came again in the resumed epoch")
+    of a pass belongs to the pass's epochs and holds none of the records consumed before the checkpoint."""
+    epochs = batch["epoch"].tolist()
+    expected = range(state.epoch, state.epoch + epochs_per_pass)
+    if not set(epochs) <= set(expected):
+        raise RuntimeError(f"data epochs {sorted(set(epochs))} reached the loop, but the run's pass holds epochs "
+                           f"{expected.start}-{expected.stop - 1}: the dataset was built for another checkpoint "
+                           "than the one resumed from")
+    if skipped and skipped & set(zip(epochs, batch["id"].tolist())):
+        raise RuntimeError("records consumed before the checkpoint came again in the resumed pass")
 
 
 def load(directory: Path, engine, ema: EMA, generator: torch.Generator, rank: int) -> TrainState:
@@ -108,12 +111,26 @@ def load(directory: Path, engine, ema: EMA, generator: torch.Generator, rank: in
     return state
 
 
-def consumed_ids(directory: Path) -> set[int]:
-    """The ids every rank consumed in the checkpoint's epoch in progress (skipped when that epoch resumes)."""
-    ids: set[int] = set()
+def consumed_records(directory: Path) -> set[tuple[int, int]]:
+    """(epoch, id) of the records every rank consumed in the checkpoint's pass in progress (skipped when that
+    pass resumes). Files written before passes hold ids only: those were all of the checkpoint's epoch."""
+    records: set[tuple[int, int]] = set()
     for path in sorted(Path(directory).glob(DATA_FILE.format(rank="*"))):
-        ids.update(load_file(str(path))["consumed_ids"].tolist())
-    return ids
+        data = load_file(str(path))
+        ids = data["consumed_ids"].tolist()
+        if "consumed_epochs" in data:
+            records.update(zip(data["consumed_epochs"].tolist(), ids))
+        else:
+            records.update((read_state(directory).epoch, record_id) for record_id in ids)
+    return records
+
+
+def by_epoch(records: Iterable[tuple[int, int]]) -> dict[int, set[int]]:
+    """{epoch: ids} of (epoch, id) records: what `stream.build_dataset(skip_ids=...)` takes."""
+    out: dict[int, set[int]] = {}
+    for epoch, record_id in records:
+        out.setdefault(epoch, set()).add(record_id)
+    return out
 
 
 def position_files(names) -> list[str]:

@@ -116,13 +116,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # stop: the check waits on the device until the next log, evaluation or checkpoint (no host sync per step);
     # skip must decide before each backward, so it pays one small all-reduce and a sync per step
     watch = FirstNonFinite(device) if cfg.trainer.on_nonfinite_loss == "stop" else None
-    state, consumed = TrainState(), set()  # consumed: ids used in the epoch in progress, by every rank
+    # a pass: the data epochs one iteration of the shard reads (`passes.ShardPasses`)
+    epochs_per_pass = loop_config.get("epochs_per_pass", 1)
+    state, consumed = TrainState(), set()  # consumed: (epoch, id) used in the pass in progress, by every rank
     if (resume_from := ray.train.get_checkpoint()) is not None:
         with checkpoint.local_folder(resume_from) as folder:
             state = checkpoint.load(folder, engine, ema, generator, rank)
-            consumed = checkpoint.consumed_ids(folder)
-        log.info("resumed from the checkpoint of step %d (epoch %d)", state.step, state.epoch)
-    skipped = set(consumed)  # the data pipeline drops these from the resumed epoch (`run.resume_point`)
+            consumed = checkpoint.consumed_records(folder)
+        log.info("resumed from the checkpoint of step %d (pass from epoch %d)", state.step, state.epoch)
+    skipped = set(consumed)  # the data pipeline drops these from the resumed pass (`run.resume_point`)
     trace = DataTrace(loop_config.get("trace_dir"), rank)
 
     ips, total = images_per_step(cfg, world), total_steps(cfg, world)
@@ -136,19 +138,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)
 
     shard = ray.train.get_dataset_shard("train")
+    data_epoch = state.epoch
     window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
     while state.step < total:
         batches = iter_train_batches(
             shard, cfg.trainer.batch_size, device=device, part_groups=cfg.data.resolved_part_groups(),
             local_shuffle_buffer_size=SHUFFLE_BUFFER,
-            local_shuffle_seed=cfg.trainer.seed * 10_007 + state.epoch,  # a different, seeded order each epoch
+            local_shuffle_seed=cfg.trainer.seed * 10_007 + state.epoch,  # a different, seeded order each pass
         )
         for index, batch in enumerate(batches):
             if index == 0:
-                checkpoint.check_resumed_data(batch, state, skipped)
+                checkpoint.check_resumed_data(batch, state, skipped, epochs_per_pass)
             engine.module.training_progress = state.step / total  # a function of the step: resumes in phase
             trace.write(state.step + 1, batch, engine.module.training_progress)
-            consumed.update(batch["id"].tolist())
+            consumed.update(zip(batch["epoch"].tolist(), batch["id"].tolist()))
+            data_epoch = max(data_epoch, max(batch["epoch"].tolist()))
             with gpu_step.forward():
                 loss = engine(gpu_step.batch(batch), generator)
             loss, poison_at = _maybe_poison(loss, state.step + 1, rank, poison_at)
@@ -191,7 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "step": state.step,
                 "time": time.time(),
                 "kimg": state.step * ips / 1000,
-                "epoch": state.epoch,
+                "epoch": data_epoch,  # the newest data epoch trained on
                 **means,
                 "lr": lr,
                 "ema_decay": decay,
@@ -210,18 +214,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if done:
                 break
         else:
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            state.epoch, state.batches_in_epoch = state.epoch + epochs_per_pass, 0
             consumed, skipped = set(), set()
     if run_log is not None:
         run_log.close()
 
 
-def _report(metrics, engine, ema, state, generator, rank, with_checkpoint: bool, consumed: set[int]) -> None:
+def _report(metrics, engine, ema, state, generator, rank, with_checkpoint: bool,
+            consumed: set[tuple[int, int]]) -> None:
     if not with_checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="facediff-ckpt-") as folder:
-        checkpoint.save(Path(folder), engine, ema, state, generator, rank, sorted(consumed))
+        checkpoint.save(Path(folder), engine, ema, state, generator, rank, consumed)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),

@@ -23,7 +23,8 @@ from facediff.config import dump_config, resolve_paths
 from facediff.config.schema import ExperimentConfig, model_autoencoder
 from facediff.console import RunProgress, start_ray
 from facediff.data.latents import check_cached_latents
-from facediff.data.shards import check_train_records, shard_paths
+from facediff.data import passes
+from facediff.data.shards import check_train_records, shard_paths, split_rows
 from facediff.data.stream import build_dataset
 from facediff.storage import RunStorage
 from facediff.tasks import DiffusionTask, build_task
@@ -51,11 +52,11 @@ RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 @dataclass
 class ResumePoint:
-    """Where the data of a resumed run continues: the epoch in progress and the records used in it."""
+    """Where the data of a resumed run continues: the pass in progress and the records used in it."""
 
     checkpoint: str | None = None  # folder name of the checkpoint Ray Train resumes from
-    epoch: int = 0
-    consumed: set[int] = field(default_factory=set)
+    epoch: int = 0  # first data epoch of the pass in progress
+    consumed: set[tuple[int, int]] = field(default_factory=set)  # (epoch, id) consumed in the pass in progress
 
 
 def resume_point(run: Path | RunStorage) -> ResumePoint:
@@ -72,7 +73,7 @@ def resume_point(run: Path | RunStorage) -> ResumePoint:
     for file in checkpoint.position_files(storage.listing(name)):
         storage.pull(f"{name}/{file}")
     folder = storage.local / name
-    return ResumePoint(name, checkpoint.read_state(folder).epoch, checkpoint.consumed_ids(folder))
+    return ResumePoint(name, checkpoint.read_state(folder).epoch, checkpoint.consumed_records(folder))
 
 
 def _dataset_options(cfg: ExperimentConfig) -> dict:
@@ -81,20 +82,26 @@ def _dataset_options(cfg: ExperimentConfig) -> dict:
                 blocks_per_cpu=not d.deterministic_order, use_latents=d.use_latents)
 
 
+def epochs_per_pass(cfg: ExperimentConfig) -> int:
+    """Data epochs in one streaming execution of the training split (`data.epochs_per_pass`, or by its size)."""
+    return passes.epochs_per_pass(cfg.data.epochs_per_pass, split_rows(Path(cfg.data.path), cfg.data.train_split))
+
+
 def train_dataset(experiment: dict, run: RunStorage) -> ray.data.Dataset:
-    """The training split as the run continues from its latest checkpoint: epochs (flips, file order) counted
-    from the checkpoint's epoch, and the records already consumed in it left out of the first pass.
+    """The training split as the run continues from its latest checkpoint: passes (flips, file order) counted
+    from the checkpoint's pass, and the records already consumed in it left out of the first one.
 
     Ray Train calls this (a dataset factory) each time it starts the workers, in a new `fit()` and after a
     worker failure alike, so the pipeline is built for the checkpoint the workers are about to restore."""
     cfg = ExperimentConfig.model_validate(experiment)
     point = resume_point(run)
     if point.checkpoint:
-        log.info("data resumes in epoch %d at %s, %d records of it already consumed",
+        log.info("data resumes in the pass from epoch %d at %s, %d records of it already consumed",
                  point.epoch, point.checkpoint, len(point.consumed))
     d = cfg.data
     return build_dataset(d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, epoch=None,
-                         first_epoch=point.epoch, skip_ids=point.consumed, **_dataset_options(cfg))
+                         first_epoch=point.epoch, epochs_per_pass=epochs_per_pass(cfg),
+                         skip_ids=checkpoint.by_epoch(point.consumed), **_dataset_options(cfg))
 
 
 def data_config(cfg: ExperimentConfig) -> DataConfig:
@@ -191,7 +198,8 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
-                           "trace_dir": str(trace_dir) if trace_dir else None},
+                           "trace_dir": str(trace_dir) if trace_dir else None,
+                           "epochs_per_pass": epochs_per_pass(cfg)},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,

@@ -202,8 +202,8 @@ def preview_png(triples: list[tuple[Tensor, Tensor, Tensor]], num_groups: int, o
 
 # ----------------------------------------------------------------------------------------- checkpoints
 def save_progress(folder: Path, model, optimizer, schedule, state: TrainState, rank: int,
-                  consumed: set[int]) -> None:
-    """A resumable checkpoint: every rank its data position (the ids it consumed in the epoch in progress; rank
+                  consumed: set[tuple[int, int]]) -> None:
+    """A resumable checkpoint: every rank its data position (the records it consumed in the epoch in progress; rank
     0 the step and epoch), rank 0 also the weights as safetensors and the optimizer and schedule as tensors-only
     state dicts (DDP keeps them identical on every rank)."""
     from safetensors.torch import save_file
@@ -212,10 +212,10 @@ def save_progress(folder: Path, model, optimizer, schedule, state: TrainState, r
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / PROGRESS_WEIGHTS))
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
                    folder / PROGRESS_OPTIMIZER)
-    checkpoint.save_position(folder, state, rank, sorted(consumed))
+    checkpoint.save_position(folder, state, rank, consumed)
 
 
-def load_progress(folder: Path, model, optimizer, schedule) -> tuple[TrainState, set[int]]:
+def load_progress(folder: Path, model, optimizer, schedule) -> tuple[TrainState, set[tuple[int, int]]]:
     """Restore what `save_progress` wrote (safely: safetensors, and `weights_only` for the optimizer state)."""
     from safetensors.torch import load_file
 
@@ -223,7 +223,7 @@ def load_progress(folder: Path, model, optimizer, schedule) -> tuple[TrainState,
     states = torch.load(folder / PROGRESS_OPTIMIZER, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     schedule.load_state_dict(states["schedule"])
-    return checkpoint.read_state(folder), checkpoint.consumed_ids(folder)
+    return checkpoint.read_state(folder), checkpoint.consumed_records(folder)
 
 
 # ----------------------------------------------------------------------------------------- the worker loop
@@ -247,7 +247,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / cfg.steps)
 
-    state, consumed, resumed_from = TrainState(), set(), None  # consumed: ids used in the epoch in progress
+    # consumed: (epoch, id) used in the epoch in progress (one epoch a pass here: segmenter runs are short)
+    state, consumed, resumed_from = TrainState(), set(), None
     if (resume := ray.train.get_checkpoint()) is not None:
         with checkpoint.local_folder(resume) as folder:
             state, consumed = load_progress(folder, module, optimizer, schedule)
@@ -264,7 +265,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for index, batch in enumerate(batches):
             if index == 0:
                 checkpoint.check_resumed_data(batch, state, skipped)
-            consumed.update(batch["id"].tolist())
+            consumed.update(zip(batch["epoch"].tolist(), batch["id"].tolist()))
             target = lut[batch["parts"].long()]
             loss = model(pixel_values=normalize_images(batch["image"]), labels=target).loss  # CE at full size
             optimizer.zero_grad(set_to_none=True)
@@ -323,7 +324,8 @@ def _train_dataset(config: dict, ray_run: str):
     cfg = SegformerTrainConfig.model_validate(config)
     point = resume_point(Path(ray_run))
     return build_dataset(cfg.data, cfg.train_split, image_size=cfg.image_size, hflip=cfg.hflip, shuffle=True,
-                         seed=cfg.seed, epoch=None, first_epoch=point.epoch, skip_ids=point.consumed)
+                         seed=cfg.seed, epoch=None, first_epoch=point.epoch,
+                         skip_ids=checkpoint.by_epoch(point.consumed))
 
 
 def _init_ray(cfg: SegformerTrainConfig) -> None:
