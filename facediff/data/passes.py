@@ -58,7 +58,7 @@ class ShardPasses(Datasource):
         self.seed, self.shuffle = seed, shuffle
         self.first_epoch, self.epochs_per_pass, self.advance = first_epoch, epochs_per_pass, advance
         self.skip = {int(e): np.array(sorted(ids), dtype=np.int64) for e, ids in (skip or {}).items() if ids}
-        # the files' row groups, read once from their footers: (path, [[group, ...] per task], rows, bytes per task)
+        # per file, its read tasks as (row groups, rows, bytes), planned once from the files' footers
         self.tasks_per_file = [self._plan_file(path, max(1, rows_per_task)) for path in self.paths]
 
     def _plan_file(self, path: str, rows_per_task: int) -> list[tuple[list[int], int, int]]:

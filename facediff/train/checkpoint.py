@@ -118,10 +118,10 @@ def consumed_records(directory: Path) -> set[tuple[int, int]]:
     for path in sorted(Path(directory).glob(DATA_FILE.format(rank="*"))):
         data = load_file(str(path))
         ids = data["consumed_ids"].tolist()
-        if "consumed_epochs" in data:
-            records.update(zip(data["consumed_epochs"].tolist(), ids))
-        else:
-            records.update((read_state(directory).epoch, record_id) for record_id in ids)
+        epochs = data["consumed_epochs"].tolist() if "consumed_epochs" in data else None
+        if epochs is None:
+            epochs = [read_state(directory).epoch] * len(ids)
+        records.update(zip(epochs, ids))
     return records
 
 

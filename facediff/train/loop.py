@@ -151,8 +151,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint.check_resumed_data(batch, state, skipped, epochs_per_pass)
             engine.module.training_progress = state.step / total  # a function of the step: resumes in phase
             trace.write(state.step + 1, batch, engine.module.training_progress)
-            consumed.update(zip(batch["epoch"].tolist(), batch["id"].tolist()))
-            data_epoch = max(data_epoch, max(batch["epoch"].tolist()))
+            epochs = batch["epoch"].tolist()
+            consumed.update(zip(epochs, batch["id"].tolist()))
+            data_epoch = max(data_epoch, *epochs)
             with gpu_step.forward():
                 loss = engine(gpu_step.batch(batch), generator)
             loss, poison_at = _maybe_poison(loss, state.step + 1, rank, poison_at)
