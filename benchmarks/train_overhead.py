@@ -127,9 +127,10 @@ def main() -> None:
               f"ratio {ours[-1] / plain[-1]:.2f}", flush=True)
     ratios = sorted(o / p for o, p in zip(ours, plain))
     train_faces = split_rows(tmp / "shards", "train")
+    per_pass = epochs_per_pass(cfg)
     print(f"\nglobal batch {world}x{batch}, {steps} steps, first {WARMUP_STEPS} not timed, {args.repeats} alternating runs; "
-          f"{train_faces} training faces, {epochs_per_pass(cfg)} epochs a pass: a Ray Data streaming execution every "
-          f"{epochs_per_pass(cfg) * train_faces // (world * batch)} steps")
+          f"{train_faces} training faces, {per_pass} epochs a pass: a Ray Data streaming execution every "
+          f"{per_pass * train_faces // (world * batch)} steps")
     if args.set:
         print(f"facediff overrides: {' '.join(args.set)}")
     print(f"{f'facediff (Ray Train + DeepSpeed ZeRO-{cfg.trainer.zero_stage})':<42} {statistics.median(ours):8.1f} img/s (median)")

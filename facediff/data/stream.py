@@ -263,8 +263,8 @@ def build_dataset(
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}, first_epoch={first_epoch}")
     if read_parallelism is not None and read_parallelism < 1:
         raise ValueError(f"read_parallelism must be >= 1, got {read_parallelism}")
-    if epochs_per_pass < 1 or (epoch is not None and (epochs_per_pass != 1 or skip_ids)):
-        raise ValueError(f"epochs_per_pass must be >= 1, and 1 without skip_ids for a fixed epoch ({epoch})")
+    if epoch is not None and skip_ids:  # epochs_per_pass is checked by ShardPasses
+        raise ValueError(f"skip_ids are for training passes (epoch=None), not a fixed epoch ({epoch})")
     dataset = Path(dataset)
     paths = shard_paths(dataset, split)  # raises on a missing manifest, split or shard
     if not paths:
