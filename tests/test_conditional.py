@@ -140,13 +140,39 @@ def test_latent_shape_mismatch_is_explained():
         build_task(load_config(EXPERIMENTS / "tiny_lc_unet.yaml", ["model.sample_size=16"]))
 
 
+def test_segmentation_row_keeps_lc_unet_3s_unet_and_its_256d_context():
+    # Table II prints 104.95 M for LC_UNet_3 with and without masks: the fused attribute ⊕ mask embedding is
+    # projected to the same 256-d context, so the UNet is LC_UNet_3's to the parameter
+    cfg = load_config(EXPERIMENTS / "lc_unet_3_seg.yaml")
+    with torch.device("meta"):
+        unet = build_network(cfg.model)
+        encoder = ConditionEncoder(cfg.model, num_groups=10, load_weights=False)
+    assert count_parameters(unet) == (TABLE_VII["lc_unet_3"], 0)
+    assert unet.config.cross_attention_dim == 256
+    attributes = torch.zeros(2, 40, device="meta")
+    masks = torch.zeros(2, 10, 256, 256, device="meta")
+    for part_masks in (masks, None):  # with masks, and the null mask features of attribute-only sampling
+        context, embedding = encoder(attributes, part_masks)
+        assert context.shape == (2, 1, unet.config.cross_attention_dim) and embedding.shape == (2, 1, 128)
+    assert isinstance(encoder.fuse, torch.nn.Linear) and encoder.fuse.in_features == 128 + 128
+
+
+def test_masks_are_projected_even_when_the_widths_already_add_up():
+    # 64 + 32 = 96 -> a Linear to 96 all the same: the paper projects the concatenation, it does not pass it on
+    cfg = load_config(EXPERIMENTS / "tiny_lc_unet_seg.yaml", ["model.cross_attention_dim=96"])
+    encoder = ConditionEncoder(cfg.model, num_groups=10, load_weights=False)
+    assert isinstance(encoder.fuse, torch.nn.Linear) and (encoder.fuse.in_features, encoder.fuse.out_features) == (96, 96)
+    attributes_only = ConditionEncoder(tiny_model_cfg().model, num_groups=0, load_weights=False)
+    assert isinstance(attributes_only.fuse, torch.nn.Identity)  # dim == cross_attention_dim: tokens are the context
+
+
 def test_info_lists_every_network():
     from facediff.models.info import describe
 
     rows = {r["name"]: r for r in describe(load_config(EXPERIMENTS / "lc_unet_3_seg.yaml"))}
     assert rows["autoencoder"]["trainable"] == 0 and rows["autoencoder"]["frozen"] > 0
     assert rows["mask_encoder"]["frozen"] > 0 and rows["mask_encoder"]["trainable"] == 256 * 128 + 128
-    assert rows["fusion"]["trainable"] == (128 + 128) * 128 + 128
+    assert rows["fusion"]["trainable"] == (128 + 128) * 256 + 256
     # + the learned null conditions of guidance (attributes 128, masks 128)
     assert rows["total"]["trainable"] == sum(r["trainable"] for n, r in rows.items() if n != "total") + 128 + 128
 

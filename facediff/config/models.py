@@ -125,6 +125,8 @@ class LatentConditionalModelConfig(Strict):
     up_block_types: list[str]
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
     attention_head_dim: PositiveInt = 8
+    # width of the context the condition encoder emits: attribute tokens (dim) ⊕ mask features (proj_dim),
+    # projected to it by a Linear whenever masks are fused (or dim differs)
     cross_attention_dim: PositiveInt = 256
     use_linear_projection: bool = True
     norm_num_groups: PositiveInt = 32

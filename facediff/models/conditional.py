@@ -5,8 +5,10 @@
 
 Attributes (B, 40) go through an MLP to `tokens` tokens of width `dim` (the InfoNCE loss reads this embedding).
 With a mask encoder, the pooled SegFormer features of the grouped part masks (B, proj_dim) are concatenated to
-every attribute token and a Linear maps the result to the UNet's cross-attention width; without one, the
-attribute tokens are the context (a Linear only when `dim` differs from the cross-attention width).
+every attribute token and a Linear always projects the result to the UNet's cross-attention width (the paper's
+"concatenated and projected", even where dim + proj_dim already equals it: LC_UNet_3's 128 + 128 -> its 256-d
+context); without one, the attribute tokens are the context (a Linear only when `dim` differs from the
+cross-attention width).
 
 Classifier-free guidance needs a "no condition": each branch has a learned null embedding that replaces a
 sample's attribute tokens (or mask features) where `keep_*` is False. `torch.where` gives the unselected branch a
@@ -75,7 +77,8 @@ class ConditionEncoder(nn.Module):
             self.masks = PartMaskEncoder(cfg.mask_encoder, num_groups, load_weights)
             self.null_masks = nn.Parameter(torch.zeros(cfg.mask_encoder.proj_dim))
             width += cfg.mask_encoder.proj_dim
-        self.fuse = nn.Identity() if width == cfg.cross_attention_dim else nn.Linear(width, cfg.cross_attention_dim)
+        project = self.masks is not None or width != cfg.cross_attention_dim
+        self.fuse = nn.Linear(width, cfg.cross_attention_dim) if project else nn.Identity()
 
     def forward(
         self,
