@@ -1,10 +1,19 @@
 """Load YAML configs with `base:` inheritance and `key=value` overrides; errors name the key and its file.
 
-A config file may start with `base: other.yaml` (or a list), resolved relative to itself; the base is loaded
-first and this file's keys are merged over it, mappings key by key, everything else replaced. Command-line
-overrides are dotted keys (`trainer.num_workers=2`, `model.block_out_channels=[32,64]`) whose values are
-parsed as YAML. Each leaf remembers the file (or "command line") that set it, so a validation error can say
-where the bad key was written.
+Layers, in order: a file's `base:` files (a name or a list, relative to the file, each loaded the same way and
+laid over the one before), then the file itself, then command-line overrides, each laid over what came before.
+Laying a layer over another:
+- merge (the default): mappings are merged key by key; anything else (a scalar, a list) replaces the old value.
+- replace a mapping whole: `!replace` on it in a file (`resources_per_worker: !replace {CPU: 2}`), or `:=` on the
+  command line (`trainer.resources_per_worker:={CPU: 2}`); the keys it does not give are gone.
+- drop a key: `!delete` as its value in a file (`GPU: !delete`), or `~key` on the command line
+  (`~trainer.resources_per_worker.GPU`); the key then takes its schema default, or is simply absent from a
+  mapping. Dropping a key that nothing before sets is an error (a misspelt key would otherwise pass silently).
+`null` is not a deletion: it is a value some keys accept (e.g. `eval.every_kimg: null`).
+Command-line overrides are dotted keys whose values are parsed as YAML (`trainer.num_workers=2`,
+`model.block_out_channels=[32,64]`, and the tags above: `'model=!replace {family: dit}'`).
+Each leaf remembers the file (or "command line") that set it, replaced and dropped subtrees included, so a
+validation error can say where the bad key was written. docs/configuration-overrides.md shows them in use.
 """
 
 from __future__ import annotations
@@ -16,9 +25,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from facediff.config.grid import GridConfig
-from facediff.config.schema import MODEL_FAMILIES, ExperimentConfig
+from facediff.config.schema import MODEL_FAMILIES, ConflictingKeys, ExperimentConfig
 
 CLI = "command line"
+REPLACE_TAG, DELETE_TAG = "!replace", "!delete"
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -26,11 +36,57 @@ class ConfigError(ValueError):
     """A config that cannot be loaded; the message names the file and the key."""
 
 
+class Replace(dict):
+    """A mapping laid over the one under its key by replacing it, not merging into it (`!replace`, `key:=`)."""
+
+
+class _Delete:
+    """The value of a dropped key (`!delete`, `~key`)."""
+
+    def __repr__(self) -> str:
+        return DELETE_TAG
+
+    def __reduce__(self) -> str:
+        return "DELETE"  # one instance through pickling (Tune ships a grid's overrides to trials) and deepcopy
+
+
+DELETE = _Delete()
+
+
+class _MarkerError(yaml.constructor.ConstructorError):
+    """A layering tag put where it means nothing."""
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load` plus the layering tags."""
+
+
+def _construct_replace(loader: _Loader, node: yaml.Node) -> Replace:
+    if not isinstance(node, yaml.MappingNode):
+        raise _MarkerError(None, None, f"{REPLACE_TAG} marks a mapping (lists and single values always replace)",
+                           node.start_mark)
+    return Replace(loader.construct_mapping(node, deep=True))
+
+
+def _construct_delete(loader: _Loader, node: yaml.Node) -> _Delete:
+    if not (isinstance(node, yaml.ScalarNode) and node.value == ""):
+        raise _MarkerError(None, None, f"{DELETE_TAG} takes no value (write `key: {DELETE_TAG}`)", node.start_mark)
+    return DELETE
+
+
+_Loader.add_constructor(REPLACE_TAG, _construct_replace)
+_Loader.add_constructor(DELETE_TAG, _construct_delete)
+# Registered on PyYAML's SafeDumper itself: the grid's `overrides:` (which may hold these markers) are turned back
+# into `key=value` texts with yaml.safe_dump, here and in facediff.tune.space; no other data holds these types.
+yaml.SafeDumper.add_representer(Replace, lambda dumper, value: dumper.represent_mapping(REPLACE_TAG, dict(value)))
+yaml.SafeDumper.add_representer(_Delete, lambda dumper, value: dumper.represent_scalar(DELETE_TAG, ""))
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except UnicodeDecodeError as err:  # e.g. saved as Latin-1 or UTF-16 by an editor
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
                           "save the config as UTF-8") from None
@@ -45,21 +101,43 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge(into: dict, new: dict, source: str, origins: dict[tuple, str], prefix: tuple = ()) -> None:
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _forget(origins: dict[tuple, str], path: tuple) -> None:
+    for stale in [p for p in origins if p[: len(path)] == path]:
+        del origins[stale]
+
+
+def _merge(into: dict, new: dict, source: str | dict[tuple, str], origins: dict[tuple, str],
+           prefix: tuple = ()) -> None:
+    """Lay `new` over `into`, in place. `source` is the file (or CLI) `new` comes from, or, for a loaded base
+    chain, the origins of its keys (which come from several files).
+
+    A `!delete` with nothing under its key is kept, so that a later layer of bases can still drop that key from
+    an earlier one; `_settle` refuses any left when the layers are done."""
     for key, value in new.items():
         path = prefix + (key,)
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value, source, origins, path)
-        else:
+        old = into.get(key, DELETE)
+        if value is DELETE and old is not DELETE:
+            del into[key]
+            _forget(origins, path)
+        elif isinstance(value, dict) and not isinstance(value, Replace) and isinstance(old, dict):
+            _merge(old, value, source, origins, path)
+        else:  # a new key or a replaced value: the whole subtree now comes from `source`
             into[key] = value
-            # a replaced subtree now comes wholly from `source`
-            for stale in [p for p in origins if p[: len(path)] == path]:
-                del origins[stale]
-            origins[path] = source
+            _forget(origins, path)
+            if isinstance(source, str):
+                origins[path] = source
+            else:
+                if (where := _origin_of(path, source, None)) is not None:
+                    origins[path] = where
+                origins.update({p: o for p, o in source.items() if p[: len(path)] == path})
 
 
 def load_raw(path: str | Path, origins: dict[tuple, str] | None = None, _seen: tuple = ()) -> dict[str, Any]:
-    """The merged mapping of a config file and its bases, before validation."""
+    """The merged mapping of a config file and its bases, before validation (may still hold `Replace` marks)."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: `base` cycle through {[str(p) for p in _seen]}")
@@ -68,21 +146,44 @@ def load_raw(path: str | Path, origins: dict[tuple, str] | None = None, _seen: t
     bases = data.pop("base", [])
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        _merge(merged, load_raw(path.parent / base, origins, _seen + (path,)), str(path.parent / base), {})
-    # origins of the bases were recorded by the recursive calls; this file's keys override them
+        base_origins: dict[tuple, str] = {}
+        _merge(merged, load_raw(path.parent / base, base_origins, _seen + (path,)), base_origins, origins)
     _merge(merged, data, str(path), origins)
     return merged
 
 
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """`key=value` (merge), `key:=value` (replace) or `~key` (drop) -> the key's parts and the value to lay."""
+    stripped = text.strip()
+    if stripped.startswith("~"):
+        if "=" in stripped or not stripped[1:].strip():
+            raise ConfigError(f"{CLI}: override {text!r}: `~key` drops a key and takes no value")
+        return tuple(stripped[1:].strip().split(".")), DELETE
     key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"{CLI}: override {text!r} is not of the form key=value")
+    replace = key.rstrip().endswith(":")
+    key = key.strip().removesuffix(":").strip()
+    if not sep or not key:
+        raise ConfigError(f"{CLI}: override {text!r} is not of the form key=value, key:=value or ~key")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.load(value, Loader=_Loader) if value.strip() else ""
+    except _MarkerError as err:
+        raise ConfigError(f"{CLI}: override {text!r}: {err.problem}") from None
     except yaml.YAMLError:
         parsed = value
-    return tuple(key.strip().split(".")), parsed
+    if replace and isinstance(parsed, dict):
+        parsed = Replace(parsed)
+    return tuple(key.split(".")), parsed
+
+
+def nested_override(section: str, text: str) -> str:
+    """An override `text` applied to the keys under `section` (a grid's `overrides:`), in any of its forms."""
+    stripped = text.strip()
+    return f"~{section}.{stripped[1:].strip()}" if stripped.startswith("~") else f"{section}.{stripped}"
+
+
+def override_text(key: str, value: Any) -> str:
+    """`key=value` that `parse_override` reads back as `value` (markers included)."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], origins: dict[tuple, str]) -> dict[str, Any]:
@@ -95,7 +196,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], origins: dict[tup
     return raw
 
 
-def _origin_of(loc: tuple, origins: dict[tuple, str], fallback: str) -> str:
+def _origin_of(loc: tuple, origins: dict[tuple, str], fallback: str | None) -> str | None:
     for n in range(len(loc), 0, -1):
         if loc[:n] in origins:
             return origins[loc[:n]]
@@ -103,22 +204,60 @@ def _origin_of(loc: tuple, origins: dict[tuple, str], fallback: str) -> str:
     return fallback
 
 
-def _format_errors(err: ValidationError, origins: dict[tuple, str], top: str) -> str:
+def _settle(value: Any, origins: dict[tuple, str], top: str, keep: tuple[tuple, ...], path: tuple = ()) -> Any:
+    """The merged layers as plain data: `Replace` marks dropped; a `!delete` left means nothing before set its
+    key. Mappings at `keep` paths (a grid's overrides, laid over training configs later) keep their marks."""
+    if value is DELETE:
+        raise ConfigError(f"{_origin_of(path, origins, top)}: {_dotted(path)}: dropped ({DELETE_TAG} / "
+                          f"~{_dotted(path)}), but no base file or earlier override sets it; check the key's "
+                          "spelling, or remove the deletion")
+    if isinstance(value, dict):
+        return value if path in keep else {k: _settle(v, origins, top, keep, path + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_settle(v, origins, top, keep, path + (i,)) for i, v in enumerate(value)]
+    return value
+
+
+def _is_set(raw: dict[str, Any], path: tuple) -> bool:
+    node: Any = raw
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _conflict(error: ConflictingKeys, loc: tuple, origins: dict[tuple, str], top: str, raw: dict) -> str:
+    """A check across keys: each key it names gets where it was set beside it (or that it is at its default)."""
+    text = str(error)
+    for key in error.keys:
+        path = loc + key
+        where = _origin_of(path, origins, top) if _is_set(raw, path) else "its default"
+        text = text.replace(_dotted(path), f"{_dotted(path)} ({where})", 1)
+    return text
+
+
+def _format_errors(err: ValidationError, origins: dict[tuple, str], top: str, raw: dict) -> str:
     lines = []
     for e in err.errors():
         # the tagged union puts the family name in the path (model.unet.x); the user wrote model.x
         loc = tuple(p for i, p in enumerate(e["loc"]) if not (i == 1 and e["loc"][0] == "model" and p in MODEL_FAMILIES))
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        if isinstance(conflict := (e.get("ctx") or {}).get("error"), ConflictingKeys):
+            lines.append(_conflict(conflict, loc, origins, top, raw))
+            continue
+        key = _dotted(loc) or "(top level)"
         message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"{_origin_of(loc, origins, top)}: {key}: {message}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return f"invalid config: {lines[0]}" if len(lines) == 1 else "invalid config:\n  " + "\n  ".join(lines)
 
 
-def validate(model: type[T], raw: dict[str, Any], origins: dict[tuple, str], top: str) -> T:
+def validate(model: type[T], raw: dict[str, Any], origins: dict[tuple, str], top: str,
+             keep: tuple[tuple, ...] = ()) -> T:
+    plain = _settle(raw, origins, top, keep)
     try:
-        return model.model_validate(raw)
+        return model.model_validate(plain)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origins, top)) from None
+        raise ConfigError(_format_errors(err, origins, top, plain)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -137,14 +276,15 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
 
     The search key `train_config` (a grid or choice of config files, relative to the grid file) swaps the
     whole training config per trial, for ablations that change the model section rather than one key; every
-    file it names is loaded and validated here, with the grid's `overrides` and every other dimension.
+    file it names is loaded and validated here, with the grid's `overrides` and every other dimension. The
+    grid's `overrides` keep their `!replace` / `!delete` marks: they are laid over each training config.
     """
     origins: dict[tuple, str] = {}
     grid_path = Path(path).resolve()
     raw = apply_overrides(load_raw(grid_path, origins), list(overrides or []), origins)
-    grid = validate(GridConfig, raw, origins, str(grid_path))
+    grid = validate(GridConfig, raw, origins, str(grid_path), keep=(("overrides",),))
     base_path = grid_path.parent / grid.train_config
-    fixed = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in grid.overrides.items()]
+    fixed = [override_text(k, v) for k, v in grid.overrides.items()]
     config_files = [base_path]
     if (files := grid.search_space.get(GRID_CONFIG_KEY)) is not None:
         if files.grid is None and files.choice is None:
@@ -163,7 +303,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
         probe = (dim.grid or dim.choice or [None])[0] if (dim.grid or dim.choice) else (dim.uniform or dim.loguniform)[0]
         for config_file in config_files:
             try:
-                load_config(config_file, fixed + [f"{key}={yaml.safe_dump(probe, default_flow_style=True).strip()}"])
+                load_config(config_file, fixed + [override_text(key, probe)])
             except ConfigError as err:
                 raise ConfigError(f"{grid_path}: search_space.{key}: does not fit {config_file}: {err}") from None
     return grid, base

@@ -175,11 +175,21 @@ class GpuStepConfig(Strict):
     autocast: Literal["none", "bf16"] = "none"
 
 
+class ConflictingKeys(ValueError):
+    """A check across keys of a section: `keys` (paths inside the section) are the ones the message names, so that
+    the loader can say beside each which file set it."""
+
+    def __init__(self, message: str, keys: list[tuple[str, ...]]):
+        super().__init__(message)
+        self.keys = keys
+
+
 class TrainerConfig(Strict):
     run_name: str | None = None  # None = the experiment's name; re-using a name resumes that run
     storage_path: str = "runs"  # local path here; s3://, gs:// or an NFS mount on a cluster
     num_workers: PositiveInt = 2
     use_gpu: bool = False
+    # Ray's resources per worker (keys case-sensitive). With use_gpu, Ray adds GPU: 1 where no GPU is given.
     resources_per_worker: dict[str, PositiveFloat] = {"CPU": 1.0}
     # Where Ray places the workers (its placement group strategy). pack: as few nodes as possible (the default:
     # NVLink/PCIe between GPUs of a node beats the network, so gradients all-reduce fastest). spread: across
@@ -210,6 +220,19 @@ class TrainerConfig(Strict):
         if self.gpu.autocast != "none" and self.precision != "fp32":
             raise ValueError(f"trainer.gpu.autocast={self.gpu.autocast} is mixed precision over fp32 weights, but "
                              f"trainer.precision is {self.precision}: set one of them, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_request_matches_use_gpu(self):
+        # Ray's ScalingConfig refuses this pair when the run starts (ray/air/config.py, exit 1 after Ray is up).
+        # Its other refusal, use_gpu with GPU: 0, cannot be written here: resource counts are positive.
+        if not self.use_gpu and "GPU" in self.resources_per_worker:
+            raise ConflictingKeys(
+                f"trainer.use_gpu is false, but trainer.resources_per_worker.GPU is "
+                f"{self.resources_per_worker['GPU']:g} (Ray refuses GPUs for CPU workers): drop the GPU entry "
+                "(command line: `~trainer.resources_per_worker.GPU` or `trainer.resources_per_worker:={CPU: 2}`; "
+                "in a file: `GPU: !delete`) or set trainer.use_gpu=true",
+                keys=[("use_gpu",), ("resources_per_worker", "GPU")])
         return self
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from facediff.config import ConfigError, ExperimentConfig, GridConfig, load_config, load_grid, resolve_paths
-from facediff.config.load import CLI, GRID_CONFIG_KEY, apply_overrides, parse_override, validate
+from facediff.config.load import CLI, GRID_CONFIG_KEY, apply_overrides, nested_override, parse_override, validate
 from facediff.config.schema import EvalConfig
 from facediff.data.shards import check_train_records
 from facediff.storage import RunStorage
@@ -49,7 +49,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     for text in overrides:
         keys, _ = parse_override(text)
         (grid_keys if keys[0] in GridConfig.model_fields else train).append(text)
-    return grid_keys, [f"overrides.{text}" for text in train]
+    return grid_keys, [nested_override("overrides", text) for text in train]
 
 
 def resolve_metric(requested: str, eval_cfg: EvalConfig) -> str:
