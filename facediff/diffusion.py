@@ -50,37 +50,58 @@ class DenoisingLoss:
         self.scheduler = scheduler
         self.prediction_type = scheduler.config.prediction_type
         self.timestep_phases = list(timestep_phases)
+        # per-device copies of the tables read every step: copying them from the CPU each step is a host sync
+        self._on_device: dict[tuple, torch.Tensor] = {}
 
-    def timestep_weights(self, progress: float) -> torch.Tensor | None:
+    def _table(self, key: tuple, device: torch.device, make) -> torch.Tensor:
+        """`make()` (a CPU tensor) copied to `device` once and kept."""
+        device = torch.device(device)
+        if (key, device) not in self._on_device:
+            self._on_device[key, device] = make().to(device)
+        return self._on_device[key, device]
+
+    def _phase(self, progress: float) -> int | None:
+        for index, phase in enumerate(self.timestep_phases):
+            if progress < phase.until or index == len(self.timestep_phases) - 1:
+                return index
+        return None
+
+    def _phase_weights(self, index: int) -> torch.Tensor:
+        weights = torch.ones(self.scheduler.config.num_train_timesteps, dtype=torch.float64)
+        for band in self.timestep_phases[index].bands:
+            weights[band.start:band.stop] = band.weight
+        return weights
+
+    def timestep_weights(self, progress: float, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """Relative probabilities of each training timestep at `progress` (0..1) through the run; None = uniform.
 
         Phases (`diffusion.timestep_phases`) split the run by fraction of its steps; in a phase, timesteps in a
         band are drawn with the band's weight, all others with weight 1 (a later band overrides an earlier one)."""
-        for phase in self.timestep_phases:
-            if progress < phase.until or phase is self.timestep_phases[-1]:
-                weights = torch.ones(self.scheduler.config.num_train_timesteps, dtype=torch.float64)
-                for band in phase.bands:
-                    weights[band.start:band.stop] = band.weight
-                return weights
-        return None
+        index = self._phase(progress)
+        if index is None:
+            return None
+        return self._table(("phase", index), device, lambda: self._phase_weights(index))
 
     def draw_timesteps(self, n: int, generator: torch.Generator | None = None, progress: float = 0.0) -> torch.Tensor:
         """`n` training timesteps, on the generator's device (the CPU without one)."""
         device = generator.device if generator is not None else torch.device("cpu")
-        weights = self.timestep_weights(progress)
+        weights = self.timestep_weights(progress, device)
         if weights is None:
             return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
-        return torch.multinomial(weights.to(device), n, replacement=True, generator=generator)
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
 
     def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+        table = self._table(("alphas_cumprod",), t.device, lambda: self.scheduler.alphas_cumprod.float())
+        return table[t].view(-1, 1, 1, 1)
 
-    def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, progress: float = 0.0):
-        """Draw timesteps (at `progress` through the run) and noise; returns (x_t, t, noise), all fp32."""
+    def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, progress: float = 0.0,
+              timesteps: torch.Tensor | None = None):
+        """Draw timesteps (at `progress` through the run; or take `timesteps`, drawn by the caller with
+        `draw_timesteps` from the same generator) and noise; returns (x_t, t, noise), all fp32."""
         x0 = x0.float()
         # Drawn where the generator lives: training passes one on the worker's device, so nothing is drawn on
         # the CPU and copied each step (a seeded generator per rank keeps runs reproducible on that device).
-        t = self.draw_timesteps(x0.shape[0], generator, progress)
+        t = self.draw_timesteps(x0.shape[0], generator, progress) if timesteps is None else timesteps
         device = generator.device if generator is not None else x0.device
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
         t, noise = t.to(x0.device), noise.to(x0.device)  # no-ops when the generator is on x0's device
@@ -107,10 +128,11 @@ class DenoisingLoss:
         return output
 
     def __call__(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
-                 input_dtype: torch.dtype | None = None, progress: float = 0.0):
+                 input_dtype: torch.dtype | None = None, progress: float = 0.0,
+                 timesteps: torch.Tensor | None = None):
         """`model_fn` receives x_t cast to `input_dtype` (default: x0's dtype); the loss is computed in fp32.
-        `progress`: the fraction of the run done (phased timestep sampling)."""
-        x_t, t, noise = self.noise(x0, generator, progress)
+        `progress`: the fraction of the run done (phased timestep sampling); `timesteps`: see `noise`."""
+        x_t, t, noise = self.noise(x0, generator, progress, timesteps)
         output = model_fn(x_t.to(input_dtype or x0.dtype), t)
         per_sample = (output.float() - self.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         return per_sample, {"x_t": x_t, "t": t, "output": output}

@@ -79,21 +79,32 @@ def masked_lpips(lpips_net, x: torch.Tensor, y: torch.Tensor, masks: torch.Tenso
 
 def person_masks(persons: torch.Tensor, max_persons: int | None = None) -> torch.Tensor:
     """Per-person binary masks (B, K, H, W) from label maps (B, H, W) (0 background, k person k, 255 crowd),
-    built on the maps' device in one comparison. K is the largest person label in the batch (or `max_persons`)."""
+    built on the maps' device in one comparison. K is `max_persons` when given (the shards' fixed person count:
+    no host sync; absent persons are all-zero masks), else the largest person label in the batch (read back)."""
     labels = persons.long()
     valid = labels.masked_fill(labels == 255, 0)
-    k = int(valid.max().item()) if valid.numel() else 0
-    k = min(k, max_persons) if max_persons else k
+    if max_persons:
+        k = max_persons
+    else:
+        k = int(valid.max().item()) if valid.numel() else 0
     ids = torch.arange(1, k + 1, device=persons.device).view(1, -1, 1, 1)
     return (valid.unsqueeze(1) == ids).float()
 
 
+def _face_rows(valid: torch.Tensor) -> torch.Tensor:
+    """The sample index of each valid face (N,), on `valid`'s device (the host in training: no sync)."""
+    return torch.arange(len(valid), device=valid.device).unsqueeze(1).expand(valid.shape)[valid]
+
+
 def face_crops(images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:
-    """Differentiable crops (N, 3, size, size) of the valid boxes (B, F, 4) [x0, y0, x1, y1] in pixels."""
+    """Differentiable crops (N, 3, size, size) of the valid boxes (B, F, 4) [x0, y0, x1, y1] in pixels. The
+    selection happens where `boxes` and `valid` are (host-side columns select without a sync), then the regions
+    go to the images' device."""
     from torchvision.ops import roi_align
 
-    rows = torch.arange(len(images), device=images.device).unsqueeze(1).expand(valid.shape)[valid]
-    rois = torch.cat([rows.unsqueeze(1).to(boxes.dtype), boxes[valid]], dim=1).to(images.dtype)
+    valid = valid.to(boxes.device)
+    rois = torch.cat([_face_rows(valid).unsqueeze(1).to(boxes.dtype), boxes[valid]], dim=1)
+    rois = rois.to(device=images.device, dtype=images.dtype, non_blocking=True)
     return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 
@@ -108,15 +119,14 @@ def face_feature_loss(face_features, x: torch.Tensor, y: torch.Tensor, boxes: to
     different sizes are on one scale and α stays a plain weight."""
     out = x.new_zeros(len(x), dtype=torch.float32)
     valid = valid.bool()
-    if not valid.any():
+    if not valid.any():  # a host-side column in training: no sync
         return out + 0.0 * x.sum()  # keeps the graph connected when no sample has a face
     fake = face_features(face_crops(x, boxes, valid, size))
     with torch.no_grad():
         real = face_features(face_crops(y, boxes, valid, size))
     per_face = sum(weight * (fake[name].float() - real[name].float()).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
                    for name, weight in layer_weights.items())
-    rows = torch.arange(len(x), device=x.device).unsqueeze(1).expand(valid.shape)[valid]
-    return out.index_add(0, rows, per_face)
+    return out.index_add(0, _face_rows(valid).to(x.device, non_blocking=True), per_face)
 
 
 def mask_aware_loss(ldm: torch.Tensor, lpips_term: torch.Tensor, face_term: torch.Tensor, below: torch.Tensor,

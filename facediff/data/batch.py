@@ -18,9 +18,11 @@ import torch
 from facediff.data.celebamask import NUM_PART_CLASSES, PART_LABELS
 
 PartGroups = Mapping[str, tuple[str, ...]]
-# Bookkeeping columns the loop reads on the host (consumed ids, epochs, traces): left on the CPU, so reading
-# them never waits for the GPU.
-HOST_COLUMNS = ("id", "epoch", "flipped")
+# Columns read on the host, left on the CPU so reading them never waits for the GPU: the loop's bookkeeping
+# (consumed ids, epochs, traces), what prompts are made from (attributes for sd_lora, COCO captions) and the
+# face boxes a task selects from (the ControlNet's face crops). A task that needs one on the device copies it
+# there itself (`non_blocking`: the batch is pinned on a GPU worker).
+HOST_COLUMNS = ("id", "epoch", "flipped", "attributes", "caption", "face_boxes", "face_valid")
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,13 @@ import re
 import string
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from facediff.data.celebamask import ATTRIBUTE_NAMES
+from facediff.data.hashing import splitmix64
+
+PROMPT_DROP_SALT = 0x70726F6D7074  # "prompt": prompt dropout's hashes differ from the flips' for the same seed
 
 ATTRIBUTE_PHRASES: dict[str, str] = {
     "5_o_Clock_Shadow": "5 o clock shadow",
@@ -98,11 +102,16 @@ def prompt_words(template: str = DEFAULT_TEMPLATE, placeholder: str = DEFAULT_PL
     return sorted({piece for text in texts for piece in _PIECES.findall(text.lower())})
 
 
-def drop_prompts(prompts: list[str], p: float, generator=None) -> list[str]:
-    """Each prompt replaced by "" (classifier-free guidance's null prompt) with probability `p`, drawn on the
-    generator (on its device: training's is on the worker's device)."""
+def drop_prompts(prompts: list[str], p: float, seed: int, ids=None, epochs=None) -> list[str]:
+    """Each prompt replaced by "" (classifier-free guidance's null prompt) with probability `p`: a function of
+    (seed, epoch, id) only, like the flips (`stream.flip_decisions`), decided on the host from the batch's host
+    columns. Drawing it on the device generator cost a host sync per step (reading the draw back), and a hash
+    needs no generator state to resume exactly. A batch made by hand without ids or epochs: positions, epoch 0."""
     if p <= 0:
         return list(prompts)
-    device = generator.device if generator is not None else "cpu"
-    drop = (torch.rand(len(prompts), generator=generator, device=device) < p).tolist()
-    return ["" if d else prompt for prompt, d in zip(prompts, drop)]
+    ids = np.arange(len(prompts)) if ids is None else ids
+    epochs = 0 if epochs is None else epochs
+    key = splitmix64(splitmix64(seed ^ PROMPT_DROP_SALT) ^ np.asarray(epochs, dtype=np.int64).astype(np.uint64))
+    bits = splitmix64(key ^ np.asarray(ids, dtype=np.int64).astype(np.uint64)) >> np.uint64(11)
+    drop = bits.astype(np.float64) / 2.0**53 < p  # the top 53 bits as a uniform number in [0, 1)
+    return ["" if d else prompt for prompt, d in zip(prompts, drop.tolist())]

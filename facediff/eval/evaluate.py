@@ -137,6 +137,7 @@ class Evaluator:
     def evaluate(self, ema, trained: torch.nn.Module, step: int) -> dict[str, float]:
         """Evaluate the EMA weights (or, with `eval.use_ema: false`, the trained weights themselves)."""
         if self.cfg.eval.use_ema:
+            ema.gather()  # every rank evaluates: each assembles the whole average
             ema.copy_to(self.task)
         else:
             copy_weights(trained, self.task)

@@ -30,6 +30,7 @@ from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
 from facediff.models.pretrained import build_from_ref, preset_config
+from facediff.rng import seeded_build
 
 # Seed of a random-init codec (tiny presets, no weights): every process (Train workers, `prepare latents` actors,
 # sampling) must build the same frozen autoencoder, or cached and on-the-fly latents would disagree.
@@ -100,8 +101,7 @@ class LatentCodec(nn.Module):
         super().__init__()
         if cfg.preset is not None:
             _check_class(cfg, preset_config(cfg.preset), f"preset {cfg.preset!r}")
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream untouched
-            torch.manual_seed(RANDOM_INIT_SEED)
+        with seeded_build(RANDOM_INIT_SEED):  # leaves the caller's RNG streams untouched
             model = build_from_ref(CLASSES[cfg.kind], cfg, load_weights)
         _check_class(cfg, model.config, cfg.pretrained or f"preset {cfg.preset!r}")
         self.model = model.requires_grad_(False).eval()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from facediff.models.pretrained import WeightsNotFound
+from facediff.rng import seeded_build
 
 RANDOM_INIT_SEED = 0
 # Where torchvision / facenet-pytorch keep the published weights (file names from their download URLs).
@@ -52,9 +53,8 @@ class PerceptualLPIPS(FrozenEval):
         super().__init__()
         import lpips
 
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        with seeded_build(RANDOM_INIT_SEED), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's deprecation of the `pretrained` argument lpips passes
-            torch.manual_seed(RANDOM_INIT_SEED)
             self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, spatial=False, verbose=False)
         if trunk != "random":
             self._load_trunk(net, trunk)
@@ -93,8 +93,7 @@ class FaceFeatures(FrozenEval):
         super().__init__()
         from facenet_pytorch import InceptionResnetV1
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
+        with seeded_build(RANDOM_INIT_SEED):
             self.net = InceptionResnetV1(pretrained=None, classify=False, num_classes=VGGFACE2_CLASSES)
         if weights != "random":
             published = weights == "vggface2"

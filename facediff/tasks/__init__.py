@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
 from facediff.config.schema import ExperimentConfig
+from facediff.rng import seeded_build
 from facediff.tasks.base import DiffusionTask
 
 # family -> "module:class", imported when a run builds that family: the others' imports (diffusers' ControlNet,
@@ -35,8 +34,7 @@ def build_task(cfg: ExperimentConfig, load_pretrained: bool = True) -> Diffusion
     `load_pretrained=False` builds pretrained networks from their shipped architecture only (no weights read).
     """
     cls = task_class(cfg.model.family)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.trainer.seed)
+    with seeded_build(cfg.trainer.seed):
         return cls(cfg, load_pretrained=load_pretrained)
 
 

@@ -8,6 +8,16 @@ also the one-step estimate x̂0 (in fp32, through the scheduler's prediction typ
 gradients, then masked LPIPS against the real image over each person's mask (λ1) and the face-feature distance
 on the face boxes (λ2): λ1·L_lpips + λ2·L_face + (1 − λ1 − λ2)·L_LDM. Decoding and the perceptual networks run
 only on the samples below T, so the extra cost scales with T/1000.
+
+Precision: the ControlNet is the engine's module (bf16 under a bf16 run, fp32 masters in the optimizer). The frozen
+SD pipeline is held outside the engine (`DiffusionTask.hold_frozen`) in the ControlNet's precision, as diffusers'
+ControlNet training keeps it (`weight_dtype`). LPIPS and the face network are held in fp32 and run with autocast
+off: they measure small differences between two images, which bf16's 8-bit mantissa would round away, and they
+are small beside the UNet (the VAE decode in front of them stays in the training precision).
+
+Host syncs: one per step, `rows` (which samples are below T) right after the timesteps are drawn, before any
+network runs, so the GPU queue is nearly empty while the host waits; the decode's batch is those rows. Captions,
+face boxes and their validity stay on the host from the loader (`data.batch.HOST_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ class ControlNetPeople(DiffusionTask):
         else:  # shape-only builds of a pretrained ControlNet without a preset: the UNet-derived one has its shapes
             self.controlnet = controlnet_from_unet(self.backbone.unet, self.vae_factor)
         self.controlnet.requires_grad_(True).float()
+        self.hold_frozen("backbone")  # in the ControlNet's precision, outside the engine
         self.scheduler = self.backbone.noise_scheduler
         self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
         p = m.perceptual
@@ -58,10 +69,12 @@ class ControlNetPeople(DiffusionTask):
             from facediff.models.perceptual import PerceptualLPIPS
 
             self.lpips = PerceptualLPIPS(p.lpips_net, p.lpips_trunk if load_pretrained else "random")
+            self.hold_frozen("lpips", torch.float32)
         if loss.face_feature_weight > 0:
             from facediff.models.perceptual import FaceFeatures
 
             self.face_features = FaceFeatures(p.face_net if load_pretrained else "random", list(p.face_layers))
+            self.hold_frozen("face_features", torch.float32)
         if (self.lpips or self.face_features) is not None and p.checkpoint_decoder:
             self.backbone.vae.enable_gradient_checkpointing()
         self.loss_terms: dict[str, torch.Tensor] = {}
@@ -72,14 +85,15 @@ class ControlNetPeople(DiffusionTask):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.controlnet.dtype
 
     # ------------------------------------------------------------------------------------------ inputs
     def prompts(self, batch, generator=None) -> list[str]:
         prompts = list(batch["prompts"]) if "prompts" in batch else decode_captions(batch["caption"])
         if generator is None:  # sampling: the prompts as given
             return prompts
-        return drop_prompts(prompts, self.cfg.model.prompt_dropout, generator)
+        return drop_prompts(prompts, self.cfg.model.prompt_dropout, self.cfg.trainer.seed, batch.get("id"),
+                            batch.get("epoch"))
 
     def conditioning(self, batch, n: int) -> torch.Tensor:
         """The ControlNet's pixel-space input in [0, 1] (diffusers' convention), (n, 3, S, S)."""
@@ -100,33 +114,41 @@ class ControlNetPeople(DiffusionTask):
 
     # -------------------------------------------------------------------------------------------- loss
     def forward(self, batch, generator=None):
+        self.place_frozen()
+        loss = self.cfg.loss
         images = batch["image"].to(device=self.device, dtype=torch.float32)
+        t = self.loss_fn.draw_timesteps(len(images), generator, self.training_progress)
+        below = t < loss.perceptual_timestep_threshold
+        perceptual = (self.lpips or self.face_features) is not None
+        # the step's one host sync, while only the timestep draw is queued (see the module docstring)
+        below_host = below.cpu() if perceptual else None
         context = self.backbone.encode_prompts(self.prompts(batch, generator)).to(self.dtype)
         cond = self.conditioning(batch, len(images))
         z0 = self.backbone.encode_images(images).float()  # noised in fp32
         ldm, aux = self.loss_fn(lambda z, t: self.denoise(z, t, context, cond), z0, generator,
-                                input_dtype=self.dtype, progress=self.training_progress)
-        loss = self.cfg.loss
-        below = aux["t"] < loss.perceptual_timestep_threshold
+                                input_dtype=self.dtype, progress=self.training_progress, timesteps=t)
         lpips_term, face_term = torch.zeros_like(ldm), torch.zeros_like(ldm)
-        rows = below.nonzero().squeeze(1)
-        if len(rows) and (self.lpips or self.face_features) is not None:
+        rows_host = below_host.nonzero().squeeze(1) if perceptual else torch.zeros(0, dtype=torch.long)
+        if len(rows_host):
+            rows = rows_host.to(self.device, non_blocking=True)
             x0 = self.loss_fn.predict_x0(aux["x_t"][rows], aux["t"][rows], aux["output"][rows])
             fake = self.backbone.decode_latents(x0, clamp=False).float()
             real = images[rows]
-            if self.lpips is not None:
-                masks = person_masks(batch["persons"][rows.to(batch["persons"].device)].to(self.device),
-                                     MAX_PERSON_BOXES)
-                lpips_term = lpips_term.index_copy(0, rows, masked_lpips(self.lpips, fake, real, masks).float())
-            if self.face_features is not None:
-                pick = rows.to(batch["face_boxes"].device)
-                boxes = batch["face_boxes"][pick].to(device=self.device, dtype=torch.float32)
-                valid = batch["face_valid"][pick].to(self.device).bool()
-                p = self.cfg.model.perceptual
-                term = face_feature_loss(self.face_features, fake, real, boxes, valid, p.face_layers, p.face_size)
-                face_term = face_term.index_copy(0, rows, term)
+            with torch.autocast(self.device.type, enabled=False):  # the perceptual networks run in fp32
+                if self.lpips is not None:
+                    masks = person_masks(batch["persons"][rows.to(batch["persons"].device)].to(self.device),
+                                         MAX_PERSON_BOXES)
+                    lpips_term = lpips_term.index_copy(0, rows, masked_lpips(self.lpips, fake, real, masks).float())
+                if self.face_features is not None:
+                    pick = rows_host.to(batch["face_boxes"].device)
+                    boxes = batch["face_boxes"][pick].float()
+                    valid = batch["face_valid"][pick].bool()
+                    p = self.cfg.model.perceptual
+                    term = face_feature_loss(self.face_features, fake, real, boxes, valid, p.face_layers,
+                                             p.face_size)
+                    face_term = face_term.index_copy(0, rows, term)
         total = mask_aware_loss(ldm, lpips_term, face_term, below, loss.masked_lpips_weight, loss.face_feature_weight)
-        n_below = max(1, len(rows))
+        n_below = max(1, len(rows_host))
         self.loss_terms = {"loss_ldm": ldm.mean().detach(), "loss_lpips": lpips_term.sum().detach() / n_below,
                            "loss_face": face_term.sum().detach() / n_below,
                            "below_threshold": below.float().mean().detach()}
@@ -148,6 +170,7 @@ class ControlNetPeople(DiffusionTask):
 
     def sample(self, n, generator, sampler, steps, batch=None):
         """Images of `batch["prompts"]` (free text) or of its "caption" column (a test record's caption)."""
+        self.place_frozen()
         if batch is None or not ("prompts" in batch or "caption" in batch):
             raise ValueError("controlnet samples from prompts: pass batch={'prompts': [...]} (or test records)")
         prompts = self.prompts(batch)[:n]
@@ -170,6 +193,7 @@ class ControlNetPeople(DiffusionTask):
         self.scheduler = self.backbone.noise_scheduler
         self.loss_fn = diffusion.DenoisingLoss(self.scheduler, self.cfg.diffusion.timestep_phases)
         self.controlnet = ControlNetModel.from_pretrained(out / CONTROLNET_DIR)
+        self.hold_frozen("backbone")  # the loaded pipeline, held outside the module like the built one
 
     def networks(self):
         nets = {"controlnet": self.controlnet, "unet": self.unet, "vae": self.backbone.vae,

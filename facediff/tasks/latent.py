@@ -3,7 +3,8 @@ attributes (and part masks), trained with the denoising MSE + lambda * InfoNCE o
 
 Everything trainable (UNet, attribute embedder, null conditions, mask projection, fusion, and the SegFormer
 when not frozen) lives in this one module, so DeepSpeed puts it in one optimizer, the EMA averages all of it and
-one checkpoint holds it. The autoencoder (and a frozen SegFormer) have `requires_grad=False`.
+one checkpoint holds it. The autoencoder is held frozen outside the engine (`DiffusionTask.hold_frozen`: not
+cast, not partitioned under ZeRO-3), in the UNet's precision; a frozen SegFormer has `requires_grad=False`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class LatentConditionalDiffusion(DiffusionTask):
         super().__init__(cfg, load_pretrained)
         m = cfg.model
         self.codec = LatentCodec(m.autoencoder, load_weights=load_pretrained)
+        self.hold_frozen("codec")
         expected = tuple(self.codec.latent_shape(cfg.data.image_size))
         if expected != (m.in_channels, m.sample_size, m.sample_size) or m.out_channels != m.in_channels:
             raise ValueError(
@@ -77,8 +79,9 @@ class LatentConditionalDiffusion(DiffusionTask):
         return (torch.rand(n, generator=generator, device=device) >= p).to(self.device)
 
     def forward(self, batch, generator=None):
+        self.place_frozen()
         z0 = self._latents(batch)
-        attributes = batch["attributes"].to(self.device)
+        attributes = batch["attributes"].to(self.device, non_blocking=True)  # a host column (data.batch)
         m = self.cfg.model
         context, embedding = self.conditions(
             attributes, self._masks(batch),
@@ -116,6 +119,7 @@ class LatentConditionalDiffusion(DiffusionTask):
 
     def sample(self, n, generator, sampler, steps, batch=None):
         """`batch` holds the conditions: "attributes" (n, 40) and, for a mask model, optionally "part_masks"."""
+        self.place_frozen()
         if batch is None or "attributes" not in batch:
             raise ValueError("a conditional model samples from attributes: pass batch={'attributes': (n, 40)}")
         attributes = batch["attributes"][:n].to(device=self.device, dtype=self.dtype)

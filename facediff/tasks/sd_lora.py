@@ -41,6 +41,13 @@ class StableDiffusionLoRA(DiffusionTask):
         self.backbone.unet.add_adapter(lora_config(m), adapter_name=ADAPTER)  # adds trainable lora_A/B only
         self.scheduler = self.backbone.noise_scheduler  # the pipeline's own schedule and prediction type
         self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
+        self.hold_vae_and_text_encoder()
+
+    def hold_vae_and_text_encoder(self) -> None:
+        """The VAE and text encoder stay out of the engine (`DiffusionTask.hold_frozen`), in the UNet's precision;
+        the base UNet stays in it, since its LoRA layers are what trains."""
+        self.hold_frozen("backbone.vae")
+        self.hold_frozen("backbone.text_encoder")
 
     @property
     def unet(self):
@@ -54,10 +61,12 @@ class StableDiffusionLoRA(DiffusionTask):
         m = self.cfg.model
         if not m.conditional:
             return [m.placeholder_prompt] * len(attributes)
-        return attribute_prompts(attributes.cpu(), m.prompt_template, m.placeholder_prompt)
+        return attribute_prompts(attributes, m.prompt_template, m.placeholder_prompt)  # a host column (data.batch)
 
     def forward(self, batch, generator=None):
-        prompts = drop_prompts(self.prompts(batch["attributes"]), self.cfg.model.prompt_dropout, generator)
+        self.place_frozen()
+        prompts = drop_prompts(self.prompts(batch["attributes"]), self.cfg.model.prompt_dropout,
+                               self.cfg.trainer.seed, batch.get("id"), batch.get("epoch"))
         context = self.backbone.encode_prompts(prompts).to(self.dtype)
         if self.cfg.data.use_latents:  # cached by `prepare latents --config` with this pipeline's VAE
             z0 = batch["latents"].to(device=self.device, dtype=torch.float32)
@@ -84,6 +93,7 @@ class StableDiffusionLoRA(DiffusionTask):
     def sample(self, n, generator, sampler, steps, batch=None):
         """Conditional models sample from `batch["attributes"]` (or free `batch["prompts"]`); unconditional ones
         from the placeholder prompt. `model.sample_with_lora: false` samples the base model."""
+        self.place_frozen()
         if batch is not None and "prompts" in batch:
             prompts = list(batch["prompts"])[:n]
         elif self.cfg.model.conditional:
@@ -133,6 +143,7 @@ class StableDiffusionLoRA(DiffusionTask):
         self.loss_fn = diffusion.DenoisingLoss(self.scheduler, self.cfg.diffusion.timestep_phases)
         pipe = self.backbone.pipeline()
         pipe.load_lora_weights(out, weight_name=LORA_FILE, adapter_name=ADAPTER)
+        self.hold_vae_and_text_encoder()
 
     def networks(self):
         return {"unet": self.unet, "vae": self.backbone.vae, "text_encoder": self.backbone.text_encoder}

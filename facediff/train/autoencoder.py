@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from facediff.config.schema import ExperimentConfig
 from facediff.models.autoencoder import CLASSES, unscaled_latents
 from facediff.models.pretrained import build_from_ref
+from facediff.rng import seeded_build
 
 log = logging.getLogger("facediff.train")
 KL_WEIGHT = 1e-4  # small: the latents must stay informative; the diffusion model is trained on their scale anyway
@@ -71,8 +72,7 @@ def fit_autoencoder(cfg: ExperimentConfig, out: str | Path, steps: int = 400, ba
     ref = cfg.model.autoencoder
     images = _train_images(cfg)
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_build(seed):
         model = build_from_ref(CLASSES[ref.kind], ref, load_weights=True)
     before = reconstruction_error(model, images, ref.kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -65,6 +65,7 @@ def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.
     # identically: seeded, or read from the same pretrained files), so an SD family's checkpoint holds its
     # adapter / ControlNet, not another copy of the 1.3 B-parameter pipeline.
     engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=True)
+    ema.gather()  # collective too: the average is assembled from every rank's part before rank 0 writes it
     save_file(rng_state(generator), str(directory / f"rng_rank{rank}.safetensors"))
     if rank == 0:
         save_file(ema.state_dict(), str(directory / EMA_FILE))

@@ -108,7 +108,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     task = build_task(cfg).to(device)  # seeded itself: identical initial weights on every rank
     gpu_step = GpuStep(cfg, device)
     engine = build_engine(task, cfg, world, gpu_step)
-    ema = EMA(engine.module, cfg.trainer.ema)
+    ema = EMA(engine.module, cfg.trainer.ema, engine.optimizer)  # averages the fp32 masters
     # noise, timesteps and condition dropout are drawn on the device (see `diffusion.DenoisingLoss.noise`)
     generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed * 1_000_003 + rank)
     skipped_nonfinite = 0  # steps skipped for a non-finite loss in this attempt (trainer.on_nonfinite_loss)

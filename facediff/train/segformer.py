@@ -43,7 +43,8 @@ from facediff.data.celebamask import NUM_PART_CLASSES, PART_LABELS
 from facediff.models.segformer import IMAGE_MEAN, IMAGE_STD, group_palette
 from facediff.train import checkpoint
 from facediff.train.checkpoint import TrainState
-from facediff.train.distributed import owned_by, sum_across_ranks
+from facediff.rng import seeded_build
+from facediff.train.distributed import owned_by, seed_worker_rng, sum_across_ranks
 
 log = logging.getLogger("facediff.segformer")
 MODEL_DIR = "segformer"
@@ -241,8 +242,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     groups = cfg.groups()
     names, lut = ["background", *groups], group_lookup(groups).to(device)
 
-    torch.manual_seed(cfg.seed)  # identical initial decode heads on every rank (DDP broadcasts rank 0's anyway)
-    model = ray.train.torch.prepare_model(build_segmenter(cfg.model, groups, load_weights=True))
+    with seeded_build(cfg.seed):  # identical initial decode heads on every rank (DDP broadcasts rank 0's anyway)
+        segmenter = build_segmenter(cfg.model, groups, load_weights=True)
+    seed_worker_rng(cfg.seed, rank)  # but each rank its own dropout / drop-path stream
+    model = ray.train.torch.prepare_model(segmenter)
     module = getattr(model, "module", model)  # DDP wraps it
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / cfg.steps)
