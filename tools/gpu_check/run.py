@@ -8,8 +8,9 @@ Rows (each PASS/FAIL/SKIP, wall seconds, key numbers; a failing row does not sto
           total_kimg must resume: its first metrics.jsonl row's step > the first run's last step
   sample  tiny_lc_unet, 1 GPU worker, bf16, ZeRO-3; `facediff sample RUN/export --attributes Smiling,Eyeglasses`
           writes a PNG that is not constant
-  speed   benchmarks/gpu_train.py (UNet r3, 128 px, bf16: images/s, MFU) and a short `facediff train unet_r3`
-          run at the same per-worker batch: trainer images/s / benchmark images/s
+  speed   benchmarks/gpu_train.py (UNet r3, 128 px, bf16 as the trainer: images/s, MFU) and a short
+          `facediff train unet_r3` run at the same per-worker batch: trainer images/s / benchmark images/s, each
+          with the precision it ran in
 
 `--cpu` runs the same steps with use_gpu=false, fp32 and tiny sizes (the benchmark, CUDA only, is SKIP), to
 test this script without a GPU. Logs (one per row, every step's full stdout/stderr) and `table.md` go to
@@ -153,8 +154,12 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def precision(cpu: bool) -> str:  # of every training row, and of the benchmark step the speed row compares with
+    return "fp32" if cpu else "bf16"
+
+
 def common(cpu: bool, name: str, work: Path, data: Path) -> list[str]:
-    gpu = ["trainer.use_gpu=false", "trainer.precision=fp32"] if cpu else ["trainer.use_gpu=true", "trainer.precision=bf16"]
+    gpu = [f"trainer.use_gpu={str(not cpu).lower()}", f"trainer.precision={precision(cpu)}"]
     return [*gpu, "trainer.num_workers=1", f"trainer.run_name={name}", f"trainer.storage_path={work / 'runs'}",
             f"data.path={data}"]
 
@@ -249,20 +254,23 @@ def row_sample(row: Row, r: Runner, s: Sizes, cpu: bool, work: Path, data: Path,
 
 
 def row_speed(row: Row, r: Runner, s: Sizes, cpu: bool, work: Path, data: Path) -> Row:
+    import yaml
+
     bench = None
     if cpu:
         row.status = "SKIP"
         row.details.append("benchmark skipped (needs CUDA)")
     else:
+        # in the trainer's precision: the ratio then compares the same step with and without Ray and DeepSpeed
         bench_cmd = [sys.executable, str(ROOT / "benchmarks/gpu_train.py"), "--model", "unet_r3", "--only-configured",
-                     "--batch", str(s.bench_batch), "--steps", str(s.bench_steps)]
+                     "--batch", str(s.bench_batch), "--steps", str(s.bench_steps), "--precision", precision(cpu)]
         r.run(row, "benchmarks/gpu_train.py", bench_cmd, 240)
         text = row.log.read_text() if row.log and row.log.exists() else ""
-        ips = re.search(r"([\d.]+) images/s", text)
+        ips = re.search(r"as configured\s+(.+?)\s+([\d.]+) images/s", text)
         mfu = re.search(r"MFU ([\d.]+)%", text)
         if ips:
-            bench = float(ips.group(1))
-            row.details.append(f"benchmark {bench:.1f} img/s, MFU {mfu.group(1) if mfu else '?'}%")
+            bench = float(ips.group(2))
+            row.details.append(f"benchmark {bench:.1f} img/s ({ips.group(1)}), MFU {mfu.group(1) if mfu else '?'}%")
         elif row.status == "PASS":
             row.fail("benchmark printed no images/s")
     name = f"unet_r3_speed_{os.getpid()}_{int(time.time())}"
@@ -285,8 +293,9 @@ def row_speed(row: Row, r: Runner, s: Sizes, cpu: bool, work: Path, data: Path) 
         row.fail(f"{len(rows)} metrics rows: none after the first {s.speed_skip_rows}")
         return row
     trainer = sum(timed) / len(timed)
-    row.details.append(f"trainer {trainer:.1f} img/s (batch {s.bench_batch}, mean of rows {s.speed_skip_rows + 1}.."
-                       f"{len(rows)})")
+    ran = yaml.safe_load((work / "runs" / name / "config.yaml").read_text())["trainer"]["precision"]  # as saved
+    row.details.append(f"trainer {trainer:.1f} img/s (DeepSpeed {ran}, batch {s.bench_batch}, "
+                       f"mean of rows {s.speed_skip_rows + 1}..{len(rows)})")
     if bench:
         row.details.append(f"ratio {trainer / bench:.2f}")
     return row
