@@ -83,6 +83,7 @@ def test_ray_training_resume_ema_and_plain_diffusers_export(ray_session, synthet
     def cfg(steps):
         return load_config(TINY, [f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path}",
                                   "trainer.run_name=run", "trainer.batch_size=4", "trainer.zero_stage=2",
+                                  "trainer.precision=bf16",  # sd2_lora's precision
                                   f"trainer.total_kimg={steps * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
                                   "trainer.log_every_steps=1", "trainer.ema.decay=0.5"])
 
@@ -90,6 +91,7 @@ def test_ray_training_resume_ema_and_plain_diffusers_export(ray_session, synthet
     train(cfg(8))  # the same run, longer: resumes at step 4 (in a later timestep phase), LoRA + EMA + optimizer
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(0 < r["loss"] < 10 for r in rows)  # finite in bf16
     ema = load_file(str(run / "checkpoint_000000008" / "ema.safetensors"))
     assert int(ema["ema_step"]) == 8 and all(".lora_" in k for k in ema if k != "ema_step")  # the adapter only
     raw = {k: v for k, v in build_task(cfg(8)).named_parameters() if v.requires_grad}

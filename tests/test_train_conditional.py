@@ -19,13 +19,14 @@ def test_tiny_conditional_model_trains_evaluates_and_samples_by_attribute(synthe
     cfg = load_config("configs/experiments/tiny_lc_unet_seg.yaml", [
         f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.run_name=lc",
         "trainer.batch_size=4", f"trainer.total_kimg={4 * 8 / 1000}", "trainer.checkpoint_every_kimg=0.032",
-        "trainer.log_every_steps=1", "trainer.zero_stage=2", "eval.every_kimg=0.032", "eval.steps=2",
+        "trainer.log_every_steps=1", "trainer.zero_stage=3", "trainer.precision=bf16",  # production's precision
+        "eval.every_kimg=0.032", "eval.steps=2",
         "eval.batch_size=4", "eval.attribute_accuracy=false",  # covered without Ray in test_conditional.py
     ])
     run = train(cfg)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["loss_infonce"] >= 0 and r["loss_mse"] > 0 for r in rows)
+    assert all(r["loss_infonce"] >= 0 and 0 < r["loss_mse"] < 10 for r in rows)  # finite: bf16 under ZeRO-3
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_mse"] + 0.1 * rows[-1]["loss_infonce"], rel=1e-4)
     assert "fid" not in rows[-1] and rows[-1]["fd_mtcnn_onet"] > 0  # conditional samples of each test record
     export = run / "export"

@@ -36,6 +36,7 @@ def test_ray_training_resume_evaluation_and_plain_diffusers_export(ray_session, 
         kimg = steps * 8 / 1000
         return load_config(TINY, [f"data.path={coco_shards}", f"trainer.storage_path={tmp_path}",
                                   "trainer.run_name=run", "trainer.zero_stage=2", f"trainer.total_kimg={kimg}",
+                                  "trainer.precision=bf16",  # every mask_ldm config's precision
                                   "trainer.checkpoint_every_kimg=0.016", "trainer.log_every_steps=1",
                                   "trainer.ema.decay=0.5", "loss.perceptual_timestep_threshold=1000",
                                   f"eval.every_kimg={kimg}", "eval.num_samples=4", "eval.steps=2"])
@@ -47,6 +48,7 @@ def test_ray_training_resume_evaluation_and_plain_diffusers_export(ray_session, 
     assert steps == [1, 2, 3, 4]
     trained = [r for r in rows if "loss" in r]
     assert all(r["loss_lpips"] > 0 and r["below_threshold"] == 1.0 for r in trained)  # T = 1000: every sample
+    assert all(0 < r["loss"] < 100 and r["loss_face"] >= 0 for r in trained)  # finite in bf16
     evaluated = [r for r in rows if any(k == "fid" or k.startswith("fd_") for k in r)]
     assert evaluated and evaluated[-1]["step"] == 4
     ema = load_file(str(run / "checkpoint_000000004" / "ema.safetensors"))
