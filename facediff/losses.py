@@ -45,9 +45,10 @@ def info_nce(
     log_denominator = logits.masked_fill(~candidates, neg_inf).logsumexp(dim=1)
     log_numerator = logits.masked_fill(~positive, neg_inf).logsumexp(dim=1)
     has_positive = positive.any(dim=1)
-    if not has_positive.any():
-        return embeddings.sum() * 0.0
-    return (log_denominator - log_numerator)[has_positive].mean()
+    # the mean over anchors with a positive, without asking the host whether there is one (a sync per step);
+    # with none it is 0, still connected to the graph
+    per_anchor = torch.where(has_positive, log_denominator - log_numerator, torch.zeros_like(log_numerator))
+    return per_anchor.sum() / has_positive.sum().clamp_min(1)
 
 
 # ------------------------------------------------------------------------------- mask-aware perceptual loss
