@@ -25,6 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from facediff.models.pretrained import WeightsNotFound, _describe_lookup, from_config, preset_config
 from facediff.models.tiny_tokenizer import tiny_clip_tokenizer
+from facediff.rng import seeded_build
 
 RANDOM_INIT_SEED = 0  # as autoencoder.py: frozen random networks must agree across processes
 NETWORKS: dict[str, type[nn.Module]] = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel,
@@ -103,8 +104,7 @@ class StableDiffusionBackbone(nn.Module):
                 raise ValueError(f"{ref.pretrained}: no pipeline `preset` given, so the networks cannot be built "
                                  "without loading weights; add one (e.g. sd2_base, sd15, tiny_sd)")
             for i, (name, cls) in enumerate(NETWORKS.items()):
-                with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream untouched
-                    torch.manual_seed(RANDOM_INIT_SEED + i)
+                with seeded_build(RANDOM_INIT_SEED + i):  # leaves the caller's RNG streams untouched
                     setattr(self, name, from_config(cls, preset[name]))
             if preset["tokenizer"] == "tiny":
                 self.tokenizer = tiny_clip_tokenizer()
