@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from facediff.cli_common import fail as _fail
-from facediff.cli_common import job_failures
+from facediff.cli_common import job_failures, user_errors
 from facediff.cli_common import load_or_fail as _load
 from facediff.cli_prepare import prepare_app
 from facediff.config import ConfigError, dump_config, load_config
@@ -89,12 +89,24 @@ def info(
 def train(
     path: Annotated[Path, typer.Argument(help="experiment config YAML")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="no Ray, nothing kept: build every network at its real size, one optimizer step, one "
+                          "evaluation batch, a checkpoint, a resume and an export on this device, then print the "
+                          "parameters, s/step, memory and the projected wall time (docs/dry-run.md)")] = False,
+    random_weights: Annotated[bool, typer.Option(
+        "--random-weights", help="with --dry-run: build pretrained networks from their shipped presets, randomly "
+                                 "initialised (no weights read)")] = False,
 ) -> None:
     """Train with Ray Train + DeepSpeed; re-running the same run name resumes it."""
     from facediff.config import resolve_paths
     from facediff.train.run import check_inputs, train as run
 
     cfg = _load(path, overrides)
+    if random_weights and not dry_run:
+        _fail("--random-weights is for --dry-run (a real run trains on the pretrained weights)")
+    if dry_run:
+        _dry_run(cfg, path, random_weights)
+        return
     try:
         check_inputs(resolve_paths(cfg))
     except (FileNotFoundError, ValueError) as err:
@@ -102,6 +114,35 @@ def train(
     with job_failures("training"):
         folder = run(cfg)
     typer.echo(f"run folder: {folder}")
+
+
+def _dry_run(cfg, path: Path, random_weights: bool) -> None:
+    """`train --dry-run`: a progress line per stage, then the table; exit 1 naming the stage that failed."""
+    from facediff.config import resolve_paths
+    from facediff.console import verbose
+    from facediff.models.pretrained import WeightsNotFound
+    from facediff.train.dry_run import StageFailed, check_data, dry_run, format_table
+
+    with user_errors():  # missing shards: one line, before the note on busy cores and any build
+        check_data(resolve_paths(cfg))
+    _cpu_threads()
+    try:
+        report = dry_run(cfg, path.stem, random_weights, echo=typer.echo)
+    except WeightsNotFound as err:
+        _fail(f"{err} (--random-weights builds them from their presets instead)")
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    except StageFailed as failed:
+        typer.echo(format_table([failed.report]))
+        first = next((line.strip() for line in str(failed.error).splitlines() if line.strip()), "")
+        typer.secho(f"error: dry run failed at stage {failed.stage!r}: {type(failed.error).__name__}: {first} "
+                    "(--verbose for the traceback)", fg=typer.colors.RED, err=True)
+        if verbose():
+            raise
+        raise typer.Exit(code=1) from None
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(format_table([report]))
 
 
 @app.command("train-segformer")

@@ -43,5 +43,7 @@ def describe(cfg: ExperimentConfig) -> list[dict]:
         rows.append({"name": name, "class": type(net).__name__, "trainable": trainable, "frozen": frozen})
     if len(rows) > 1:
         trainable, frozen = count_parameters(task)
+        # networks held frozen outside the module (`DiffusionTask.hold_frozen`) are not among its parameters
+        frozen += sum(sum(count_parameters(net)) for net in getattr(task, "frozen_networks", dict)().values())
         rows.append({"name": "total", "class": type(task).__name__, "trainable": trainable, "frozen": frozen})
     return rows

@@ -7,8 +7,9 @@ names a whole-pipeline preset (`sd2_base`, `sd2_768`, `sd15`, `tiny_sd` under `p
 folder. With `load_weights` and `pretrained`, every component is read from the pipeline's subfolders, and the
 prediction type is the loaded scheduler's (SD2 768 predicts v, SD2 base epsilon: never assumed). Otherwise the
 networks are a seeded random init of the preset (identical in every process, like `LatentCodec`), and the
-tokenizer is the offline tiny one for `tiny` presets; `hub` presets have no offline tokenizer, which is an error
-only once the tokenizer is used, so shape-only builds (`torch.device("meta")`, `facediff info`) work offline.
+tokenizer is the offline tiny one for `tiny` presets and, for `hub` presets, CLIP's own vocabulary built from the
+BPE file open_clip_torch ships (`clip_tokenizer.py`); without that package the tokenizer is an error only once
+used, so shape-only builds (`torch.device("meta")`, `facediff info`) still work offline.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from facediff.models.clip_tokenizer import offline_clip_tokenizer
 from facediff.models.pretrained import WeightsNotFound, _describe_lookup, from_config, preset_config
 from facediff.models.tiny_tokenizer import tiny_clip_tokenizer
 from facediff.rng import seeded_build
@@ -109,8 +111,8 @@ class StableDiffusionBackbone(nn.Module):
             if preset["tokenizer"] == "tiny":
                 self.tokenizer = tiny_clip_tokenizer()
                 _check_tiny_tokenizer(self.tokenizer, preset["text_encoder"], ref.preset)
-            else:
-                self.tokenizer = UnavailableTokenizer(ref.preset)
+            else:  # CLIP's exact tokenizer from open_clip's BPE file (`clip_tokenizer.py`), when installed
+                self.tokenizer = offline_clip_tokenizer(ref.preset) or UnavailableTokenizer(ref.preset)
             with torch.device("cpu"):  # a scheduler's tables must be real even in a meta-device build
                 self.noise_scheduler = DDPMScheduler.from_config(preset["scheduler"])
         self.prediction_type: str = self.noise_scheduler.config.prediction_type
