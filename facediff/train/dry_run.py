@@ -5,7 +5,7 @@ The stages use the building blocks of the Ray worker loop (`loop.py`) without Ra
 size (`--random-weights`: pretrained networks from their shipped presets, random init), `GpuStep` and a DeepSpeed
 engine of world size 1 (a 1-process group of its own: gloo on CPU, NCCL on CUDA), the EMA; batches read straight
 from the shards (pyarrow + `stream.decode_batch` + `batch.finish_batch`) at the config's batch sizes; the
-optimizer step(s); one evaluation batch (`eval.batch_size` records on CUDA, EVAL_RECORDS_ON_CPU on a CPU) sampled
+optimizer step(s); one evaluation batch (`eval.batch_size` records, at most EVAL_RECORDS_ON_CPU on a CPU) sampled
 with EVAL_SAMPLER_STEPS steps of `eval.sampler` from a plain copy holding the EMA weights (as `Evaluator` does,
 and kept beside the engine as a worker keeps it); `checkpoint.save`; a fresh engine restored by `checkpoint.load`
 (the step, the trained weights and the EMA must match, bit for bit); the checkpoint's EMA weights loaded into the
@@ -18,19 +18,7 @@ later one does, and a production step takes minutes). The projected wall time is
 `engine.total_steps(cfg, trainer.num_workers)` x that time: data-parallel workers are assumed to keep the
 per-worker step time (the all-reduce, the data loading, evaluations and checkpoints are not in it).
 
-Memory: the peak of the timed step (CUDA: `max_memory_allocated`; CPU: the process's peak RSS, VmHWM, reset
-before the step) is measured on this device with one worker. Per GPU with N = `trainer.num_workers` workers at
-ZeRO stage z (`per_gpu_estimate`), bytes:
-
-    weights      W_t + W_f_engine (both / N if z = 3) + W_f_held     as built: trainable in the training precision
-    fp32 masters 4 P_t (bf16/fp16 only; / N if z >= 1)               DeepSpeed keeps fp32 masters under bf16
-    Adam moments 8 P_t (/ N if z >= 1)
-    gradients    w P_t (/ N if z >= 2)                               w: 2 for bf16/fp16, 4 for fp32
-    eval copy    the evaluation task's weights (fp32)                 when eval.every_kimg is set (`Evaluator`)
-    activations  measured: the step's peak minus what stays allocated after it
-
-P_t: trainable parameters; W_t, W_f_engine, W_f_held: the bytes of the trainable, frozen-in-the-engine and
-held-frozen (outside the engine, `DiffusionTask.hold_frozen`) parameters as built.
+Memory: `memory.py` (the measurement and the per-GPU formula).
 """
 
 from __future__ import annotations
@@ -56,11 +44,11 @@ from facediff.config.schema import PIPELINE_FAMILIES, ExperimentConfig, model_au
 from facediff.data.batch import finish_batch
 from facediff.data.shards import MANIFEST, shard_paths, split_rows
 from facediff.data.stream import _cached_latent_shape, decode_batch
+from facediff.train.memory import GIB, MemoryProbe, parameter_bytes, per_gpu_estimate
 
 EVAL_SAMPLER_STEPS = 2
 EVAL_RECORDS_ON_CPU = 4  # a CPU samples a production network at ~6 s an image a step (unet_r5, 1 thread)
 STAGES = ("data", "build", "step", "eval", "checkpoint", "resume", "export")
-GIB = 1024**3
 
 
 class StageFailed(RuntimeError):
@@ -92,64 +80,6 @@ class DryRunReport:
     @property
     def passed(self) -> bool:
         return all(self.stages.get(stage) == "ok" for stage in STAGES)
-
-
-# ----------------------------------------------------------------------------------------------- memory
-class MemoryProbe:
-    """Memory now and the peak since `reset_peak`: CUDA's allocator statistics, or the process's RSS and its
-    high-water mark (VmHWM, which Linux resets through /proc/self/clear_refs)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.cuda = device, device.type == "cuda"
-
-    def _status(self, key: str) -> int:
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
-        return int(line.split()[1]) * 1024
-
-    def current(self) -> int:
-        return torch.cuda.memory_allocated(self.device) if self.cuda else self._status("VmRSS:")
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device)
-        return self._status("VmHWM:")
-
-
-def parameter_bytes(task: torch.nn.Module) -> dict[str, int]:
-    """Parameter counts and bytes as built: trainable, frozen inside the module, held frozen outside it."""
-    out = dict.fromkeys(("trainable", "frozen", "trainable_bytes", "frozen_bytes", "held_bytes"), 0)
-    for p in task.parameters():
-        kind, numel = "trainable" if p.requires_grad else "frozen", getattr(p, "ds_numel", p.numel())  # ZeRO-3
-        out[kind] += numel
-        out[f"{kind}_bytes"] += numel * p.element_size()
-    held = getattr(task, "frozen_networks", dict)()
-    for net in held.values():
-        for p in net.parameters():
-            out["frozen"] += p.numel()
-            out["held_bytes"] += p.numel() * p.element_size()
-    return out
-
-
-def per_gpu_estimate(cfg: ExperimentConfig, sizes: dict[str, int], eval_copy_bytes: int,
-                     activation_bytes: int) -> int:
-    """Bytes one GPU needs with `trainer.num_workers` workers at `trainer.zero_stage` (the module docstring's
-    formula)."""
-    t = cfg.trainer
-    n, z = t.num_workers, t.zero_stage
-    width = 4 if t.precision == "fp32" else 2
-    trainable = sizes["trainable"]
-    weights = (sizes["trainable_bytes"] + sizes["frozen_bytes"]) / (n if z >= 3 else 1) + sizes["held_bytes"]
-    optimizer = (trainable * (4 if width == 2 else 0) + 8 * trainable) / (n if z >= 1 else 1)
-    gradients = width * trainable / (n if z >= 2 else 1)
-    return int(weights + optimizer + gradients + eval_copy_bytes + activation_bytes)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -281,8 +211,8 @@ class DryRun:
         with self.stage("data"):
             r.notes += check_data(cfg)
             batch = read_batch(cfg, cfg.data.train_split, cfg.trainer.batch_size, cfg.data.hflip, self.device)
-            n_eval = min(cfg.eval.batch_size if self.device.type == "cuda" else EVAL_RECORDS_ON_CPU,
-                         split_rows(cfg.data.path, cfg.data.eval_split))
+            n_eval = min(cfg.eval.batch_size, split_rows(cfg.data.path, cfg.data.eval_split),
+                         EVAL_RECORDS_ON_CPU if self.device.type == "cpu" else cfg.eval.batch_size)
             eval_batch = read_batch(cfg, cfg.data.eval_split, n_eval, False, self.device)
             self.said = f"{cfg.trainer.batch_size} training + {n_eval} evaluation records at {cfg.data.image_size} px"
         with self.stage("build"):
@@ -345,11 +275,10 @@ class DryRun:
         copy (kept, as a worker keeps it beside its engine; the export reuses it) and its bytes, which count per
         GPU when the config evaluates during training."""
         from facediff.sampling import batch_generator
+        from facediff.tasks import build_task
         from facediff.train.ema import copy_weights
 
         cfg = self.cfg
-        from facediff.tasks import build_task
-
         copy = build_task(cfg, load_pretrained=not self.random_weights).eval().to(self.device)
         sizes = parameter_bytes(copy)
         if cfg.eval.use_ema:
@@ -432,33 +361,32 @@ def dry_run(cfg: ExperimentConfig, name: str, random_weights: bool = False, devi
 
 
 # -------------------------------------------------------------------------------------------- the table
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.2f} s"
+def _duration(seconds: float) -> str:
+    unit, size = next(((u, n) for u, n in (("d", 86400), ("h", 3600), ("min", 60)) if seconds >= n), ("s", 1))
+    return f"{seconds / size:.1f} {unit}"
+
+
+def _size(b: int | None) -> str:
+    return "-" if b is None else f"{b / GIB:.1f} GiB" if b >= GIB else f"{b / 2**20:.0f} MiB"
 
 
 def table_rows(reports: list[DryRunReport]) -> list[list[str]]:
-    """The table's header and one row per report (`format_table` aligns them; docs/dry-run.md holds them)."""
-    head = ["config", "device", "trainable", "frozen", "s/step", "peak mem", "per-GPU est.", "total steps",
-            "projected", "stages"]
-    rows = [head]
+    """The table's header and one row per report (docs/dry-run.md holds every production config's)."""
+    rows = [["config", "device", "trainable", "frozen", "s/step", "peak mem", "per-GPU est.", "total steps",
+             "projected", "stages"]]
     for r in reports:
-        gib = lambda b: "-" if b is None else f"{b / GIB:.1f} GiB" if b >= GIB else f"{b / 2**20:.0f} MiB"  # noqa: E731
-        passed = sum(r.stages.get(stage) == "ok" for stage in STAGES)
-        rows.append([r.config, r.device, f"{r.trainable:,}", f"{r.frozen:,}",
-                     "-" if r.step_seconds is None else f"{r.step_seconds:.2f}",
-                     gib(r.peak_bytes) + ("" if r.device.startswith("cuda") else " RSS"),
-                     f"{gib(r.per_gpu_bytes)} ({r.workers}x, ZeRO {r.zero_stage}, {r.precision})",
-                     f"{r.total_steps:,}", _duration(r.projected_seconds), f"{passed}/{len(STAGES)} ok"])
+        timed = r.step_seconds is not None
+        rows.append([r.config, r.device, f"{r.trainable:,}", f"{r.frozen:,}", f"{r.step_seconds:.2f}" if timed else "-",
+                     _size(r.peak_bytes) + ("" if r.device.startswith("cuda") else " RSS"),
+                     f"{_size(r.per_gpu_bytes)} ({r.workers}x, ZeRO {r.zero_stage}, {r.precision})",
+                     f"{r.total_steps:,}", _duration(r.projected_seconds) if timed else "-",
+                     f"{sum(r.stages.get(stage) == 'ok' for stage in STAGES)}/{len(STAGES)} ok"])
     return rows
 
 
 def format_table(reports: list[DryRunReport]) -> str:
+    """Plain text, aligned: names left, numbers right."""
     rows = table_rows(reports)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in rows)
