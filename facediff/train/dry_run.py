@@ -166,9 +166,8 @@ def _digest(module_or_tensors) -> str:
     return h.hexdigest()
 
 
-def _release(*engines) -> None:
-    for engine in engines:
-        engine.destroy()  # frees the optimizer's (and ZeRO's) buffers now, not when a cycle is collected
+def _collect() -> None:
+    """Free what the dropped engine held now (DeepSpeed's hooks make cycles): the next build must not meet it."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -252,8 +251,9 @@ class DryRun:
             trained, averaged = _digest(engine.module), _digest(ema.shadow)
             size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
             self.said = f"{size / GIB:.2f} GiB at step {self.steps}"
-        _release(engine)
+        engine.destroy()
         del engine, ema
+        _collect()
         with self.stage("resume"):
             engine, ema, _, generator = self.build()
             state = checkpoint.load(saved, engine, ema, generator, 0)
@@ -263,8 +263,9 @@ class DryRun:
             if _digest(engine.module) != trained or _digest(ema.shadow) != averaged:
                 raise RuntimeError("the restored trained or EMA weights differ from the saved ones")
             self.said = f"a fresh engine at step {state.step}, trained and EMA weights identical"
-        _release(engine)
+        engine.destroy()
         del engine, ema
+        _collect()
         with self.stage("export"):
             self.export(plain, saved)
         return r
@@ -357,7 +358,7 @@ def dry_run(cfg: ExperimentConfig, name: str, random_weights: bool = False, devi
             failed.report = run.report
             raise
         finally:
-            gc.collect()
+            _collect()
 
 
 # -------------------------------------------------------------------------------------------- the table

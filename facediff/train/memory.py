@@ -1,7 +1,9 @@
 """The memory of a training step: measured on this device, and estimated per GPU for the configured workers.
 
 `train --dry-run` (`dry_run.py`) measures the peak of its timed step on this device with one worker (CUDA:
-`max_memory_allocated`; CPU: the process's peak RSS, VmHWM, reset before the step). Per GPU with N = `trainer.num_workers` workers at
+`max_memory_allocated`; CPU: the process's peak RSS, VmHWM, reset before the step). Its evaluation copy is built
+after the step (a CPU machine holds the ControlNet's engine and copy with little to spare), so that peak leaves
+the copy out; a training worker builds it before its first step, and the estimate below counts it. Per GPU with N = `trainer.num_workers` workers at
 ZeRO stage z (`per_gpu_estimate`), bytes:
 
     weights      W_t + W_f_engine (both / N if z = 3) + W_f_held     as built: trainable in the training precision
