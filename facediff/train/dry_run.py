@@ -6,10 +6,10 @@ size (`--random-weights`: pretrained networks from their shipped presets, random
 engine of world size 1 (a 1-process group of its own: gloo on CPU, NCCL on CUDA), the EMA; batches read straight
 from the shards (pyarrow + `stream.decode_batch` + `batch.finish_batch`) at the config's batch sizes; the
 optimizer step(s); one evaluation batch (`eval.batch_size` records, at most EVAL_RECORDS_ON_CPU on a CPU) sampled
-with EVAL_SAMPLER_STEPS steps of `eval.sampler` from a plain copy holding the EMA weights (as `Evaluator` does,
-and kept beside the engine as a worker keeps it); `checkpoint.save`; a fresh engine restored by `checkpoint.load`
-(the step, the trained weights and the EMA must match, bit for bit); the checkpoint's EMA weights loaded into the
-plain copy and exported (`task.export`, as `run.train` ends), then reloaded (`load_exported`) and compared.
+with EVAL_SAMPLER_STEPS steps of `eval.sampler` from a plain copy holding the EMA weights (as `Evaluator` does);
+`checkpoint.save`; a fresh engine restored by `checkpoint.load`
+(the step, the trained weights and the EMA must match, bit for bit); the checkpoint's EMA weights loaded into a
+plain task and exported (`task.export`, as `run.train` ends), then reloaded (`load_exported`) and compared.
 Everything is written into a temporary folder, removed after.
 
 Timing: the timed step is the last one. On CUDA two steps run and the second is timed (the first pays CUDA
@@ -24,6 +24,7 @@ Memory: `memory.py` (the measurement and the per-GPU formula).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import hashlib
 import math
@@ -167,10 +168,13 @@ def _digest(module_or_tensors) -> str:
 
 
 def _collect() -> None:
-    """Free what the dropped engine held now (DeepSpeed's hooks make cycles): the next build must not meet it."""
+    """Free what a dropped engine or task held now (DeepSpeed's hooks make cycles) and hand it back to the system
+    (glibc keeps freed heap otherwise): the next build must not meet it on a machine with little to spare."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class DryRun:
@@ -242,7 +246,7 @@ class DryRun:
             self.said = (f"loss {loss_value:.4f}; step {self.steps}: {r.step_seconds:.2f} s, peak "
                          f"{r.peak_bytes / GIB:.2f} GiB")
         with self.stage("eval"):
-            plain, eval_copy_bytes = self.evaluate(engine, ema, eval_batch)
+            eval_copy_bytes = self.evaluate(engine, ema, eval_batch)
         r.per_gpu_bytes = per_gpu_estimate(cfg, sizes, eval_copy_bytes, r.activation_bytes)
         with self.stage("checkpoint"):
             saved = self.folder / "checkpoint"
@@ -267,19 +271,20 @@ class DryRun:
         del engine, ema
         _collect()
         with self.stage("export"):
-            self.export(plain, saved)
+            self.export(saved)
         return r
 
     @torch.no_grad()
     def evaluate(self, engine, ema, batch):
         """Sample one evaluation batch from a plain copy holding the EMA weights, as `Evaluator` does. Returns the
-        copy (kept, as a worker keeps it beside its engine; the export reuses it) and its bytes, which count per
-        GPU when the config evaluates during training."""
+        copy's bytes, which count per GPU when the config evaluates during training (a worker keeps the copy beside
+        its engine; here it is dropped after, to leave room for the resume's second engine)."""
         from facediff.sampling import batch_generator
         from facediff.tasks import build_task
         from facediff.train.ema import copy_weights
 
         cfg = self.cfg
+        _collect()  # the step's activations, back to the system before the copy is built
         copy = build_task(cfg, load_pretrained=not self.random_weights).eval().to(self.device)
         sizes = parameter_bytes(copy)
         if cfg.eval.use_ema:
@@ -294,14 +299,18 @@ class DryRun:
             raise RuntimeError(f"samples of shape {tuple(images.shape)} (want {want}), all finite: "
                                f"{bool(torch.isfinite(images).all())}")
         self.said = f"{n} samples, {cfg.eval.sampler} x {EVAL_SAMPLER_STEPS} steps, EMA weights"
+        del copy, images
+        _collect()
         evaluates = cfg.eval.every_kimg is not None
-        return copy, sizes["trainable_bytes"] + sizes["frozen_bytes"] + sizes["held_bytes"] if evaluates else 0
+        return sizes["trainable_bytes"] + sizes["frozen_bytes"] + sizes["held_bytes"] if evaluates else 0
 
-    def export(self, task, saved: Path) -> None:
-        """As `run.train` ends: a plain task given the checkpoint's EMA weights, exported; then reloaded."""
+    def export(self, saved: Path) -> None:
+        """As `run.train` ends (in the driver, on its CPU): a plain task given the checkpoint's EMA weights, exported;
+        then reloaded."""
+        from facediff.tasks import build_task
         from facediff.train import checkpoint
 
-        task = task.cpu()  # `run.train` exports in the driver
+        task = build_task(self.cfg, load_pretrained=not self.random_weights).eval()
         missing, unexpected = task.load_state_dict(checkpoint.load_ema_weights(saved), strict=False)
         names = [name for name, p in task.named_parameters() if p.requires_grad]
         if unexpected or set(names) & set(missing):
