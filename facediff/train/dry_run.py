@@ -243,7 +243,8 @@ class DryRun:
             r.peak_bytes = self.memory.peak()
             r.activation_bytes = max(0, r.peak_bytes - max(static, self.memory.current()))
             r.projected_seconds = r.total_steps * r.step_seconds
-            self.said = (f"loss {loss_value:.4f}; step {self.steps}: {r.step_seconds:.2f} s, peak "
+            terms = "".join(f", {k} {float(v):.4f}" for k, v in getattr(engine.module, "loss_terms", {}).items())
+            self.said = (f"loss {loss_value:.4f}{terms}; step {self.steps}: {r.step_seconds:.2f} s, peak "
                          f"{r.peak_bytes / GIB:.2f} GiB")
         with self.stage("eval"):
             eval_copy_bytes = self.evaluate(engine, ema, eval_batch)
