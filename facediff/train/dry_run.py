@@ -162,8 +162,7 @@ def _digest(module_or_tensors) -> str:
     h = hashlib.sha1()
     with gathered(tensors):
         for t in tensors:
-            t = t.detach().cpu().contiguous()
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # bf16 has no numpy dtype
     return h.hexdigest()
 
 
