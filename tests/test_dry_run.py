@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from facediff.cli import app
 from facediff.config import load_config
 from facediff.models.info import describe
-from facediff.train.dry_run import STAGES, dry_run
+from facediff.train.dry_run import STAGES, StageFailed, dry_run
 from facediff.train.engine import total_steps
 from facediff.train.memory import GIB, per_gpu_estimate
 
@@ -79,6 +79,25 @@ def test_a_failing_stage_exits_1_naming_it(synthetic_shards, quiet_cwd, monkeypa
     assert "Traceback" not in result.output
     assert result.stdout.strip().splitlines()[-1].endswith("3/7 ok")  # data, build, step passed
     assert files_under(quiet_cwd[0]) == [] and files_under(quiet_cwd[1]) == []
+
+
+def test_a_resume_that_restores_other_weights_fails_its_stage(synthetic_shards, quiet_cwd, monkeypatch):
+    from facediff.train import checkpoint
+
+    real_load = checkpoint.load
+
+    def load_then_nudge(directory, engine, ema, generator, rank):
+        state = real_load(directory, engine, ema, generator, rank)
+        with torch.no_grad():
+            next(p for p in engine.module.parameters() if p.requires_grad).add_(1.0)
+        return state
+
+    monkeypatch.setattr(checkpoint, "load", load_then_nudge)
+    cfg = load_config(TINY, [f"data.path={synthetic_shards}"])
+    with pytest.raises(StageFailed) as failed:
+        dry_run(cfg, "tiny_unet", echo=lambda line: None)
+    assert failed.value.stage == "resume" and "differ" in str(failed.value.error)
+    assert failed.value.report.stages["checkpoint"] == "ok" and not failed.value.report.passed
 
 
 @pytest.mark.parametrize("args, named", [
