@@ -1,17 +1,14 @@
 """The EMA averages DeepSpeed's fp32 master weights, each rank its own ZeRO partition, assembled by `gather()`:
 two gloo ranks in forked processes (no Ray), bf16, ZeRO 0, 2 and 3."""
 
-import multiprocessing
 import os
-import queue
-import socket
-import time
 
 import pytest
 import torch
 from torch import nn
 
 from facediff.config.schema import EMAConfig
+from forked_ranks import run_forked_ranks
 
 DECAY, STEPS = 0.9, 6
 
@@ -71,30 +68,7 @@ def _rank(rank, world, port, stage, out):
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_ema_follows_the_fp32_masters_not_their_bf16_copies(stage):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, stage, out), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results, deadline = [], time.time() + 240
-        while len(results) < len(procs) and time.time() < deadline:
-            try:
-                results.append(out.get(timeout=2))
-            except queue.Empty:
-                assert all(p.is_alive() or p.exitcode == 0 for p in procs), "a rank failed (its traceback is above)"
-        results.sort()
-        assert len(results) == len(procs)
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    results = run_forked_ranks(_rank, 2, (stage,), timeout=240)
     for rank, ours, bf16, from_masters, partial in results:
         assert from_masters and partial == (stage > 0)  # ZeRO splits the masters across the two ranks
         # equal to the average of the fp32 masters (summation order aside), on every rank...

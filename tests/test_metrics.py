@@ -2,8 +2,6 @@
 
 import logging
 import math
-import multiprocessing
-import socket
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 from torch import nn
 
 from facediff.config.schema import EvalConfig
+from forked_ranks import run_forked_ranks
 from facediff.eval import metrics
 from facediff.eval.metrics import (
     ImageDistance,
@@ -210,23 +209,7 @@ def _rank(rank, world, port, real, fake, out):
 
 def test_distributed_compute_gathers_every_rank(lfw):
     real, fake = lfw[:80], _noise(80, 25)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")  # no re-import of torch in the children
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, real, fake, out), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted(out.get(timeout=30) for _ in procs)
-        for p in procs:
-            p.join(timeout=30)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    results = run_forked_ranks(_rank, 2, (real, fake), timeout=30)
     expected = _distance(real, fake, feature_network=TinyConv())
     for rank, value, local_real in results:
         assert value == pytest.approx(expected, rel=1e-4)
