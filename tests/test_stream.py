@@ -134,10 +134,11 @@ def test_rows_leave_the_decoder_compact(rows):
 
 def test_finished_on_a_device_with_bookkeeping_on_the_host(rows):
     """"meta" stands in for a GPU: every tensor column moves to the device and is finished there, while the
-    columns the loop reads on the host (ids, epochs, flips) never leave the CPU."""
+    columns read on the host (ids, epochs, flips, attributes: prompts and dropout are decided there) never leave
+    the CPU."""
     raw = {k: torch.from_numpy(v) for k, v in decode_batch(rows, image_size=SIZE, hflip=True, seed=0, epoch=0).items()}
     out = finish_batch(raw, DEFAULT_PART_GROUPS, device="meta")
-    assert {k for k, v in out.items() if v.device.type == "cpu"} == {"id", "epoch", "flipped"}
+    assert {k for k, v in out.items() if v.device.type == "cpu"} == {"id", "epoch", "flipped", "attributes"}
     assert out["image"].device.type == "meta" and out["image"].dtype == torch.float32
     assert out["part_masks"].shape == (len(rows["id"]), len(DEFAULT_PART_GROUPS), SIZE, SIZE)
 
