@@ -48,11 +48,12 @@ VARIANTS = {  # row label: trainer overrides on top of the config's own
     "fp32 weights": ["trainer.precision=fp32"],
     "fp32 weights, tf32 off": ["trainer.precision=fp32", "trainer.gpu.tf32=false"],
     "fused AdamW off": ["trainer.gpu.fused_adamw=false"],
-    "+ channels_last": ["trainer.gpu.channels_last=true"],
+    # channels_last needs DeepSpeed's ZeRO-0 fp32 (the config refuses it beside bf16 weights or ZeRO 1-3)
+    "fp32 weights, channels_last": ["trainer.precision=fp32", "trainer.zero_stage=0", "trainer.gpu.channels_last=true"],
     # autocast is mixed precision over fp32 weights: the config refuses it beside trainer.precision=bf16
     "fp32 + bf16 autocast": ["trainer.precision=fp32", "trainer.gpu.autocast=bf16"],
-    "fp32 + bf16 autocast, channels_last": ["trainer.precision=fp32", "trainer.gpu.autocast=bf16",
-                                            "trainer.gpu.channels_last=true"],
+    "fp32 + bf16 autocast, channels_last": ["trainer.precision=fp32", "trainer.zero_stage=0",
+                                            "trainer.gpu.autocast=bf16", "trainer.gpu.channels_last=true"],
 }
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_LOSS_SCALE = 2.0**16  # DeepSpeed's initial_scale_power 16 (engine.deepspeed_config)

@@ -133,6 +133,35 @@ def test_guided_sampling_export_round_trip(tmp_path):
     assert torch.allclose(loaded.sample(3, torch.Generator().manual_seed(0), "ddim", 3, batch), images, atol=1e-5)
 
 
+def test_a_frozen_mask_backbone_is_held_outside_the_trained_module_and_exported_whole(tmp_path):
+    """ZeRO-3 would partition (and gather every forward) a frozen SegFormer inside the engine's module: it is held
+    frozen like the codec, follows the trained weights' precision, and the export still carries it."""
+    from facediff.sampling import load_model
+    from facediff.tasks import build_task
+
+    cfg = load_config(EXPERIMENTS / "tiny_lc_unet_seg.yaml", ["model.mask_encoder.frozen=true"])
+    task = build_task(cfg).train()
+    backbone = task.conditions.masks.backbone
+    assert not any(k.startswith("conditions.masks.backbone.") for k in task.state_dict())  # not in checkpoints
+    assert "conditions.masks.proj.weight" in task.state_dict() and not backbone.training
+    with torch.no_grad():  # weights no fresh build has, so the export round trip cannot pass by chance
+        for p in backbone.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    for p in task.parameters():  # what DeepSpeed's bf16 engine does to the module's own weights, in place
+        p.data = p.data.to(torch.bfloat16)
+    loss = task(fake_batch(2), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and next(backbone.parameters()).dtype == torch.bfloat16  # followed the weights
+    task.float()
+    task.export(tmp_path / "export")
+    _, loaded = load_model(tmp_path / "export")
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(loaded.conditions.masks.backbone.state_dict()[name], value), name
+    from facediff.models.info import describe
+
+    rows = {r["name"]: r for r in describe(cfg)}
+    assert rows["mask_encoder"]["frozen"] == sum(p.numel() for p in backbone.parameters())  # counted, though held
+
+
 def test_latent_shape_mismatch_is_explained():
     from facediff.tasks import build_task
 

@@ -110,3 +110,27 @@ def test_fp16_scales_the_loss_and_unscales_the_gradients():
     assert torch.allclose(step.masters[0], masters_before[0] - 0.1, atol=1e-6)
     assert linear.weight.dtype == torch.float16 and torch.equal(linear.weight, step.masters[0].half())
     assert linear.weight.grad is None
+
+
+def test_channels_last_engine_keeps_nhwc_weights_that_train(process_group):
+    """DeepSpeed's initialize views every weight as bytes to broadcast it, which an NHWC conv weight refuses: the
+    engine re-lays the weights after it, at ZeRO-0 fp32 (the only combination the config allows), where the
+    optimizer steps these very Parameters. CPU workers never resolve channels_last, so the step is forced here."""
+    from facediff.config import ConfigError
+    from facediff.tasks import build_task
+    from facediff.train.engine import GpuStep, build_engine
+
+    cfg = load_config(EXPERIMENTS / "tiny_unet.yaml", ["trainer.gpu.channels_last=true", "optimizer.warmup_steps=0"])
+    step = GpuStep(cfg, "cpu")
+    step.channels_last = True  # what a CUDA worker resolves
+    engine = build_engine(build_task(cfg, load_pretrained=False), cfg, world_size=1, step=step)
+    conv = next(m for m in engine.module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    before = conv.weight.detach().clone()
+    data = step.batch({"image": torch.rand(2, 3, cfg.data.image_size, cfg.data.image_size) * 2 - 1})
+    engine.backward(engine(data, torch.Generator().manual_seed(0)))
+    engine.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert not torch.equal(conv.weight, before)  # the optimizer's update reached the NHWC weight
+    for refused in (["trainer.precision=bf16"], ["trainer.zero_stage=2"]):
+        with pytest.raises(ConfigError, match="channels_last .*needs DeepSpeed to keep the module's own weights"):
+            load_config(EXPERIMENTS / "tiny_unet.yaml", ["trainer.gpu.channels_last=true", *refused])

@@ -235,6 +235,19 @@ class TrainerConfig(Strict):
                 keys=[("use_gpu",), ("resources_per_worker", "GPU")])
         return self
 
+    @model_validator(mode="after")
+    def _channels_last_needs_unflattened_weights(self):
+        # DeepSpeed keeps the module's own fp32 parameters only at ZeRO-0 in fp32; bf16/fp16 and ZeRO 1-3 move them
+        # into flat contiguous buffers (NHWC is lost, or the step fails: ZeRO-2 cannot view an NHWC gradient flat).
+        if self.gpu.channels_last and (self.precision != "fp32" or self.zero_stage != 0):
+            raise ConflictingKeys(
+                f"trainer.gpu.channels_last needs DeepSpeed to keep the module's own weights, but trainer.precision "
+                f"is {self.precision} and trainer.zero_stage is {self.zero_stage} (bf16/fp16 weights and ZeRO 1-3 "
+                "flatten them into contiguous buffers): set trainer.precision=fp32 and trainer.zero_stage=0 (with "
+                "trainer.gpu.autocast=bf16 for a bf16 step), or drop channels_last",
+                keys=[("gpu", "channels_last"), ("precision",), ("zero_stage",)])
+        return self
+
 
 class EvalConfig(Strict):
     every_kimg: PositiveFloat | None = None  # None = only at the end

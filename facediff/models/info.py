@@ -40,10 +40,11 @@ def describe(cfg: ExperimentConfig) -> list[dict]:
     rows = []
     for name, net in task.networks().items():
         trainable, frozen = count_parameters(net)
+        frozen += sum(sum(count_parameters(held)) for held in task.frozen_networks_within(net))
         rows.append({"name": name, "class": type(net).__name__, "trainable": trainable, "frozen": frozen})
     if len(rows) > 1:
         trainable, frozen = count_parameters(task)
         # networks held frozen outside the module (`DiffusionTask.hold_frozen`) are not among its parameters
-        frozen += sum(sum(count_parameters(net)) for net in getattr(task, "frozen_networks", dict)().values())
+        frozen += sum(sum(count_parameters(net)) for net in task.frozen_networks().values())
         rows.append({"name": "total", "class": type(task).__name__, "trainable": trainable, "frozen": frozen})
     return rows

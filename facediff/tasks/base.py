@@ -52,6 +52,17 @@ class DiffusionTask(nn.Module, ABC):
     def frozen_networks(self) -> dict[str, nn.Module]:
         return {name: attrgetter(name)(self) for name in self._frozen}
 
+    def frozen_networks_within(self, module: nn.Module) -> list[nn.Module]:
+        """The held-frozen networks that are part of `module` (held on it or on one of its submodules): not among
+        its parameters, yet part of the network (a frozen SegFormer backbone of the mask encoder)."""
+        inside = []
+        for name, held in self.frozen_networks().items():
+            path = name.split(".")
+            owners = (attrgetter(".".join(path[:i]))(self) for i in range(1, len(path)))
+            if any(owner is module for owner in owners):
+                inside.append(held)
+        return inside
+
     def _place_frozen(self, name: str, device: torch.device | None = None) -> None:
         module = attrgetter(name)(self)
         first = next(module.parameters(), None)

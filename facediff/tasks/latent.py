@@ -3,8 +3,11 @@ attributes (and part masks), trained with the denoising MSE + lambda * InfoNCE o
 
 Everything trainable (UNet, attribute embedder, null conditions, mask projection, fusion, and the SegFormer
 when not frozen) lives in this one module, so DeepSpeed puts it in one optimizer, the EMA averages all of it and
-one checkpoint holds it. The autoencoder is held frozen outside the engine (`DiffusionTask.hold_frozen`: not
-cast, not partitioned under ZeRO-3), in the UNet's precision; a frozen SegFormer has `requires_grad=False`.
+one checkpoint holds it. The autoencoder, and a frozen SegFormer backbone (`model.mask_encoder.frozen`), are held
+frozen outside the engine (`DiffusionTask.hold_frozen`: not cast, not partitioned and re-gathered under ZeRO-3),
+in the UNet's precision. Checkpoints therefore do not hold the frozen backbone (the build recreates it: pretrained
+weights, or the seeded random init), but the export does, under the same keys as a trained one, so an exported
+model is whole.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from facediff.models.conditional import ConditionEncoder, build_conditional_unet
 from facediff.tasks.base import DiffusionTask
 
 CONDITION_FILE = "condition_encoder/model.safetensors"
+MASK_BACKBONE = "conditions.masks.backbone"  # held frozen when model.mask_encoder.frozen
+BACKBONE_KEYS = "masks.backbone."  # its keys in CONDITION_FILE, as when it trains
 
 
 def guidance_terms(attribute_scale: float, mask_scale: float, has_masks: bool) -> list[tuple[bool, bool, float]]:
@@ -52,6 +57,8 @@ class LatentConditionalDiffusion(DiffusionTask):
         self.unet = build_conditional_unet(m)
         groups = cfg.data.resolved_part_groups()
         self.conditions = ConditionEncoder(m, len(groups) if groups else 0, load_weights=load_pretrained)
+        if self.frozen_mask_backbone:
+            self.hold_frozen(MASK_BACKBONE)
         self.scheduler = diffusion.build_noise_scheduler(cfg.diffusion)
         self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
         self.latent_shape = expected
@@ -64,6 +71,10 @@ class LatentConditionalDiffusion(DiffusionTask):
     @property
     def has_masks(self) -> bool:
         return self.conditions.masks is not None
+
+    @property
+    def frozen_mask_backbone(self) -> bool:
+        return self.has_masks and self.cfg.model.mask_encoder.frozen
 
     def _latents(self, batch) -> torch.Tensor:
         """Clean latents in fp32 (noised in fp32, see DenoisingLoss); the codec runs in the task's precision."""
@@ -135,13 +146,20 @@ class LatentConditionalDiffusion(DiffusionTask):
         self.codec.save_pretrained(out / self.codec.subfolder)
         self.scheduler.save_pretrained(out / "scheduler")
         (out / CONDITION_FILE).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.conditions.state_dict().items()}, str(out / CONDITION_FILE))
+        state = self.conditions.state_dict()
+        if self.frozen_mask_backbone:  # held outside the module, saved with it: the export stands alone
+            state.update(self.conditions.masks.backbone.state_dict(prefix=BACKBONE_KEYS))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / CONDITION_FILE))
 
     def load_exported(self, out: Path) -> None:
         out = Path(out)
         self.unet = type(self.unet).from_pretrained(out / "unet")
         self.codec.load_pretrained(out / self.codec.subfolder)
-        self.conditions.load_state_dict(load_file(str(out / CONDITION_FILE)))
+        state = load_file(str(out / CONDITION_FILE))
+        if self.frozen_mask_backbone:
+            backbone = {k.removeprefix(BACKBONE_KEYS): state.pop(k) for k in list(state) if k.startswith(BACKBONE_KEYS)}
+            self.conditions.masks.backbone.load_state_dict(backbone)
+        self.conditions.load_state_dict(state)
 
     def networks(self):
         nets = {"unet": self.unet, "attribute_embedder": self.conditions.attributes, "autoencoder": self.codec}

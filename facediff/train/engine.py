@@ -117,12 +117,15 @@ def build_engine(module: nn.Module, cfg: ExperimentConfig, world_size: int, step
     import deepspeed
 
     step = step or GpuStep(cfg, "cpu")
-    if step.channels_last:
-        module = module.to(memory_format=torch.channels_last)
     optimizer, schedule = build_optimizer(module, cfg, world_size, fused=step.fused_adamw)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
     )
+    if step.channels_last:
+        # after initialize: its broadcast of the weights views each as bytes, which an NHWC weight refuses. At
+        # ZeRO-0 fp32 (the config allows nothing else) the optimizer holds these very Parameters, whose data this
+        # re-lays in place.
+        engine.module.to(memory_format=torch.channels_last)
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     if step.compile:
         engine.compile()  # compiles the wrapped module's forward; the first steps pay for it
