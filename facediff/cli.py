@@ -96,10 +96,15 @@ def train(
     random_weights: Annotated[bool, typer.Option(
         "--random-weights", help="with --dry-run: build pretrained networks from their shipped presets, randomly "
                                  "initialised (no weights read)")] = False,
+    resume_with_changes: Annotated[bool, typer.Option(
+        "--resume-with-changes", help="resume the run although this config differs from the one it recorded in keys "
+                                      "that define the run; the changes are recorded in its config-history.jsonl "
+                                      "(docs/resuming.md)")] = False,
 ) -> None:
-    """Train with Ray Train + DeepSpeed; re-running the same run name resumes it."""
+    """Train with Ray Train + DeepSpeed; re-running the same run name resumes it (docs/resuming.md)."""
     from facediff.config import resolve_paths
-    from facediff.train.run import check_inputs, train as run
+    from facediff.train.identity import check_resume
+    from facediff.train.run import check_inputs, run_storage, train as run
 
     cfg = _load(path, overrides)
     if random_weights and not dry_run:
@@ -107,12 +112,14 @@ def train(
     if dry_run:
         _dry_run(cfg, path, random_weights)
         return
-    try:
-        check_inputs(resolve_paths(cfg))
+    try:  # both again in `run`, here for one error line and exit code 2 before Ray starts
+        resolved = resolve_paths(cfg)
+        check_inputs(resolved)
+        check_resume(resolved, run_storage(resolved), resume_with_changes)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     with job_failures("training"):
-        folder = run(cfg)
+        folder = run(cfg, resume_with_changes=resume_with_changes)
     typer.echo(f"run folder: {folder}")
 
 

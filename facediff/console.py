@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -295,13 +296,45 @@ def setup_logging(loud: bool) -> None:
     logging.getLogger("facediff").setLevel(logging.INFO)
 
 
-def log_to_file(path: Path) -> None:
+_WORKER_LOGGERS = ("facediff", "DeepSpeed")
+
+
+def log_to_file(path: Path) -> logging.Handler:
     """A Ray Train worker's own log: facediff's and DeepSpeed's records at INFO, into the run folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("facediff", "DeepSpeed"):
+    for name in _WORKER_LOGGERS:
         logger = logging.getLogger(name)
         if not any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    return handler
+
+
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def hold_log(path: Path) -> Callable[[], None]:
+    """A worker's log (`log_to_file`) whose records are held in memory until the returned function is called, then
+    written first: a worker whose start fails (a resume refused by the checkpoint) leaves the run folder as it was."""
+    held = _Held()
+    for name in _WORKER_LOGGERS:
+        logging.getLogger(name).addHandler(held)
+        logging.getLogger(name).setLevel(logging.INFO)
+
+    def open_file() -> None:
+        handler = log_to_file(path)
+        for name in _WORKER_LOGGERS:
+            logging.getLogger(name).removeHandler(held)
+        for record in held.records:
+            handler.handle(record)
+        held.records.clear()
+
+    return open_file

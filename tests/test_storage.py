@@ -120,6 +120,37 @@ def test_each_rank_reads_a_remote_checkpoint_from_its_own_download(s3, tmp_path)
     assert tmp_path.exists()
 
 
+def test_rerun_is_compared_with_the_config_recorded_in_the_bucket(s3, tiny_config):
+    """The run's identity lives in the bucket: a re-run of another config is refused without writing there; one
+    that may resume is recorded there (history line, then config.yaml), whichever command's mirror writes it."""
+    import yaml
+
+    from facediff.train.identity import RunConfigChanged, check_resume, commit, read_history
+
+    def run_config(*extra):
+        return tiny_config([f"trainer.storage_path=s3://{BUCKET}/identity", "trainer.run_name=run", *extra])
+
+    def stored() -> dict[str, bytes]:
+        return {k: s3.get_object(Bucket=BUCKET, Key=f"identity/run/{k}")["Body"].read()
+                for k in _keys(s3, "identity/run/")}
+
+    # moto's buckets outlive a test in this process: a prefix no other test writes
+    first = RunStorage(f"s3://{BUCKET}/identity", "run")
+    assert commit(first, check_resume(run_config(), first), step=0)
+    before = stored()
+    assert list(before) == ["config.yaml"]
+    refusal = r"s3://facediff-runs/identity/run/config\.yaml\): optimizer\.lr 0\.001 -> 0\.0001"
+    with pytest.raises(RunConfigChanged, match=refusal):
+        check_resume(run_config("optimizer.lr=1e-4"), RunStorage(f"s3://{BUCKET}/identity", "run"))
+    assert stored() == before
+
+    again = RunStorage(f"s3://{BUCKET}/identity", "run")  # another command: its own, empty local mirror
+    assert commit(again, check_resume(run_config("trainer.total_kimg=2"), again), step=8)
+    [entry] = read_history(RunStorage(f"s3://{BUCKET}/identity", "run"))
+    assert entry["resumed_at_step"] == 8 and entry["changes"] == {"trainer.total_kimg": {"old": 1.0, "new": 2.0}}
+    assert yaml.safe_load(stored()["config.yaml"])["trainer"]["total_kimg"] == 2.0
+
+
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(900)

@@ -21,6 +21,8 @@ from facediff.config import load_config
 from facediff.tasks import build_task
 from facediff.train.engine import lr_factor, safe_checkpoint_engine
 from facediff.train.progress import read_metrics
+from facediff.storage import RunStorage
+from facediff.train.identity import RunConfigChanged, read_history
 from facediff.train.run import resume_point, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
@@ -38,16 +40,33 @@ def config(synthetic_shards, tmp_path, path="configs/experiments/tiny_unet.yaml"
 
 def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
     # the logged epoch: 64 rows of 44; bf16 as the production configs (the EMA averages the fp32 masters)
-    cfg = config(synthetic_shards, tmp_path, extra=["data.epochs_per_pass=1", "trainer.precision=bf16"])
+    extra = ["data.epochs_per_pass=1", "trainer.precision=bf16"]
+    first = config(synthetic_shards, tmp_path, extra=extra)
     fault = {"crash_at_step": 5, "marker": str(tmp_path / "crashed")}
     with pytest.raises(Exception, match="injected worker crash at step 5"):
-        train(cfg, fault=fault)
+        train(first, fault=fault)
     run = tmp_path / "runs" / "run"
     before = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in before] == [1, 2, 3, 4]  # last checkpoint: step 4
 
-    reports = tmp_path / "reports.jsonl"
-    train(cfg, fault=fault, callbacks=[report_recorder(reports)])  # the same command again: resumes from step 4
+    # a re-run with another lr is refused before anything is written (it used to train on at the checkpoint's rate
+    # and record the new one); with --resume-with-changes, a model the checkpoint does not fit fails while the
+    # workers restore it, and the folder stays byte-identical too (config.yaml included: `sample` still reads it)
+    cfg = config(synthetic_shards, tmp_path, extra=[*extra, "optimizer.lr=5e-5"])
+    untouched = _files(run)
+    with pytest.raises(RunConfigChanged, match=r"optimizer\.lr 0\.001 -> 5e-05"):
+        train(cfg, fault=fault)
+    other_shape = config(synthetic_shards, tmp_path, extra=[*extra, "model.block_out_channels=[16,32]",
+                                                            "model.norm_num_groups=8"])
+    with pytest.raises(Exception, match="size mismatch"):
+        train(other_shape, resume_with_changes=True)
+    assert _files(run) == untouched
+
+    reports = tmp_path / "reports.jsonl"  # resumes from step 4 at the new lr, and records the change
+    train(cfg, fault=fault, callbacks=[report_recorder(reports)], resume_with_changes=True)
+    [change] = read_history(RunStorage(str(tmp_path / "runs"), "run"))
+    assert change["resumed_at_step"] == 4 and change["changes"] == {"optimizer.lr": {"old": 1e-3, "new": 5e-5}}
+    assert load_config(run / "config.yaml").optimizer.lr == 5e-5
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     # a row is logged every step, but Ray gets a report only with a checkpoint (every 2 steps here): Train V2
@@ -56,8 +75,9 @@ def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
     assert reported == [6, 8]
     assert (run / "metrics.jsonl").read_text().splitlines()[:4] == before  # steps 1-4 were not re-run
     total = STEPS
-    for r in rows:  # the schedule continues: no second warm-up after the resume
-        assert r["lr"] == pytest.approx(cfg.optimizer.lr * lr_factor(r["step"] - 1, 4, total, "cosine", 0.0))
+    for r in rows:  # the schedule continues: no second warm-up after the resume, at the new rate from step 5
+        rate = (first if r["step"] <= 4 else cfg).optimizer.lr
+        assert r["lr"] == pytest.approx(rate * lr_factor(r["step"] - 1, 4, total, "cosine", 0.0))
     assert rows[-1]["epoch"] == 1 and rows[-1]["kimg"] == pytest.approx(STEPS * 8 / 1000)
     kept = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())  # keep_last=2
     assert kept == ["checkpoint_000000006", "checkpoint_000000008"]
@@ -78,6 +98,10 @@ def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
     images = pipeline(batch_size=2, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 32, 32, 3)
     assert torch.allclose(pipeline.unet.conv_in.weight, ema["ema.net.conv_in.weight"])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _worker_pids(run: Path, rank: int, world: int = 2) -> list[int]:

@@ -66,6 +66,20 @@ def build_optimizer(module: nn.Module, cfg: ExperimentConfig, world_size: int, f
     return optimizer, schedule
 
 
+def apply_optimizer_settings(schedule, cfg: ExperimentConfig) -> None:
+    """After a resume, the config's optimizer settings, not the checkpoint's. Loading an optimizer and a schedule
+    restores the hyperparameters they were saved with (each param group's lr, betas, eps and weight decay; the
+    schedule's base rate), so a run resumed with another `optimizer.lr` trained on at the old one while its config
+    said the new one. A no-op when nothing changed. `schedule`: the run's LambdaLR (its optimizer is the torch AdamW
+    DeepSpeed wraps)."""
+    o = cfg.optimizer
+    schedule.base_lrs = [o.lr] * len(schedule.base_lrs)
+    for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas):
+        group.update(lr=o.lr * factor(schedule.last_epoch), initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                     weight_decay=o.weight_decay)
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]  # what get_last_lr() reports
+
+
 def safe_checkpoint_engine(ds_config):
     """DeepSpeed's torch checkpoint engine, but loading with `weights_only=True`.
 

@@ -26,14 +26,14 @@ import ray.train.torch
 import torch
 
 from facediff.config.schema import ExperimentConfig
-from facediff.console import log_to_file
+from facediff.console import hold_log
 from facediff.data.stream import iter_train_batches
 from facediff.tasks import build_task
-from facediff.train import checkpoint
+from facediff.train import checkpoint, identity
 from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
-from facediff.train.engine import GpuStep, build_engine, images_per_step, total_steps
+from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
 from facediff.train.progress import RunLog
 
 log = logging.getLogger("facediff.train")
@@ -100,7 +100,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     storage = loop_config["storage"]  # the run's folder: logs and metrics go to its local side, then to storage
     rank_log = f"logs/rank{rank}.log"
-    log_to_file(storage.local / rank_log)
+    open_log = hold_log(storage.local / rank_log)  # written once the run is known good (below)
     log.info("rank %d of %d: local rank %d on node %s (node rank %d), device %s, pid %d", rank, world,
              ctx.get_local_rank(), ray.get_runtime_context().get_node_id(), ctx.get_node_rank(), device, os.getpid())
 
@@ -123,7 +123,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.local_folder(resume_from) as folder:
             state = checkpoint.load(folder, engine, ema, generator, rank)
             consumed = checkpoint.consumed_records(folder)
+        apply_optimizer_settings(engine.lr_scheduler, cfg)  # the config's lr, betas, ...: not the checkpoint's
         log.info("resumed from the checkpoint of step %d (pass from epoch %d)", state.step, state.epoch)
+    _record_the_run(loop_config, storage, state.step, rank, device)
+    open_log()
     skipped = set(consumed)  # the data pipeline drops these from the resumed pass (`run.resume_point`)
     trace = DataTrace(loop_config.get("trace_dir"), rank)
 
@@ -219,6 +222,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             consumed, skipped = set(), set()
     if run_log is not None:
         run_log.close()
+
+
+def _record_the_run(loop_config: dict[str, Any], storage, step: int, rank: int, device) -> None:
+    """Once every rank built its engine and restored the checkpoint (a collective: a rank that failed never joins
+    it, so nothing is recorded), rank 0 writes the run's config and any recorded change (`identity.commit`). Until
+    here this worker start wrote nothing into the run folder: a refused resume leaves it as it was."""
+    mean_across_ranks({"started": 1.0}, device)
+    resumption = loop_config.get("resumption")
+    if rank == 0 and resumption is not None:
+        identity.commit(storage, identity.Resumption(**resumption), step)
 
 
 def _report(metrics, engine, ema, state, generator, rank, with_checkpoint: bool,

@@ -2,7 +2,8 @@
 
 Re-running the same config (same `trainer.run_name` and `trainer.storage_path`) resumes from the run's latest
 checkpoint: Ray Train V2 restores by run name and storage path, and the loop continues its step count,
-schedule, EMA and data position from there.
+schedule, EMA and data position from there. The run folder's recorded config decides whether a re-run may resume
+(`identity.py`); it is written by the workers once they restored the run, not here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 import json
 import logging
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -19,7 +20,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from facediff.config import dump_config, resolve_paths
+from facediff.config import resolve_paths
 from facediff.config.schema import ExperimentConfig, model_autoencoder
 from facediff.console import RunProgress, start_ray
 from facediff.data.latents import check_cached_latents
@@ -28,7 +29,7 @@ from facediff.data.shards import check_train_records, shard_paths, split_rows
 from facediff.data.stream import build_dataset
 from facediff.storage import RunStorage
 from facediff.tasks import DiffusionTask, build_task
-from facediff.train import checkpoint
+from facediff.train import checkpoint, identity
 from facediff.train.checkpoint import load_ema_weights
 from facediff.train.loop import train_loop_per_worker
 from facediff.train.progress import METRICS_FILE
@@ -171,7 +172,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
-          trace_dir: str | Path | None = None, progress: bool = True, storage: RunStorage | None = None) -> Path:
+          trace_dir: str | Path | None = None, progress: bool = True, storage: RunStorage | None = None,
+          resume_with_changes: bool = False) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder.
 
     `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
@@ -179,14 +181,17 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     rank log the ids, epochs and flips it trained on (`loop.DataTrace`). `progress`: a progress line on the
     console (a Tune trial has none: Tune reports its trials). `storage`: the run's folder as the caller resolved
     it (a Tune trial's, through its experiment's filesystem); default `trainer.storage_path`/run name.
+    `resume_with_changes`: resume an existing run although its recorded config differs in keys that define the run
+    (recorded); without it such a re-run raises `identity.RunConfigChanged` before anything is written.
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
     check_inputs(cfg)
     storage = storage or run_storage(cfg)
+    resumption = identity.check_resume(cfg, storage, resume_with_changes)  # before anything is written
+    if resumption.changes:
+        log.info("resuming run %s with changes (%s), recorded in %s once the workers restored it: %s",
+                 run_name(cfg), resumption.how, identity.HISTORY_FILE, identity.describe(resumption.changes))
     out = storage.local
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    storage.push("config.yaml")
     if cfg.eval.every_kimg is not None:
         from facediff.eval.evaluate import build_attribute_metric
         from facediff.eval.metrics import load_inception
@@ -199,7 +204,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
                            "trace_dir": str(trace_dir) if trace_dir else None,
-                           "epochs_per_pass": epochs_per_pass(cfg)},
+                           "epochs_per_pass": epochs_per_pass(cfg), "resumption": asdict(resumption)},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
