@@ -79,7 +79,9 @@ class Dataset:
 def datasets(s: Sizes, cpu: bool) -> dict[str, Dataset]:
     sets = {"faces": Dataset("faces", s.faces, s.face_size, s.face_size),
             "coco": Dataset("coco", s.coco_scenes, s.coco_raw_size, s.coco_size)}
-    if not cpu:  # the production configs' sizes; lc_unet_3 reads 32 records a batch, sd2_lora 4
+    # GPU: the production configs' sizes; lc_unet_3 reads 32 records a batch, sd2_lora 4 (`prepare celebamask`
+    # scales a tiny set's test split down: 58/6 and 15/1 train/test records; the scenes give 15/3)
+    if not cpu:
         sets |= {"faces256": Dataset("faces", 64, 256, 256, test_size=8),
                  "faces512": Dataset("faces", 16, 512, 512, test_size=4),
                  "coco512": Dataset("coco", s.coco_scenes, s.coco_raw_size, 512)}
