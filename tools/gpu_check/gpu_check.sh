@@ -2,7 +2,7 @@
 # `make gpu-check [GPU_CHECK_ARGS=--cpu]`: run tools/gpu_check/run.py with a Python that can import the stack.
 #   - in the project's uv environment (.venv + uv): `uv run --frozen python`;
 #   - else (the GPU machine: python3 with torch, no uv): that python3 ($GPU_CHECK_PYTHON overrides), and when
-#     ray/deepspeed/diffusers/pydantic/facenet_pytorch are missing, the wheels of `make gpu-wheels` (.gpu-wheels/,
+#     ray/deepspeed/diffusers/pydantic/facenet_pytorch/open_clip are missing, the wheels of `make gpu-wheels` (.gpu-wheels/,
 #     carried along) installed with --target into .gpu-site/ and put on PYTHONPATH with the repo root.
 # Without a CUDA GPU (and without --cpu) it says so in one line and exits 2.
 set -uo pipefail
@@ -16,10 +16,10 @@ if [ -z "${GPU_CHECK_PYTHON:-}" ] && [ -d .venv ] && command -v uv >/dev/null 2>
     py=(uv run --frozen python)
 else
     py=("${GPU_CHECK_PYTHON:-python3}")
-    need='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("ray", "deepspeed", "diffusers", "pydantic", "facenet_pytorch")))'
+    need='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("ray", "deepspeed", "diffusers", "pydantic", "facenet_pytorch", "open_clip")))'
     if ! "${py[@]}" -c "$need" 2>/dev/null; then
         if ! ls .gpu-wheels/*.whl >/dev/null 2>&1; then
-            echo "gpu-check: ${py[0]} lacks ray/deepspeed/diffusers/pydantic/facenet_pytorch and there is no .gpu-wheels/ (run 'make gpu-wheels' where PyPI is reachable, and carry .gpu-wheels)" >&2
+            echo "gpu-check: ${py[0]} lacks ray/deepspeed/diffusers/pydantic/facenet_pytorch/open_clip and there is no .gpu-wheels/ (run 'make gpu-wheels' where PyPI is reachable, and carry .gpu-wheels)" >&2
             exit 2
         fi
         stamp=$(cd .gpu-wheels && ls -l --time-style=+%s *.whl | md5sum | cut -c1-32)

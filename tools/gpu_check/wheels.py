@@ -2,7 +2,7 @@
 
 The GPU machine (device README, KINDS.md) runs Python 3.12 with torch, transformers, peft, accelerate,
 torchmetrics, pyarrow, aiohttp, msgpack, psutil, py-cpuinfo, ninja, einops, ... but no ray, deepspeed, diffusers,
-pydantic or facenet-pytorch, and nothing can be downloaded there. This downloads (here, where PyPI is reachable)
+pydantic, facenet-pytorch or open_clip_torch, and nothing can be downloaded there. This downloads (here, where PyPI is reachable)
 exactly the distributions in WHEELS at the versions uv.lock pins, with --no-deps, and
 
 - slims ray's wheel: drops `ray/jars/ray_dist.jar` (Java workers only), the dashboard's `*.js.map` files and
@@ -10,7 +10,7 @@ exactly the distributions in WHEELS at the versions uv.lock pins, with --no-deps
   device call (64 MiB with the working tree);
 - builds deepspeed's wheel from its sdist (PyPI has no wheel; the result is pure Python, ~2 MB).
 
-    python3 tools/gpu_check/wheels.py [--out .gpu-wheels] [--max-mib 55]
+    python3 tools/gpu_check/wheels.py [--out .gpu-wheels] [--max-mib 58]
 
 Run with any Python that has pip (3.11 here): `pip download --python-version 3.12` resolves for the device.
 """
@@ -49,6 +49,12 @@ WHEELS = [
     "rpds-py",
     "tensorboardx",  # ray.train / ray.tune's TensorBoard logger
     "typing-extensions",  # pydantic 2.14 needs >= 4.16; the device's may be older (50 kB)
+    # the SD presets' exact CLIP tokenizer under --random-weights reads the BPE file inside open_clip's package
+    # (clip_tokenizer.py finds it without importing open_clip); ftfy and wcwidth make `import open_clip` work
+    # too (its tokenizer imports ftfy at module import; timm, its other import, is on the device)
+    "open-clip-torch",
+    "ftfy",
+    "wcwidth",
 ]
 SOURCE_ONLY = {"deepspeed"}  # built here with `pip wheel --no-deps` from the sdist
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
@@ -134,7 +140,7 @@ def check_record(wheel: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".gpu-wheels")
-    parser.add_argument("--max-mib", type=float, default=55.0)
+    parser.add_argument("--max-mib", type=float, default=58.0)
     args = parser.parse_args()
     versions = locked_versions()
     args.out.mkdir(parents=True, exist_ok=True)
