@@ -67,9 +67,31 @@ RAY_DROP_PREFIXES = ("ray/rllib/", "ray/serve/", "ray/llm/", "ray/dashboard/clie
 MIB = 2**20
 
 
-def locked_versions() -> dict[str, str]:
-    lock = tomllib.loads((ROOT / "uv.lock").read_text())
-    return {p["name"]: p["version"] for p in lock["package"]}
+# The device's interpreter and platform, for the markers of a lock that pins a package at several versions
+DEVICE_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+                  "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+                  "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+
+
+def _marker(text: str):
+    try:
+        from packaging.markers import Marker
+    except ImportError:  # a bare Python: pip's own copy
+        from pip._vendor.packaging.markers import Marker
+    return Marker(text)
+
+
+def locked_versions(lock_text: str | None = None) -> dict[str, str]:
+    """name -> the version uv.lock pins for the device. uv locks all supported Pythons at once; where they need
+    different versions of a package, each entry lists the `resolution-markers` it is for: keep the one for 3.12."""
+    lock = tomllib.loads((ROOT / "uv.lock").read_text() if lock_text is None else lock_text)
+    versions = {}
+    for package in lock["package"]:
+        markers = package.get("resolution-markers")
+        if markers and not any(_marker(m).evaluate(DEVICE_MARKERS) for m in markers):
+            continue
+        versions[package["name"]] = package["version"]
+    return versions
 
 
 def pip(*args: str) -> None:
