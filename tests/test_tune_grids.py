@@ -151,6 +151,46 @@ def test_tune_command_names_a_bad_key():
     assert result.exit_code == 2 and "optimizer.lrr" in result.output
 
 
+def test_every_grid_point_is_checked_before_ray_starts(tmp_path, monkeypatch, no_inception):
+    """A value no trial could train with (a 3-level `block_out_channels` on a 2-level UNet, the 2nd of 4
+    points) stops `facediff tune` before Ray starts: exit 2, one line naming the grid file and the point, no
+    experiment folder. A misspelt search key or grid override is the grid file's, not the command line's."""
+    from typer.testing import CliRunner
+
+    import facediff.console
+    from facediff.cli import app
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a grid with a bad point")
+
+    monkeypatch.setattr(facediff.console, "start_ray", no_ray)
+    write(tmp_path / "a.yaml", TRAIN)
+    head = f"train_config: a.yaml\nmetric: loss\nstorage_path: {tmp_path}/out\n"
+    grid = write(tmp_path / "x.yaml", head + "search_space:\n  optimizer.lr: {grid: [1.0e-4, 2.0e-4]}\n"
+                 "  model.block_out_channels: {grid: [[32, 64], [32, 64, 128]]}\n")
+    result = CliRunner().invoke(app, ["tune", str(grid)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {grid}: grid point 2 of 4 "
+                                                   "{optimizer.lr: 0.0001, model.block_out_channels: [32, 64, 128]}: ")
+    assert "block_out_channels has 3 entries but down_block_types has 2" in lines[0]
+    assert not (tmp_path / "out").exists()  # no experiment folder, no trial folder
+
+    misspelt = write(tmp_path / "m.yaml", head + "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n"
+                     "  optimizer.lrr: {loguniform: [1.0e-5, 1.0e-3]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(misspelt)
+    assert str(err.value) == (f"{misspelt}: grid point 1 of 2 {{optimizer.lr: 0.0001, optimizer.lrr: 1.0e-05}}: "
+                              "invalid config: search_space: optimizer.lrr: unknown key")
+    overridden = write(tmp_path / "o.yaml", head + "overrides: {trainer.batch_sise: 4}\n"
+                       "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n")
+    with pytest.raises(ConfigError, match=rf"^{overridden}: invalid config: {overridden}: trainer.batch_sise: unknown"):
+        load_experiment(overridden)
+    with pytest.raises(ConfigError, match=r"invalid config: command line: trainer.batch_sise: unknown"):
+        load_experiment(write(tmp_path / "c.yaml", head + "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n"),
+                        ["trainer.batch_sise=4"])
+
+
 def test_tune_command_fails_when_trials_errored(monkeypatch):
     """All trials erroring (the README's command once did, with exit 0) is a failed command: exit 1, one line."""
     from typer.testing import CliRunner
