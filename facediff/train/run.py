@@ -171,7 +171,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
-          trace_dir: str | Path | None = None, progress: bool = True, storage: RunStorage | None = None) -> Path:
+          trace_dir: str | Path | None = None, progress: bool = True, storage: RunStorage | None = None,
+          score: tuple[str, str] | None = None) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder.
 
     `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
@@ -179,6 +180,9 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     rank log the ids, epochs and flips it trained on (`loop.DataTrace`). `progress`: a progress line on the
     console (a Tune trial has none: Tune reports its trials). `storage`: the run's folder as the caller resolved
     it (a Tune trial's, through its experiment's filesystem); default `trainer.storage_path`/run name.
+    `score`: (metric, "min" or "max") for a Tune trial: every evaluation also writes a checkpoint, and Ray
+    Train keeps the `trainer.keep_last` best-scoring ones by that metric besides the latest (which resumes),
+    so the checkpoint of the trial's best report is never deleted. Default: the `keep_last` newest.
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
     check_inputs(cfg)
@@ -199,7 +203,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
                            "trace_dir": str(trace_dir) if trace_dir else None,
-                           "epochs_per_pass": epochs_per_pass(cfg)},
+                           "epochs_per_pass": epochs_per_pass(cfg), "score": score},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
@@ -211,7 +215,9 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             # remote: the filesystem travels with its endpoint and options (Ray then wants the path without scheme)
             storage_path=posixpath.dirname(storage.root) if storage.remote else str(out.parent),
             storage_filesystem=storage.fs if storage.remote else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last,
+                                               **({"checkpoint_score_attribute": score[0],
+                                                   "checkpoint_score_order": score[1]} if score else {})),
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
         ),
