@@ -188,9 +188,10 @@ def test_every_grid_point_is_checked_before_ray_starts(tmp_path, monkeypatch, no
                        "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n")
     with pytest.raises(ConfigError, match=rf"^{overridden}: invalid config: {overridden}: trainer.batch_sise: unknown"):
         load_experiment(overridden)
+    nested = write(tmp_path / "c.yaml", head + "overrides: {trainer: {batch_size: 4}}\n"
+                   "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n")
     with pytest.raises(ConfigError, match=r"invalid config: command line: trainer.batch_sise: unknown"):
-        load_experiment(write(tmp_path / "c.yaml", head + "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n"),
-                        ["trainer.batch_sise=4"])
+        load_experiment(nested, ["trainer.batch_sise=4"])  # beside the grid file's trainer.batch_size
 
 
 def test_tune_command_fails_when_trials_errored(monkeypatch):

@@ -281,11 +281,22 @@ GRID_CONFIG_KEY = "train_config"  # a search dimension over whole training confi
 GRID_POINT = "search_space"  # where errors say a Tune trial's sampled values come from
 
 
-def _override_source(key: str, origins: dict[tuple, str], grid_file: str) -> str:
-    """Who set the grid override `key`: the grid file, or the command line (`overrides.data.path=...` arrives
-    nested, as key `data`)."""
-    under = {source for path, source in origins.items() if path[:2] == ("overrides", key)}
-    return under.pop() if len(under) == 1 else _origin_of(("overrides", key), origins, grid_file)
+def _sourced_overrides(overrides: dict[str, Any], origins: dict[tuple, str], grid_file: str) -> list[tuple[str, str]]:
+    """A grid's `overrides` as `key=value` texts, each with where it was set: the grid file, or the command line
+    (`overrides.trainer.lr=...` arrives nested, under key `trainer`). A mapping set in parts by both is split
+    down to its keys; merging them one by one lays the same values."""
+    sourced = []
+
+    def walk(key: str, value: Any, path: tuple) -> None:
+        if isinstance(value, dict) and not isinstance(value, Replace) and value and path not in origins:
+            for sub, inner in value.items():
+                walk(f"{key}.{sub}", inner, path + (sub,))
+        else:
+            sourced.append((override_text(key, value), _origin_of(path, origins, grid_file)))
+
+    for key, value in overrides.items():
+        walk(key, value, ("overrides", key))
+    return sourced
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[GridConfig, ExperimentConfig]:
@@ -305,7 +316,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
     if (files := grid.search_space.get(GRID_CONFIG_KEY)) is not None and files.grid is None and files.choice is None:
         raise ConfigError(f"{grid_path}: search_space.{GRID_CONFIG_KEY}: give a grid or choice of config files")
     # each of the grid's overrides is blamed on where it was set: the grid file, or the command line
-    fixed = [(override_text(k, v), _override_source(k, origins, str(grid_path))) for k, v in grid.overrides.items()]
+    fixed = _sourced_overrides(grid.overrides, origins, str(grid_path))
 
     def trial(name: str, point: dict[str, Any]) -> ExperimentConfig:
         """A trial's training config, as `facediff.tune.space.Experiment.trial_config` builds it in Ray."""
