@@ -72,7 +72,7 @@ def _assert_best_is_one_report(row: dict, trial: Path, metric: str) -> None:
     best = min(reversed([r for r in reports if metric in r]), key=lambda r: r[metric])  # min keeps the first
     assert (float(row[f"best_{metric}"]), float(row["best_kimg"])) == (best[metric], best["kimg"]), (row, reports)
     assert row["checkpoint"] == str(trial / "train" / f"checkpoint_{best['step']:09d}"), (row, best)
-    kept = sorted(str(p) for p in (trial / "train").glob("checkpoint_*"))
+    kept = sorted(str(p) for p in (trial / "train").glob("checkpoint_*") if p.is_dir())
     assert row["checkpoint"] in kept and len(kept) <= 2, kept
 
 
