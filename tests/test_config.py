@@ -117,7 +117,8 @@ def test_grid_keys_checked_against_schema(tmp_path):
     grid, base = load_grid(good)
     assert grid.metric == "fid" and grid.scheduler.kind == "asha" and base.name == "train"
     bad = write(tmp_path / "bad.yaml", "train_config: train.yaml\nsearch_space:\n  optimizer.lrr: {grid: [1.0e-5]}\n")
-    with pytest.raises(ConfigError, match=r"search_space.optimizer.lrr: does not fit"):
+    with pytest.raises(ConfigError, match=r"grid point 1 of 1 {optimizer.lrr: 1.0e-05}: invalid config: search_space: "
+                                         "optimizer.lrr: unknown key"):
         load_grid(bad)
     two = write(tmp_path / "two.yaml", "train_config: train.yaml\nsearch_space:\n  optimizer.lr: {grid: [1], choice: [2]}\n")
     with pytest.raises(ConfigError, match="exactly one of"):

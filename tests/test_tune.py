@@ -1,6 +1,7 @@
 """`facediff tune` end to end on CPU: a 4-trial grid of the tiny UNet with ASHA, the results, and a resume."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -57,12 +58,22 @@ def tune_ray():
 
 def _printed_summary(stdout: str) -> dict:
     """The summary `facediff tune` prints (Ray may print dicts of its own to stdout too: take the last block)."""
-    import json
-
     lines = stdout.splitlines()
     first = max(k for k, line in enumerate(lines) if line == "{")
     last = next(k for k in range(first, len(lines)) if lines[k] == "}")
     return json.loads("\n".join(lines[first:last + 1]))
+
+
+def _assert_best_is_one_report(row: dict, trial: Path, metric: str) -> None:
+    """A results row's best metric, its kimg and its checkpoint are those of one report the trial made to Tune
+    (its best, the latest of equals): the checkpoint is the one written at that report's step, and it is on disk
+    beside at most the latest one (`keep_last: 1`)."""
+    reports = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+    best = min(reversed([r for r in reports if metric in r]), key=lambda r: r[metric])  # min keeps the first
+    assert (float(row[f"best_{metric}"]), float(row["best_kimg"])) == (best[metric], best["kimg"]), (row, reports)
+    assert row["checkpoint"] == str(trial / "train" / f"checkpoint_{best['step']:09d}"), (row, best)
+    kept = sorted(str(p) for p in (trial / "train").glob("checkpoint_*") if p.is_dir())
+    assert row["checkpoint"] in kept and len(kept) <= 2, kept
 
 
 @pytest.mark.timeout(1200)
@@ -87,7 +98,8 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
         done = subprocess.run(
             [uv, "run", "--frozen", "facediff", "tune", "configs/tune/demo.yaml", f"data.path={rel}/shards",
              f"storage_path={rel}/tune", "search_space={optimizer.lr: {grid: [1.0e-3, 3.0e-4]}}",
-             "scheduler.max_kimg=0.128"],
+             # checkpoints off the evaluations' cadence (steps 3, 6; evaluations at 4, 8): only evaluations score
+             "scheduler.max_kimg=0.128", "trainer.checkpoint_every_kimg=0.048"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
         assert done.returncode == 0, done.stderr[-3000:]
         summary = _printed_summary(done.stdout)
@@ -102,6 +114,11 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
             rows = list(csv.DictReader(f))
         assert len(rows) == 2
         assert all(float(r["best_fd_mtcnn_onet"]) > 0 for r in rows), rows  # every trial reported the metric
+        for r in rows:
+            _assert_best_is_one_report(r, REPO / rel / "tune" / "demo" / r["trial"], "fd_mtcnn_onet")
+        best = json.loads((REPO / rel / "tune" / "demo" / "best.json").read_text())
+        assert best == summary["best"] and best["checkpoint"] == min(rows, key=lambda r: float(
+            r["best_fd_mtcnn_onet"]))["checkpoint"]
     finally:
         shutil.rmtree(REPO / rel, ignore_errors=True)
 
@@ -124,6 +141,7 @@ def test_asha_grid_reports_stops_and_resumes(synthetic_shards, tmp_path):
         assert r["outcome"] in ("completed", "stopped early") and r["stopped_early"] in ("True", "False")
         assert (r["stopped_early"] == "True") == (float(r["kimg"]) < 0.128)
         assert read_metrics(exp / r["trial"] / "train"), "each trial's Train run logs in its trial folder"
+        _assert_best_is_one_report(r, exp / r["trial"], "loss")
         assert list((exp / r["trial"] / "train" / "tensorboard").glob("events.out.tfevents*"))
     bad = next(r for r in rows if float(r["optimizer.lr"]) == BAD_LR)
     assert bad["stopped_early"] == "True" and float(bad["kimg"]) < 0.128  # ASHA stopped the clearly worse trial
@@ -152,7 +170,6 @@ def test_asha_grid_reports_stops_and_resumes(synthetic_shards, tmp_path):
 def test_killed_tune_command_keeps_finished_trials_when_run_again(synthetic_shards, tmp_path, tune_ray):
     """`facediff tune` SIGKILLed while its second trial trains, then the same command again: the finished trial
     is not run again (its worker started once, its rows are unchanged), the other one finishes."""
-    import json
     import os
     import re
     import subprocess
@@ -160,7 +177,9 @@ def test_killed_tune_command_keeps_finished_trials_when_run_again(synthetic_shar
     import time
 
     grid = tmp_path / "kill.yaml"
-    grid.write_text(two_trial_grid(0.16))  # 10 steps a trial
+    # ema_decay (every report carries it) rises with every step: under `mode: min` a trial's best report is
+    # its first, whose checkpoint (step 2) Ray Train must keep beside the latest although `keep_last` is 1
+    grid.write_text(two_trial_grid(0.16).replace("metric: loss", "metric: ema_decay"))  # 10 steps a trial
     exp = tmp_path / "tune" / "kill"
     command = [str(Path(sys.executable).parent / "facediff"), "tune", str(grid), f"data.path={synthetic_shards}",
                f"storage_path={tmp_path / 'tune'}"]
@@ -206,3 +225,8 @@ def test_killed_tune_command_keeps_finished_trials_when_run_again(synthetic_shar
     assert len(re.findall(r"rank 0 of 1:", (done[0] / "logs" / "rank0.log").read_text())) == 1  # never re-run
     for run in trial_runs():
         assert finished(run) and [r["step"] for r in read_metrics(run)] == list(range(1, 11))
+    with open(exp / "results.csv") as f:
+        first = next(r for r in csv.DictReader(f) if r["trial"] == done[0].parent.name)
+    _assert_best_is_one_report(first, done[0].parent, "ema_decay")
+    assert first["checkpoint"] == str(done[0] / "checkpoint_000000002") and float(first["best_kimg"]) == 0.032
+    assert (done[0] / "checkpoint_000000010").is_dir()  # the latest, kept too

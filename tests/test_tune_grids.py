@@ -137,6 +137,8 @@ def test_only_rows_with_the_metric_reach_tune(monkeypatch):
     callback = MetricReportCallback("fd_mtcnn_onet")
     callback.after_report(None, [{"kimg": 0.1, "loss": 1.0}], None)
     callback.after_report(None, [{"kimg": 0.2, "loss": 0.9, "fd_mtcnn_onet": 3.0}], None)
+    # a checkpoint between evaluations carries a placeholder only Ray Train's checkpoint scoring reads
+    callback.after_report(None, [{"kimg": 0.25, "loss": 0.8, "fd_mtcnn_onet": 1e308, "checkpoint_only": True}], None)
     assert forwarded == [{"kimg": 0.2, "loss": 0.9, "fd_mtcnn_onet": 3.0}]
     with pytest.raises(RuntimeError, match="'fid'.*fd_mtcnn_onet"):
         callback.after_report(None, [{"kimg": 0.3, "fid": 10.0}], None)
@@ -149,6 +151,47 @@ def test_tune_command_names_a_bad_key():
 
     result = CliRunner().invoke(app, ["tune", str(REPO / "configs" / "tune" / "demo.yaml"), "optimizer.lrr=1"])
     assert result.exit_code == 2 and "optimizer.lrr" in result.output
+
+
+def test_every_grid_point_is_checked_before_ray_starts(tmp_path, monkeypatch, no_inception):
+    """A value no trial could train with (a 3-level `block_out_channels` on a 2-level UNet, the 2nd of 4
+    points) stops `facediff tune` before Ray starts: exit 2, one line naming the grid file and the point, no
+    experiment folder. A misspelt search key or grid override is the grid file's, not the command line's."""
+    from typer.testing import CliRunner
+
+    import facediff.console
+    from facediff.cli import app
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a grid with a bad point")
+
+    monkeypatch.setattr(facediff.console, "start_ray", no_ray)
+    write(tmp_path / "a.yaml", TRAIN)
+    head = f"train_config: a.yaml\nmetric: loss\nstorage_path: {tmp_path}/out\n"
+    grid = write(tmp_path / "x.yaml", head + "search_space:\n  optimizer.lr: {grid: [1.0e-4, 2.0e-4]}\n"
+                 "  model.block_out_channels: {grid: [[32, 64], [32, 64, 128]]}\n")
+    result = CliRunner().invoke(app, ["tune", str(grid)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {grid}: grid point 2 of 4 "
+                                                   "{optimizer.lr: 0.0001, model.block_out_channels: [32, 64, 128]}: ")
+    assert "block_out_channels has 3 entries but down_block_types has 2" in lines[0]
+    assert not (tmp_path / "out").exists()  # no experiment folder, no trial folder
+
+    misspelt = write(tmp_path / "m.yaml", head + "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n"
+                     "  optimizer.lrr: {loguniform: [1.0e-5, 1.0e-3]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(misspelt)
+    assert str(err.value) == (f"{misspelt}: grid point 1 of 2 {{optimizer.lr: 0.0001, optimizer.lrr: 1.0e-05}}: "
+                              "invalid config: search_space: optimizer.lrr: unknown key")
+    overridden = write(tmp_path / "o.yaml", head + "overrides: {trainer.batch_sise: 4}\n"
+                       "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n")
+    with pytest.raises(ConfigError, match=rf"^{overridden}: invalid config: {overridden}: trainer.batch_sise: unknown"):
+        load_experiment(overridden)
+    nested = write(tmp_path / "c.yaml", head + "overrides: {trainer: {batch_size: 4}}\n"
+                   "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n")
+    with pytest.raises(ConfigError, match=r"invalid config: command line: trainer.batch_sise: unknown"):
+        load_experiment(nested, ["trainer.batch_sise=4"])  # beside the grid file's trainer.batch_size
 
 
 def test_tune_command_fails_when_trials_errored(monkeypatch):
@@ -168,3 +211,47 @@ def test_tune_command_fails_when_trials_errored(monkeypatch):
     monkeypatch.setattr(facediff.tune, "run_tune", lambda grid, overrides: {**summary, "errors": 0,
                                                                            "reported_metric": 4, "first_error": None})
     assert CliRunner().invoke(app, ["tune", "grid.yaml"]).exit_code == 0
+
+
+def test_best_is_one_report_with_its_checkpoint(tmp_path, no_inception):
+    """Each trial's best metric, its kimg and its checkpoint come from one report (ties: the latest, as Ray
+    Train keeps them); a best report whose checkpoint is gone gets no checkpoint rather than another one."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from facediff.train.checkpoint import STATE_FILE
+    from facediff.tune.results import BEST, best_trial, trial_rows
+
+    write(tmp_path / "a.yaml", TRAIN)
+    grid = write(tmp_path / "g.yaml", f"train_config: a.yaml\nmetric: fd_x\nstorage_path: {tmp_path}/out\n"
+                 "overrides: {eval.every_kimg: 0.5}\nsearch_space:\n  optimizer.lr: {grid: [1.0e-4, 2.0e-4]}\n")
+    exp = load_experiment(grid)
+
+    def trial(trial_id, lr, reports, kept):
+        run = exp.dir / trial_id / "train"
+        for name in kept:
+            (run / name).mkdir(parents=True)
+            (run / name / STATE_FILE).write_text("{}")
+        history = pd.DataFrame([{"kimg": k, "fd_x": m, "checkpoint_path": f"/elsewhere/{c}" if c else float("nan")}
+                                for k, m, c in reports])
+        return SimpleNamespace(path=str(exp.dir / trial_id), metrics_dataframe=history, error=None,
+                               config={"optimizer.lr": lr})
+
+    results = [
+        # best 2.0 at 0.5 kimg and again at 1.5: the later one (Ray keeps it); 1.0 kimg's checkpoint is deleted
+        trial("t1", 1e-4, [(0.5, 2.0, "checkpoint_a"), (1.0, 3.0, "checkpoint_b"), (1.5, 2.0, "checkpoint_c"),
+                           (2.0, 2.5, "checkpoint_d")], ["checkpoint_c", "checkpoint_d"]),
+        trial("t2", 2e-4, [(0.5, 1.5, "checkpoint_a"), (1.0, 1.0, None), (2.0, 1.2, "checkpoint_d")],
+              ["checkpoint_a", "checkpoint_d"]),
+    ]
+    rows = {r["trial"]: r for r in trial_rows(results, exp)}
+    assert (rows["t1"]["best_fd_x"], rows["t1"]["best_kimg"], rows["t1"]["checkpoint"]) == (
+        2.0, 1.5, str(exp.dir / "t1" / "train" / "checkpoint_c"))
+    assert rows["t1"]["kimg"] == 2.0
+    # t2's best report carries no checkpoint: none is named (not the latest, not another report's)
+    assert (rows["t2"]["best_fd_x"], rows["t2"]["best_kimg"], rows["t2"]["checkpoint"]) == (1.0, 1.0, "")
+    exp.dir.mkdir(parents=True, exist_ok=True)
+    best = best_trial(list(rows.values()), exp)
+    assert best["trial"] == "t2" and json.loads((exp.dir / BEST).read_text())["best_kimg"] == 1.0

@@ -4,6 +4,7 @@ ASHA scheduler."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -25,6 +26,13 @@ class SearchDimension(Strict):
         if len(given) != 1:
             raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
         return self
+
+    def values(self) -> list[Any]:
+        """The values to check: a grid's or choice's, a range's two ends."""
+        for listed in (self.grid, self.choice, self.uniform, self.loguniform):
+            if listed is not None:
+                return list(listed)
+        return []
 
 
 class SchedulerConfig(Strict):
@@ -74,6 +82,13 @@ class GridConfig(Strict):
                 raise ValueError(f"paper_rows: {row.row!r}: another row has the same point {row.point}")
             seen.append(row.point)
         return self
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of values a trial can get, for checking them all before any trial starts: every
+        value of a grid or choice, both ends of a range (Tune samples between them), crossed."""
+        keys = list(self.search_space)
+        values = [self.search_space[k].values() for k in keys]
+        return [dict(zip(keys, combination)) for combination in itertools.product(*values)]
 
     def paper_row(self, values: dict[str, Any]) -> PaperRow | None:
         """The paper row of the trial with these search-space values, if it reproduces one."""

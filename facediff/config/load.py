@@ -181,18 +181,27 @@ def nested_override(section: str, text: str) -> str:
     return f"~{section}.{stripped[1:].strip()}" if stripped.startswith("~") else f"{section}.{stripped}"
 
 
+def flow_yaml(value: Any) -> str:
+    """`value` as one line of YAML (`{model.block_out_channels: [32, 64]}`), markers included."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False)
+    return text.strip().removesuffix("...").strip()
+
+
 def override_text(key: str, value: Any) -> str:
     """`key=value` that `parse_override` reads back as `value` (markers included)."""
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}"
+    return f"{key}={flow_yaml(value)}"
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], origins: dict[tuple, str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], origins: dict[tuple, str],
+                    source: str = CLI) -> dict[str, Any]:
+    """Lay `key=value` texts over `raw`; `source` is what errors name as having set them (a Tune grid point's
+    values come from its grid file, not the command line)."""
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        _merge(raw, nested, CLI, origins)
+        _merge(raw, nested, source, origins)
     return raw
 
 
@@ -269,43 +278,67 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 GRID_CONFIG_KEY = "train_config"  # a search dimension over whole training config files (architecture ablations)
+GRID_POINT = "search_space"  # where errors say a Tune trial's sampled values come from
+
+
+def _sourced_overrides(overrides: dict[str, Any], origins: dict[tuple, str], grid_file: str) -> list[tuple[str, str]]:
+    """A grid's `overrides` as `key=value` texts, each with where it was set: the grid file, or the command line
+    (`overrides.trainer.lr=...` arrives nested, under key `trainer`). A mapping set in parts by both is split
+    down to its keys; merging them one by one lays the same values."""
+    sourced = []
+
+    def walk(key: str, value: Any, path: tuple) -> None:
+        if isinstance(value, dict) and not isinstance(value, Replace) and value and path not in origins:
+            for sub, inner in value.items():
+                walk(f"{key}.{sub}", inner, path + (sub,))
+        else:
+            sourced.append((override_text(key, value), _origin_of(path, origins, grid_file)))
+
+    for key, value in overrides.items():
+        walk(key, value, ("overrides", key))
+    return sourced
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[GridConfig, ExperimentConfig]:
-    """Load a Tune grid file and its base training config; every search-space key must exist in the schema.
+    """Load a Tune grid file and its base training config.
 
     The search key `train_config` (a grid or choice of config files, relative to the grid file) swaps the
     whole training config per trial, for ablations that change the model section rather than one key; every
-    file it names is loaded and validated here, with the grid's `overrides` and every other dimension. The
-    grid's `overrides` keep their `!replace` / `!delete` marks: they are laid over each training config.
+    file it names is loaded and validated here, with the grid's `overrides`. Then every point of the search
+    space (`GridConfig.points`) is laid over its training config and validated like a trial's config, so a
+    value no trial could train with stops the command before Ray starts, naming the grid file and the point.
+    The grid's `overrides` keep their `!replace` / `!delete` marks: they are laid over each training config.
     """
     origins: dict[tuple, str] = {}
     grid_path = Path(path).resolve()
     raw = apply_overrides(load_raw(grid_path, origins), list(overrides or []), origins)
     grid = validate(GridConfig, raw, origins, str(grid_path), keep=(("overrides",),))
-    base_path = grid_path.parent / grid.train_config
-    fixed = [override_text(k, v) for k, v in grid.overrides.items()]
-    config_files = [base_path]
-    if (files := grid.search_space.get(GRID_CONFIG_KEY)) is not None:
-        if files.grid is None and files.choice is None:
-            raise ConfigError(f"{grid_path}: search_space.{GRID_CONFIG_KEY}: give a grid or choice of config files")
-        config_files = [grid_path.parent / f for f in (files.grid or files.choice)]
+    if (files := grid.search_space.get(GRID_CONFIG_KEY)) is not None and files.grid is None and files.choice is None:
+        raise ConfigError(f"{grid_path}: search_space.{GRID_CONFIG_KEY}: give a grid or choice of config files")
+    # each of the grid's overrides is blamed on where it was set: the grid file, or the command line
+    fixed = _sourced_overrides(grid.overrides, origins, str(grid_path))
+
+    def trial(name: str, point: dict[str, Any]) -> ExperimentConfig:
+        """A trial's training config, as `facediff.tune.space.Experiment.trial_config` builds it in Ray."""
+        path, trial_origins = grid_path.parent / name, {}
+        raw = load_raw(path, trial_origins)
+        for text, source in fixed:
+            apply_overrides(raw, [text], trial_origins, source)
+        apply_overrides(raw, [override_text(k, v) for k, v in point.items() if k != GRID_CONFIG_KEY],
+                        trial_origins, GRID_POINT)
+        raw.setdefault("name", path.stem)
+        return validate(ExperimentConfig, raw, trial_origins, str(path.resolve()))
+
     try:
-        base = load_config(base_path, fixed)
-        for other in config_files:
-            load_config(other, fixed)
+        base = trial(grid.train_config, {})
     except ConfigError as err:
         raise ConfigError(f"{grid_path}: {err}") from None
-    for key, dim in grid.search_space.items():
-        if key == GRID_CONFIG_KEY:
-            continue
-        # one probe value per dimension: proves the key exists and the value type fits
-        probe = (dim.grid or dim.choice or [None])[0] if (dim.grid or dim.choice) else (dim.uniform or dim.loguniform)[0]
-        for config_file in config_files:
-            try:
-                load_config(config_file, fixed + [override_text(key, probe)])
-            except ConfigError as err:
-                raise ConfigError(f"{grid_path}: search_space.{key}: does not fit {config_file}: {err}") from None
+    points = grid.points()
+    for number, point in enumerate(points, 1):  # every trial's config, before any trial starts
+        try:
+            trial(point.get(GRID_CONFIG_KEY, grid.train_config), point)
+        except ConfigError as err:
+            raise ConfigError(f"{grid_path}: grid point {number} of {len(points)} {flow_yaml(point)}: {err}") from None
     return grid, base
 
 

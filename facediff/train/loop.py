@@ -4,6 +4,8 @@ Progress is counted in optimizer steps and images seen (kimg = steps x global ba
 `log_every_steps` the ranks average their loss and rank 0 logs it (`metrics.jsonl`, TensorBoard: the console's
 progress line reads these); every `checkpoint_every_kimg` (and at the end) they write a checkpoint; every
 `eval.every_kimg` they sample with the EMA weights and compute the image-distance metric, which Tune's ASHA reads.
+In a Tune trial (`loop_config["score"]`) every evaluation writes a checkpoint too: Ray Train keeps the best-scoring
+ones by the trial's metric, and the results name the checkpoint of the report that scored best.
 
 Only checkpoints and evaluations are reported to Ray. Train V2's controller takes one report per worker per
 poll (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s) and a report waits while the previous one is untaken, so a
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -34,7 +37,7 @@ from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
 from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
-from facediff.train.progress import RunLog
+from facediff.train.progress import CHECKPOINT_ONLY, RunLog
 
 log = logging.getLogger("facediff.train")
 
@@ -130,6 +133,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     skipped = set(consumed)  # the data pipeline drops these from the resumed pass (`run.resume_point`)
     trace = DataTrace(loop_config.get("trace_dir"), rank)
 
+    score = loop_config.get("score")  # (metric, mode) Ray Train keeps checkpoints by (a Tune trial's), or None
     ips, total = images_per_step(cfg, world), total_steps(cfg, world)
     checkpoint_every = _every(cfg.trainer.checkpoint_every_kimg, ips)
     eval_every = _every(cfg.eval.every_kimg, ips)
@@ -183,8 +187,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             maybe_crash(state.step, loop_config.get("fault"))
 
             done = state.step >= total
-            save_now = done or state.step % checkpoint_every == 0
             eval_now = evaluator is not None and (done or state.step % eval_every == 0)
+            # a Tune trial: every evaluation also writes a checkpoint, which Ray Train scores by it (`train.score`)
+            save_now = done or state.step % checkpoint_every == 0 or (eval_now and score is not None)
             if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
                 continue
             if watch is not None and (bad := watch.first()) is not None:  # before this step is logged or saved
@@ -211,7 +216,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if run_log is not None:
                 run_log.write(metrics, sync=save_now)
             if save_now or eval_now:
-                _report(metrics, engine, ema, state, generator, rank, save_now, consumed)
+                _report(_scored(metrics, score if save_now else None), engine, ema, state, generator, rank, save_now,
+                        consumed)
             if save_now:
                 storage.push(rank_log)
             window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
@@ -232,6 +238,18 @@ def _record_the_run(loop_config: dict[str, Any], storage, step: int, rank: int, 
     resumption = loop_config.get("resumption")
     if rank == 0 and resumption is not None:
         identity.commit(storage, identity.Resumption(**resumption), step)
+
+
+def _scored(metrics: dict[str, Any], score: tuple[str, str] | None) -> dict[str, Any]:
+    """A checkpoint's report with the metric Ray Train scores checkpoints by. A checkpoint between evaluations
+    (`trainer.checkpoint_every_kimg` off the `eval.every_kimg` cadence) carries the worst finite value, which Ray
+    ranks below every measured one (so it stays only while it is the latest, for resuming), marked
+    `CHECKPOINT_ONLY` so that Tune never sees it (`tune.trial.MetricReportCallback`). Not NaN or inf: Ray's
+    checkpoint state (JSON through pydantic) stores those as null, which it cannot score after a restore."""
+    if score is None or score[0] in metrics:
+        return metrics
+    worst = sys.float_info.max if score[1] == "min" else -sys.float_info.max
+    return {**metrics, score[0]: worst, CHECKPOINT_ONLY: True}
 
 
 def _report(metrics, engine, ema, state, generator, rank, with_checkpoint: bool,

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("facediff.train")
 
 METRICS_FILE = "metrics.jsonl"
+# marks a checkpoint's report to Ray that holds no evaluation: its scored metric is a placeholder (`loop._scored`)
+CHECKPOINT_ONLY = "checkpoint_only"
 # Copies of the log to remote storage, at most this often between checkpoints: a copy after every row (the
 # whole file and TensorBoard folder) would stall rank 0 every `log_every_steps`, and every rank at the next
 # collective.

@@ -173,7 +173,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
           trace_dir: str | Path | None = None, progress: bool = True, storage: RunStorage | None = None,
-          resume_with_changes: bool = False) -> Path:
+          resume_with_changes: bool = False, score: tuple[str, str] | None = None) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder.
 
     `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
@@ -183,6 +183,9 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     it (a Tune trial's, through its experiment's filesystem); default `trainer.storage_path`/run name.
     `resume_with_changes`: resume an existing run although its recorded config differs in keys that define the run
     (recorded); without it such a re-run raises `identity.RunConfigChanged` before anything is written.
+    `score`: (metric, "min" or "max") for a Tune trial: every evaluation also writes a checkpoint, and Ray
+    Train keeps the `trainer.keep_last` best-scoring ones by that metric besides the latest (which resumes),
+    so the checkpoint of the trial's best report is never deleted. Default: the `keep_last` newest.
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
     check_inputs(cfg)
@@ -204,7 +207,8 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
                            "trace_dir": str(trace_dir) if trace_dir else None,
-                           "epochs_per_pass": epochs_per_pass(cfg), "resumption": asdict(resumption)},
+                           "epochs_per_pass": epochs_per_pass(cfg), "resumption": asdict(resumption),
+                           "score": score},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
@@ -216,7 +220,9 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             # remote: the filesystem travels with its endpoint and options (Ray then wants the path without scheme)
             storage_path=posixpath.dirname(storage.root) if storage.remote else str(out.parent),
             storage_filesystem=storage.fs if storage.remote else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last,
+                                               **({"checkpoint_score_attribute": score[0],
+                                                   "checkpoint_score_order": score[1]} if score else {})),
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
         ),

@@ -4,7 +4,8 @@ Each trial runs `trial.run_trial`, which fits a TorchTrainer (Ray Train V2) and 
 to Tune; ASHA (time attribute `kimg`) stops weak trials early. Everything lands in the experiment folder
 `storage_path/NAME/`: Tune's state, one folder per trial (`<trial_id>/train/` is its Train run with
 checkpoints, `metrics.jsonl`, TensorBoard events and, when it finished, `export/`), and at the end
-`results.csv`, `results.md`, `metric_vs_kimg.png` and `best.json`. Re-running the same command restores the
+`results.csv`, `results.md`, `metric_vs_kimg.png` and `best.json` (the best report's metric, kimg and
+checkpoint: `results`). Re-running the same command restores the
 experiment: finished and stopped trials are kept, interrupted or errored ones resume from their checkpoints.
 """
 
@@ -97,6 +98,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
                                                                   ("plot", plot))},
         "best": best,
     }
-    log.info("experiment %s done: %d trials, %d stopped early; best %s = %s (%s)", exp.name, len(rows),
-             summary["stopped_early"], exp.metric, best and best[f"best_{exp.metric}"], best and best["checkpoint"])
+    log.info("experiment %s done: %d trials, %d stopped early; best %s = %s at %s kimg (%s)", exp.name, len(rows),
+             summary["stopped_early"], exp.metric, best and best[f"best_{exp.metric}"], best and best["best_kimg"],
+             best and best["checkpoint"])
     return summary

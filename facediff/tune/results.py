@@ -3,41 +3,47 @@
 A trial counts as stopped early when it ended without error before the trials' length in kimg (ASHA stopped
 it); its kimg reached is the furthest its Train run logged (`metrics.jsonl`), which can be a little past the
 report ASHA acted on.
+
+"Best" is one report: a trial's best report is the one with the best metric (`mode`) among those it made to
+Tune (every evaluation, for an image metric); `best_<metric>`, `best_kimg` and `checkpoint` all come from it.
+In a trial every such report carries a checkpoint, and Ray Train keeps the best-scoring ones by the metric
+besides the latest (`train.run.train(score=...)`), so that checkpoint is on disk even with `keep_last: 1`.
+The experiment's best trial (`best.json`) is the trial with the best such report.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import posixpath
 from pathlib import Path
 from typing import Any
 
-from facediff.train.checkpoint import latest_complete
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
 from facediff.storage import RunStorage
+from facediff.train.checkpoint import STATE_FILE
 from facediff.train.progress import METRICS_FILE, read_metrics
 from facediff.tune.space import Experiment
 
+log = logging.getLogger("facediff.tune")
 TABLE, MARKDOWN, PLOT, BEST = "results.csv", "results.md", "metric_vs_kimg.png", "best.json"
 
 
 def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
-    """One row per trial (sorted by trial id): its sampled values, best metric, kimg reached, outcome."""
+    """One row per trial (sorted by trial id): its sampled values, its best report (metric, kimg and checkpoint,
+    all three from that one report), kimg reached, outcome."""
     rows = []
     for result in results:
         trial_id = posixpath.basename(result.path.rstrip("/"))
         run = exp.trial_run(trial_id)
         run.pull(METRICS_FILE)  # remote storage: into the local mirror
-        history = result.metrics_dataframe
-        points = []
-        if history is not None and exp.metric in history:
-            points = [(float(k), float(m)) for k, m in zip(history["kimg"], history[exp.metric])
-                      if not (math.isnan(k) or math.isnan(m))]
+        reports = _reports(result.metrics_dataframe, exp.metric)
         logged = [r["kimg"] for r in read_metrics(run.local)]
-        kimg = max([k for k, _ in points] + logged, default=0.0)
-        values = [m for _, m in points]
-        best = (min(values) if exp.grid.mode == "min" else max(values)) if values else None
+        kimg = max([r[0] for r in reports] + logged, default=0.0)
+        best = _best_report(reports, exp.grid.mode)
         if result.error is not None:
             outcome = "error"
         elif kimg < exp.total_kimg - 1e-9:
@@ -49,27 +55,46 @@ def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
             "trial": trial_id,
             **{key: (result.config or {}).get(key) for key in exp.grid.search_space},
             **({"paper_row": paper.row if paper else ""} if exp.grid.paper_rows else {}),
-            f"best_{exp.metric}": best,
+            f"best_{exp.metric}": best and best[1],
             **({"paper_fid": paper.fid if paper else None} if exp.grid.paper_rows else {}),
+            "best_kimg": best and best[0],
             "kimg": round(kimg, 6),
             "stopped_early": outcome == "stopped early",
             "outcome": outcome if result.error is None else f"error: {type(result.error).__name__}",
-            "checkpoint": _newest_checkpoint(run),
-            "_points": points,
+            "checkpoint": _scored_checkpoint(run, best, trial_id),
+            "_points": [(k, m) for k, m, _ in reports],
         })
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def _newest_checkpoint(run: RunStorage) -> str:
-    """What `facediff sample` would load: the newest complete checkpoint folder; in remote storage, the newest
-    one Ray registered (it registers a checkpoint only once every rank's upload finished)."""
-    if run.remote:
-        from facediff.train.run import resume_point
+def _reports(history, metric: str) -> list[tuple[float, float, str | None]]:
+    """(kimg, metric, checkpoint folder name) of each report the trial made to Tune."""
+    if history is None or metric not in history:
+        return []
+    paths = history[CHECKPOINT_PATH_KEY] if CHECKPOINT_PATH_KEY in history else [None] * len(history)
+    return [(float(k), float(m), posixpath.basename(p.rstrip("/")) if isinstance(p, str) else None)
+            for k, m, p in zip(history["kimg"], history[metric], paths) if not (math.isnan(k) or math.isnan(m))]
 
-        name = resume_point(run).checkpoint
-        return f"{run.uri}/{name}" if name else ""
-    found = latest_complete(run.local)
-    return str(found) if found else ""
+
+def _best_report(reports: list[tuple], mode: str) -> tuple | None:
+    """The report with the best metric; among equal ones the latest, as Ray Train ranks checkpoints."""
+    if not reports:
+        return None
+    sign = -1.0 if mode == "min" else 1.0
+    return max(enumerate(reports), key=lambda item: (sign * item[1][1], item[0]))[1]
+
+
+def _scored_checkpoint(run: RunStorage, best: tuple | None, trial_id: str) -> str:
+    """Where the checkpoint of the trial's best report is (Ray Train keeps it by its score), or "" with a
+    warning if that report has none or it is gone (e.g. an experiment run before checkpoints were scored)."""
+    if best is None:
+        return ""
+    name = best[2]
+    if name is None or not run.exists(f"{name}/{STATE_FILE}"):
+        log.warning("trial %s: the checkpoint of its best report (%s kimg) is not in %s: %s", trial_id, best[0],
+                    run.uri, name or "the report carries none")
+        return ""
+    return f"{run.uri}/{name}"
 
 
 def _columns(rows: list[dict]) -> list[str]:

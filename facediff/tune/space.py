@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from facediff.config import ConfigError, ExperimentConfig, GridConfig, load_config, load_grid, resolve_paths
-from facediff.config.load import CLI, GRID_CONFIG_KEY, apply_overrides, nested_override, parse_override, validate
+from facediff.config.load import (GRID_CONFIG_KEY, GRID_POINT, apply_overrides, flow_yaml, nested_override,
+                                  parse_override, validate)
 from facediff.config.schema import EvalConfig
 from facediff.data.shards import check_train_records
 from facediff.storage import RunStorage
@@ -61,10 +61,6 @@ def resolve_metric(requested: str, eval_cfg: EvalConfig) -> str:
     if load_inception(eval_cfg.inception_weights, eval_cfg.fallback_features) is not None:
         return "fid"
     return f"fd_{eval_cfg.fallback_features}"
-
-
-def _dump(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
 @dataclass
@@ -117,13 +113,16 @@ class Experiment:
 
     def trial_config(self, params: dict[str, Any], trial_id: str) -> ExperimentConfig:
         """A trial's training config: its config file (resolved on the driver), the grid's overrides, its
-        sampled values, its folder. Reads no file: it runs inside Ray."""
+        sampled values, its folder. Reads no file: it runs inside Ray. (`load_grid` has validated every point
+        of the search space the same way, so a failure here is a sampled value between a range's ends.)"""
         name = params.get(GRID_CONFIG_KEY, self.grid.train_config)
-        sampled = [f"{k}={_dump(v)}" for k, v in params.items() if k != GRID_CONFIG_KEY]
+        sampled = [f"{k}={flow_yaml(v)}" for k, v in params.items() if k != GRID_CONFIG_KEY]
         placed = [f"trainer.storage_path={self.trial_storage_path(trial_id)}", f"trainer.run_name={RUN_DIR}",
                   f"trainer.total_kimg={self.total_kimg}"]
-        raw = apply_overrides(copy.deepcopy(self.configs[name]), sampled + placed, {})
-        return validate(ExperimentConfig, raw, {}, f"{self.grid_path} ({name}, {CLI})")
+        origins: dict[tuple, str] = {}
+        raw = apply_overrides(copy.deepcopy(self.configs[name]), sampled, origins, GRID_POINT)
+        raw = apply_overrides(raw, placed, origins, "facediff tune")
+        return validate(ExperimentConfig, raw, origins, f"{self.grid_path} ({name})")
 
 
 def load_experiment(grid_path: str | Path, overrides: list[str] | None = None) -> Experiment:
@@ -131,7 +130,7 @@ def load_experiment(grid_path: str | Path, overrides: list[str] | None = None) -
     grid_overrides, train_overrides = split_overrides(list(overrides or []))
     grid, base = load_grid(grid_path, grid_overrides + train_overrides)
     grid_path = Path(grid_path).resolve()
-    fixed = [f"{k}={_dump(v)}" for k, v in grid.overrides.items()]
+    fixed = [f"{k}={flow_yaml(v)}" for k, v in grid.overrides.items()]
     total_kimg = grid.scheduler.max_kimg or base.trainer.total_kimg
     try:
         storage = RunStorage(grid.storage_path, grid.name or grid_path.stem)

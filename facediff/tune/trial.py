@@ -13,11 +13,17 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from facediff.train.progress import CHECKPOINT_ONLY
+
 log = logging.getLogger("facediff.tune")
 
 
 class MetricReportCallback(TuneReportCallback):
-    """Forward to Tune only the trainer's reports that carry `metric` (ASHA reads it at every result).
+    """Forward to Tune only the trainer's reports that carry `metric` (ASHA reads it at every result). A
+    checkpoint between evaluations carries a placeholder for Ray Train's checkpoint scoring (`loop._scored`), marked
+    `CHECKPOINT_ONLY`: not forwarded either. Each forwarded report carries its checkpoint's path
+    (`checkpoint_path`): in a trial every evaluation writes one, so the results name the checkpoint of the
+    very report that scored best.
 
     A report that carries an image distance under another name means the trial reports something other than
     what the experiment resolved (e.g. Inception weights on a worker node but not on the driver): it fails
@@ -31,7 +37,8 @@ class MetricReportCallback(TuneReportCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         row = metrics[0]
         if self.metric in row:
-            super().after_report(run_context, metrics, checkpoint)
+            if not row.get(CHECKPOINT_ONLY):
+                super().after_report(run_context, metrics, checkpoint)
             return
         other = [k for k in row if k == "fid" or k.startswith("fd_")]
         if other:
@@ -48,7 +55,7 @@ def run_trial(params: dict[str, Any], experiment) -> None:
     cfg = experiment.trial_config(params, trial_id)
     log.info("trial %s: %s", trial_id, {k: v for k, v in params.items()})
     train(cfg, callbacks=[MetricReportCallback(experiment.metric)], progress=False,
-          storage=experiment.trial_run(trial_id))
+          storage=experiment.trial_run(trial_id), score=(experiment.metric, experiment.grid.mode))
 
 
 def trial_dirname(trial) -> str:
