@@ -19,7 +19,7 @@ from facediff.config.models import (  # noqa: F401  (re-exported: the model sect
     LatentConditionalModelConfig, LoRAConfig, MaskEncoderConfig, ModelConfig, PerceptualLossConfig, PretrainedRef,
     StableDiffusionLoRAModelConfig, UNetModelConfig, check_unet_blocks,
 )
-from facediff.config.trainer_checks import misspelt_resource, owned_deepspeed_keys
+from facediff.config.trainer_checks import owned_deepspeed_keys, refuse_misspelt_resources
 from facediff.config.types import ConflictingKeys, PositiveFloat, PositiveInt, Strict, UnitFloat  # noqa: F401
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, PART_NAMES
 
@@ -236,13 +236,7 @@ class TrainerConfig(Strict):
 
     @model_validator(mode="after")
     def _ray_resource_names(self):
-        for name in self.resources_per_worker:
-            if known := misspelt_resource(name):
-                raise ConflictingKeys(
-                    f"trainer.resources_per_worker.{name}: not a Ray resource; did you mean {known}? (names are "
-                    f"case-sensitive; command line: `~trainer.resources_per_worker.{name}` drops it, "
-                    f"`trainer.resources_per_worker:={{{known}: ...}}` replaces the mapping)",
-                    keys=[("resources_per_worker", name)])
+        refuse_misspelt_resources(self.resources_per_worker, "trainer")
         return self
 
     @model_validator(mode="after")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from facediff.config.types import ConflictingKeys
+
 # Ray's predefined resources and the accelerators it detects (ray/_private/accelerators: get_resource_name)
 RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "TPU", "NPU", "HPU", "neuron_cores", "FURIOSA",
                  "MBLT", "RBLN", "TTNPU")
@@ -36,6 +38,18 @@ def misspelt_resource(name: str) -> str | None:
             return known
     close = difflib.get_close_matches(name, ("CPU", "GPU", "memory", "object_store_memory"), n=1, cutoff=0.75)
     return close[0] if close else None
+
+
+def refuse_misspelt_resources(resources: dict[str, float], section: str = "") -> None:
+    """ConflictingKeys naming the first misspelt Ray resource of a `resources_per_worker` mapping (of the config
+    section `section`, e.g. "trainer", in messages; its key paths are relative to that section)."""
+    for name in resources:
+        if known := misspelt_resource(name):
+            key = f"{section}.resources_per_worker" if section else "resources_per_worker"
+            raise ConflictingKeys(
+                f"{key}.{name}: not a Ray resource; did you mean {known}? (names are case-sensitive; command "
+                f"line: `~{key}.{name}` drops it, `{key}:={{{known}: ...}}` replaces the mapping)",
+                keys=[("resources_per_worker", name)])
 
 
 # DeepSpeed config key (a path into it) -> the facediff key that sets it
