@@ -3,8 +3,12 @@ starts, naming what was asked and what the nodes offer; a worker group Ray canno
 `trainer.placement_timeout_s` ends the run with one line. Only the last test starts Ray."""
 
 import pytest
+from typer.testing import CliRunner
 
+from facediff.cli import app
 from facediff.train.placement import PlacementError, PlacementTimeout, WorkerRequest, check_fits
+
+from conftest import REPO
 
 GIB = 2**30
 CPU_NODE = {"CPU": 4.0, "memory": 8 * GIB, "object_store_memory": 2 * GIB, "node:10.0.0.1": 1.0}
@@ -78,6 +82,13 @@ def test_impossible_requests_are_refused_and_unplaced_workers_end_the_run_within
                                           ({"CPU": 100.0}, False, "no node can hold one worker")):
         with pytest.raises(PlacementError, match=refusal_text):
             check_cluster(WorkerRequest.of(1, use_gpu, bundle))
+    # `facediff train` says so in one line, exit code 2, before any worker starts
+    result = CliRunner().invoke(app, ["train", str(REPO / "configs" / "experiments" / "tiny_unet.yaml"),
+                                      f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path}",
+                                      "trainer.resources_per_worker={ssd: 1}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: trainer.resources_per_worker.ssd: no node of the running cluster has a resource named 'ssd'")
     free = ray_session.available_resources()["CPU"]
     hog = placement_group([{"CPU": free - 0.5}])  # half a CPU left for the datasets, none for the workers
     assert hog.wait(30)
