@@ -205,6 +205,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (MFU meaningless)"
     models = TINY if args.tiny else MODELS
     precision = [] if args.precision == "config" else [f"trainer.precision={args.precision}"]
+    if device.type == "cuda":  # the tiny configs train on CPU workers, where the config refuses fp16
+        precision.append("trainer.use_gpu=true")
     for model in args.model.split(","):
         config, base, holds = models[model]
         configs, seen = {}, []

@@ -118,7 +118,9 @@ def train(
         check_resume(resolved, run_storage(resolved), resume_with_changes)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
-    with job_failures("training"):
+    from facediff.train.placement import PlacementError
+
+    with job_failures("training"), user_errors(PlacementError):  # workers the cluster cannot hold: exit 2
         folder = run(cfg, resume_with_changes=resume_with_changes)
     typer.echo(f"run folder: {folder}")
 
@@ -158,12 +160,13 @@ def train_segformer(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides")] = None,
 ) -> None:
     """Fine-tune SegFormer to segment the part groups (Ray Train, DDP); report test mIoU, save the checkpoint."""
+    from facediff.train.placement import PlacementTimeout
     from facediff.train.segformer import load_segformer_config, train_segformer as run
 
     try:
         cfg = load_segformer_config(path, overrides or [])
         out = run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, PlacementTimeout) as err:
         _fail(str(err))
     metrics = json.loads((out / "metrics.json").read_text())
     typer.echo(f"test mIoU {metrics['miou']:.4f}; wrote {out} (load it as a mask encoder with "

@@ -80,7 +80,7 @@ def test_model_family_union(tmp_path):
 
 def test_cross_field_validation(tmp_path):
     path = write(tmp_path / "x.yaml", TINY_UNET)
-    with pytest.raises(ConfigError, match="block_out_channels has 3 entries"):
+    with pytest.raises(ConfigError, match=r"block_out_channels \(command line\) has 3 entries"):
         load_config(path, ["model.block_out_channels=[32,64,64]"])
     with pytest.raises(ConfigError, match="unknown or no parts"):
         load_config(path, ["data.part_groups={face: [skin, whiskers]}"])

@@ -21,7 +21,8 @@ def test_clip_sample_defaults_per_family_and_is_refused_for_latents():
 
 
 def test_pixel_model_size_must_match_the_data():
-    with pytest.raises(ConfigError, match=r"model\.sample_size \(32\) must equal data\.image_size \(64\)"):
+    with pytest.raises(ConfigError, match=rf"model\.sample_size \({TINY_UNET}\) is 32 but data\.image_size "
+                                          r"\(command line\) is 64: they must be equal"):
         load_config(TINY_UNET, ["data.image_size=64"])
 
 

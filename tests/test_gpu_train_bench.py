@@ -95,8 +95,9 @@ def test_fp16_scales_the_loss_and_unscales_the_gradients():
     linear = torch.nn.Linear(3, 2)
     cast = torch.nn.Sequential(linear)
     bench.cast_like_deepspeed(cast, "fp16")
-    cfg = load_config(EXPERIMENTS / "tiny_unet.yaml", ["trainer.precision=fp16", "optimizer.lr=0.1",
-                                                       "optimizer.warmup_steps=0", "optimizer.weight_decay=0"])
+    cfg = load_config(EXPERIMENTS / "tiny_unet.yaml", ["trainer.precision=fp16", "trainer.use_gpu=true",  # fp16: GPUs
+                                                       "optimizer.lr=0.1", "optimizer.warmup_steps=0",
+                                                       "optimizer.weight_decay=0"])
     step = bench.MasterWeightAdamW(cast, cfg, fused=False)
     masters_before = [m.detach().clone() for m in step.masters]
     # d(mean of the 2 outputs)/dW = 0.5 * the input 0.5; scaled by 2**16 it still fits in fp16

@@ -83,7 +83,7 @@ def test_gpu_step_options_apply_only_on_a_gpu_and_one_mixed_precision_at_a_time(
     assert out["id"] is batch["id"] and out["parts"].is_contiguous()  # only 4-D float tensors change layout
     optimizer, _ = build_optimizer(nn.Linear(2, 2), cfg, 1, fused=False)
     assert not optimizer.defaults["fused"]
-    with pytest.raises(ConfigError, match="trainer.gpu.autocast=bf16 .* trainer.precision is bf16"):
+    with pytest.raises(ConfigError, match=r"trainer.gpu.autocast \(command line\) is bf16, .* trainer.precision \(command line\) is bf16"):
         tiny_config(["trainer.gpu.autocast=bf16", "trainer.precision=bf16"])
 
 

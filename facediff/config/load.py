@@ -25,7 +25,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from facediff.config.grid import GridConfig
-from facediff.config.schema import MODEL_FAMILIES, ConflictingKeys, ExperimentConfig
+from facediff.config.errors import dotted, format_errors, origin_of
+from facediff.config.schema import ExperimentConfig
 
 CLI = "command line"
 REPLACE_TAG, DELETE_TAG = "!replace", "!delete"
@@ -101,10 +102,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _dotted(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def _forget(origins: dict[tuple, str], path: tuple) -> None:
     for stale in [p for p in origins if p[: len(path)] == path]:
         del origins[stale]
@@ -131,7 +128,7 @@ def _merge(into: dict, new: dict, source: str | dict[tuple, str], origins: dict[
             if isinstance(source, str):
                 origins[path] = source
             else:
-                if (where := _origin_of(path, source, None)) is not None:
+                if (where := origin_of(path, source, None)) is not None:
                     origins[path] = where
                 origins.update({p: o for p, o in source.items() if p[: len(path)] == path})
 
@@ -205,20 +202,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], origins: dict[tup
     return raw
 
 
-def _origin_of(loc: tuple, origins: dict[tuple, str], fallback: str | None) -> str | None:
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in origins:
-            return origins[loc[:n]]
-    # a missing key is "set" nowhere: blame the top file
-    return fallback
-
-
 def _settle(value: Any, origins: dict[tuple, str], top: str, keep: tuple[tuple, ...], path: tuple = ()) -> Any:
     """The merged layers as plain data: `Replace` marks dropped; a `!delete` left means nothing before set its
     key. Mappings at `keep` paths (a grid's overrides, laid over training configs later) keep their marks."""
     if value is DELETE:
-        raise ConfigError(f"{_origin_of(path, origins, top)}: {_dotted(path)}: dropped ({DELETE_TAG} / "
-                          f"~{_dotted(path)}), but no base file or earlier override sets it; check the key's "
+        raise ConfigError(f"{origin_of(path, origins, top)}: {dotted(path)}: dropped ({DELETE_TAG} / "
+                          f"~{dotted(path)}), but no base file or earlier override sets it; check the key's "
                           "spelling, or remove the deletion")
     if isinstance(value, dict):
         return value if path in keep else {k: _settle(v, origins, top, keep, path + (k,)) for k, v in value.items()}
@@ -227,46 +216,13 @@ def _settle(value: Any, origins: dict[tuple, str], top: str, keep: tuple[tuple, 
     return value
 
 
-def _is_set(raw: dict[str, Any], path: tuple) -> bool:
-    node: Any = raw
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return False
-        node = node[key]
-    return True
-
-
-def _conflict(error: ConflictingKeys, loc: tuple, origins: dict[tuple, str], top: str, raw: dict) -> str:
-    """A check across keys: each key it names gets where it was set beside it (or that it is at its default)."""
-    text = str(error)
-    for key in error.keys:
-        path = loc + key
-        where = _origin_of(path, origins, top) if _is_set(raw, path) else "its default"
-        text = text.replace(_dotted(path), f"{_dotted(path)} ({where})", 1)
-    return text
-
-
-def _format_errors(err: ValidationError, origins: dict[tuple, str], top: str, raw: dict) -> str:
-    lines = []
-    for e in err.errors():
-        # the tagged union puts the family name in the path (model.unet.x); the user wrote model.x
-        loc = tuple(p for i, p in enumerate(e["loc"]) if not (i == 1 and e["loc"][0] == "model" and p in MODEL_FAMILIES))
-        if isinstance(conflict := (e.get("ctx") or {}).get("error"), ConflictingKeys):
-            lines.append(_conflict(conflict, loc, origins, top, raw))
-            continue
-        key = _dotted(loc) or "(top level)"
-        message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{_origin_of(loc, origins, top)}: {key}: {message}")
-    return f"invalid config: {lines[0]}" if len(lines) == 1 else "invalid config:\n  " + "\n  ".join(lines)
-
-
 def validate(model: type[T], raw: dict[str, Any], origins: dict[tuple, str], top: str,
              keep: tuple[tuple, ...] = ()) -> T:
     plain = _settle(raw, origins, top, keep)
     try:
         return model.model_validate(plain)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origins, top, plain)) from None
+        raise ConfigError(format_errors(err, origins, top, plain)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

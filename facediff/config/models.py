@@ -10,19 +10,21 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from facediff.config.types import PositiveFloat, PositiveInt, Strict, UnitFloat
+from facediff.config.types import ConflictingKeys, PositiveFloat, PositiveInt, Strict, UnitFloat
 
 def check_unet_blocks(cfg):
     """Shared validator of diffusers UNet configs: one block type per level each way, widths fit the norm groups."""
     n = len(cfg.block_out_channels)
     if len(cfg.down_block_types) != n or len(cfg.up_block_types) != n:
-        raise ValueError(
-            f"block_out_channels has {n} entries but down_block_types has {len(cfg.down_block_types)} "
-            f"and up_block_types {len(cfg.up_block_types)}"
-        )
+        raise ConflictingKeys(
+            f"model.block_out_channels has {n} entries but model.down_block_types has {len(cfg.down_block_types)} "
+            f"and model.up_block_types {len(cfg.up_block_types)}: give one block type per level each way",
+            keys=[("block_out_channels",), ("down_block_types",), ("up_block_types",)])
     bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
     if bad:
-        raise ValueError(f"block_out_channels {bad} not divisible by norm_num_groups={cfg.norm_num_groups}")
+        raise ConflictingKeys(f"model.block_out_channels holds widths {bad} that model.norm_num_groups, "
+                              f"{cfg.norm_num_groups}, does not divide",
+                              keys=[("block_out_channels",), ("norm_num_groups",)])
     return cfg
 
 
@@ -63,7 +65,8 @@ class DiTModelConfig(Strict):
     @model_validator(mode="after")
     def _patch_divides(self):
         if self.sample_size % self.patch_size:
-            raise ValueError(f"sample_size {self.sample_size} not divisible by patch_size {self.patch_size}")
+            raise ConflictingKeys(f"model.sample_size, {self.sample_size}, is not divisible by model.patch_size, "
+                                  f"{self.patch_size}", keys=[("sample_size",), ("patch_size",)])
         return self
 
 

@@ -19,7 +19,8 @@ from facediff.config.models import (  # noqa: F401  (re-exported: the model sect
     LatentConditionalModelConfig, LoRAConfig, MaskEncoderConfig, ModelConfig, PerceptualLossConfig, PretrainedRef,
     StableDiffusionLoRAModelConfig, UNetModelConfig, check_unet_blocks,
 )
-from facediff.config.types import PositiveFloat, PositiveInt, Strict, UnitFloat
+from facediff.config.trainer_checks import owned_deepspeed_keys, refuse_misspelt_resources
+from facediff.config.types import ConflictingKeys, PositiveFloat, PositiveInt, Strict, UnitFloat  # noqa: F401
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, PART_NAMES
 
 # --------------------------------------------------------------------------------------------------- data
@@ -110,10 +111,13 @@ class DiffusionConfig(Strict):
     def _phases_cover_the_run(self):
         ends = [phase.until for phase in self.timestep_phases]
         if ends and (ends != sorted(set(ends)) or ends[-1] != 1.0):
-            raise ValueError(f"timestep_phases: `until` must increase and the last be 1.0 (the run's end), got {ends}")
+            raise ConflictingKeys(f"diffusion.timestep_phases: `until` must increase and the last be 1.0 (the run's "
+                                  f"end), got {ends}", keys=[("timestep_phases",)])
         late = [b.stop for phase in self.timestep_phases for b in phase.bands if b.stop > self.num_train_timesteps]
         if late:
-            raise ValueError(f"timestep_phases: band stops {late} exceed num_train_timesteps={self.num_train_timesteps}")
+            raise ConflictingKeys(f"diffusion.timestep_phases: band stops {late} exceed "
+                                  f"diffusion.num_train_timesteps={self.num_train_timesteps}",
+                                  keys=[("timestep_phases",), ("num_train_timesteps",)])
         return self
 
 
@@ -175,21 +179,14 @@ class GpuStepConfig(Strict):
     autocast: Literal["none", "bf16"] = "none"
 
 
-class ConflictingKeys(ValueError):
-    """A check across keys of a section: `keys` (paths inside the section) are the ones the message names, so that
-    the loader can say beside each which file set it."""
-
-    def __init__(self, message: str, keys: list[tuple[str, ...]]):
-        super().__init__(message)
-        self.keys = keys
-
-
 class TrainerConfig(Strict):
     run_name: str | None = None  # None = the experiment's name; re-using a name resumes that run
     storage_path: str = "runs"  # local path here; s3://, gs:// or an NFS mount on a cluster
     num_workers: PositiveInt = 2
     use_gpu: bool = False
     # Ray's resources per worker (keys case-sensitive). With use_gpu, Ray adds GPU: 1 where no GPU is given.
+    # A misspelt Ray name is refused at load; a name the cluster does not have, or a worker no node can hold,
+    # when the run starts (docs/configuration-overrides.md, "Resources and placement").
     resources_per_worker: dict[str, PositiveFloat] = {"CPU": 1.0}
     # Where Ray places the workers (its placement group strategy). pack: as few nodes as possible (the default:
     # NVLink/PCIe between GPUs of a node beats the network, so gradients all-reduce fastest). spread: across
@@ -197,6 +194,9 @@ class TrainerConfig(Strict):
     # strict_spread: one worker per node or the run does not start (tests of multi-node code paths).
     # strict_pack: all workers on one node or the run does not start (a run that must not cross the network).
     placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
+    # Seconds the run waits for Ray to place its workers (a busy cluster, nodes still starting) before it ends
+    # with an error naming what was asked and what the cluster has; null waits without end (Ray's own default).
+    placement_timeout_s: PositiveFloat | None = 600.0
     batch_size: PositiveInt = 16  # per worker, per micro-step
     grad_accum: PositiveInt = 1
     total_kimg: PositiveFloat = 100.0
@@ -213,13 +213,38 @@ class TrainerConfig(Strict):
     seed: int = 0
     ema: EMAConfig = EMAConfig()
     gpu: GpuStepConfig = GpuStepConfig()
-    deepspeed: dict[str, Any] = {}  # merged last into the generated DeepSpeed config (expert escape hatch)
+    # merged last into the generated DeepSpeed config (expert escape hatch); the keys facediff sets from its own
+    # (batch sizes, accumulation, clipping, ZeRO stage, precision, optimizer, schedule) are refused
+    deepspeed: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _one_mixed_precision(self):
         if self.gpu.autocast != "none" and self.precision != "fp32":
-            raise ValueError(f"trainer.gpu.autocast={self.gpu.autocast} is mixed precision over fp32 weights, but "
-                             f"trainer.precision is {self.precision}: set one of them, not both")
+            raise ConflictingKeys(f"trainer.gpu.autocast is {self.gpu.autocast}, mixed precision over fp32 weights, "
+                                  f"but trainer.precision is {self.precision}: set one of them, not both",
+                                  keys=[("gpu", "autocast"), ("precision",)])
+        return self
+
+    @model_validator(mode="after")
+    def _no_fp16_on_cpu(self):
+        # fp16 math on a CPU is emulated: ~30x slower than fp32 (docs/training-precision.md); bf16 is fast there
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ConflictingKeys("trainer.precision is fp16, but trainer.use_gpu is false: CPUs compute fp16 ~30x "
+                                  "slower than fp32; use trainer.precision=bf16 (fast on CPUs) or fp32",
+                                  keys=[("precision",), ("use_gpu",)])
+        return self
+
+    @model_validator(mode="after")
+    def _ray_resource_names(self):
+        refuse_misspelt_resources(self.resources_per_worker, "trainer")
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_keys_facediff_sets(self):
+        for path, instead in owned_deepspeed_keys(self.deepspeed):
+            key = ".".join(("trainer.deepspeed",) + path)
+            raise ConflictingKeys(f"{key}: facediff sets it from {instead}; set that instead and remove {key}",
+                                  keys=[("deepspeed",) + path])
         return self
 
     @model_validator(mode="after")
@@ -287,40 +312,48 @@ class ExperimentConfig(Strict):
         if self.diffusion.clip_sample is None:
             self.diffusion.clip_sample = not latent
         elif latent and self.diffusion.clip_sample:
-            raise ValueError(f"diffusion.clip_sample: true clamps x0 to [-1, 1], but a {model.family!r} model "
-                             "denoises latents, which are not bounded; set it to false (the family's default)")
+            raise ConflictingKeys(f"diffusion.clip_sample: true clamps x0 to [-1, 1], but model.family is "
+                                  f"{model.family!r}: it denoises latents, which are not bounded; set it to false (the "
+                                  "family's default)", keys=[("diffusion", "clip_sample"), ("model", "family")])
         if latent and not self.data.normalize:
-            raise ValueError(f"data.normalize: false is read by the pixel families only; a {model.family!r} model's "
-                             "autoencoder takes images in [-1, 1]; remove it")
+            raise ConflictingKeys(f"data.normalize: false is read by the pixel families only; model.family is "
+                                  f"{model.family!r}, whose autoencoder takes images in [-1, 1]; remove it",
+                                  keys=[("data", "normalize"), ("model", "family")])
         if not latent and model.sample_size != self.data.image_size:
-            raise ValueError(f"model.sample_size ({model.sample_size}) must equal data.image_size "
-                             f"({self.data.image_size}): a pixel model denoises the images at their decoded size")
+            raise ConflictingKeys(f"model.sample_size is {model.sample_size} but data.image_size is "
+                                  f"{self.data.image_size}: they must be equal, a pixel model denoises the images "
+                                  "at their decoded size", keys=[("model", "sample_size"), ("data", "image_size")])
         if model.family in PIPELINE_FAMILIES:
             mine = [k for k in SCHEDULE_KEYS if getattr(self.diffusion, k) != DiffusionConfig.model_fields[k].default]
             if mine:
-                raise ValueError(f"diffusion.{mine[0]}: a {model.family!r} model uses its pipeline's own noise schedule "
-                                 f"(model.pipeline's scheduler config); remove diffusion.{', diffusion.'.join(mine)}")
+                raise ConflictingKeys(f"diffusion.{mine[0]}: a {model.family!r} model uses its pipeline's own noise "
+                                      f"schedule (model.pipeline's scheduler config); remove "
+                                      f"diffusion.{', diffusion.'.join(mine)}", keys=[("diffusion", mine[0])])
             if self.trainer.zero_stage == 3:
-                raise ValueError(f"trainer.zero_stage: 3 would partition the frozen VAE and text encoder of a "
-                                 f"{model.family!r} model, which run outside the engine's forward; use 0-2 (its "
-                                 "trainable weights are a small adapter, so ZeRO-2 already shards what matters)")
+                raise ConflictingKeys(f"trainer.zero_stage: 3 would partition the frozen VAE and text encoder of a "
+                                      f"{model.family!r} model, which run outside the engine's forward; use 0-2 (its "
+                                      "trainable weights are a small adapter, so ZeRO-2 already shards what "
+                                      "matters)", keys=[("trainer", "zero_stage")])
         unread = [key for key, default in LOSS_DEFAULTS.items()
                   if getattr(self.loss, key) != default and key not in LOSS_KEYS_READ[model.family]]
         if unread:
             readers = {key: [f for f, keys in LOSS_KEYS_READ.items() if key in keys] for key in unread}
-            raise ValueError("; ".join(
+            raise ConflictingKeys("; ".join(
                 f"loss.{key}: not read by model family {model.family!r} (only by {readers[key] or 'no family yet'}); "
-                "remove it" for key in unread))
+                "remove it" for key in unread), keys=[("loss", key) for key in unread])
         if isinstance(model, LatentConditionalModelConfig) and model.mask_encoder and self.data.part_groups == "none":
-            raise ValueError("model.mask_encoder encodes part masks, but data.part_groups is 'none': "
-                             "set data.part_groups (e.g. default) or remove the mask encoder")
+            raise ConflictingKeys("model.mask_encoder encodes part masks, but data.part_groups is 'none': "
+                                  "set data.part_groups (e.g. default) or remove the mask encoder",
+                                  keys=[("model", "mask_encoder"), ("data", "part_groups")])
         if model.family == "controlnet" and self.loss.masked_lpips_weight + self.loss.face_feature_weight > 1:
-            raise ValueError(f"loss.masked_lpips_weight + loss.face_feature_weight = "
-                             f"{self.loss.masked_lpips_weight + self.loss.face_feature_weight:g} exceeds 1: the "
-                             "denoising loss gets weight 1 - λ1 - λ2 below the threshold (paper Eq. 3)")
+            raise ConflictingKeys(f"loss.masked_lpips_weight + loss.face_feature_weight = "
+                                  f"{self.loss.masked_lpips_weight + self.loss.face_feature_weight:g} exceeds 1: the "
+                                  "denoising loss gets weight 1 - λ1 - λ2 below the threshold (paper Eq. 3)",
+                                  keys=[("loss", "masked_lpips_weight"), ("loss", "face_feature_weight")])
         if self.data.use_latents and (model_autoencoder(model) is None or model.family == "controlnet"):
-            raise ValueError(f"data.use_latents needs a family that trains on cached latents (lc_unet, sd_lora), "
-                             f"not {model.family!r}")
+            raise ConflictingKeys(f"data.use_latents: needs a family that trains on cached latents (lc_unet, "
+                                  f"sd_lora), but model.family is {model.family!r}",
+                                  keys=[("data", "use_latents"), ("model", "family")])
         return self
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from facediff.config import resolve_paths
@@ -32,6 +32,7 @@ from facediff.tasks import DiffusionTask, build_task
 from facediff.train import checkpoint, identity
 from facediff.train.checkpoint import load_ema_weights
 from facediff.train.loop import train_loop_per_worker
+from facediff.train.placement import WorkerRequest, check_cluster, failure_config, placement_timeout
 from facediff.train.progress import METRICS_FILE
 
 log = logging.getLogger("facediff.train")
@@ -203,6 +204,10 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             load_inception(cfg.eval.inception_weights, cfg.eval.fallback_features)
         build_attribute_metric(cfg)  # trains and caches the attribute reader once, before any worker needs it
     init_ray(cfg)
+    t = cfg.trainer
+    request = WorkerRequest.of(t.num_workers, t.use_gpu, t.resources_per_worker, t.placement,
+                               timeout_s=t.placement_timeout_s)
+    check_cluster(request)  # a request no node can hold would wait forever
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
@@ -223,17 +228,18 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last,
                                                **({"checkpoint_score_attribute": score[0],
                                                    "checkpoint_score_order": score[1]} if score else {})),
-            failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
+            failure_config=failure_config(request, cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
         ),
         datasets=build_datasets(cfg, storage),
         dataset_config=data_config(cfg),
     )
-    if progress:
-        with RunProgress(f"train {run_name(cfg)}", storage.file(METRICS_FILE), cfg.trainer.total_kimg):
+    with placement_timeout(request):
+        if progress:
+            with RunProgress(f"train {run_name(cfg)}", storage.file(METRICS_FILE), cfg.trainer.total_kimg):
+                result = trainer.fit()
+        else:
             result = trainer.fit()
-    else:
-        result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         load_task_with_ema(cfg, Path(folder)).export(out / EXPORT_DIR)
     storage.push(EXPORT_DIR)

@@ -34,11 +34,12 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from facediff.config.load import apply_overrides, dump_config, load_raw, validate
 from facediff.config.schema import DataConfig, PositiveFloat, PositiveInt, PretrainedRef, Strict
+from facediff.config.trainer_checks import refuse_misspelt_resources
 from facediff.data.celebamask import NUM_PART_CLASSES, PART_LABELS
 from facediff.models.segformer import IMAGE_MEAN, IMAGE_STD, group_palette
 from facediff.train import checkpoint
@@ -73,6 +74,7 @@ class SegformerTrainConfig(Strict):
     num_workers: PositiveInt = 2
     use_gpu: bool = False
     resources_per_worker: dict[str, PositiveFloat] = {"CPU": 1.0}
+    placement_timeout_s: PositiveFloat | None = 600.0  # as trainer.placement_timeout_s of training configs
     log_every_steps: PositiveInt = 20
     checkpoint_every_steps: PositiveInt = 500  # a re-run of an interrupted run resumes from the last of these
     max_failures: Annotated[int, Field(ge=-1)] = 0  # worker-group restarts Ray makes from it (-1: without end)
@@ -84,6 +86,11 @@ class SegformerTrainConfig(Strict):
     def _known_parts(cls, value):
         DataConfig(part_groups=value)  # the same checks as training configs
         return value
+
+    @model_validator(mode="after")
+    def _ray_resource_names(self):
+        refuse_misspelt_resources(self.resources_per_worker)
+        return self
 
     def groups(self) -> dict[str, tuple[str, ...]]:
         return DataConfig(part_groups=self.part_groups).resolved_part_groups()
@@ -346,10 +353,11 @@ def train_segformer(cfg: SegformerTrainConfig, fault: dict | None = None) -> Pat
     an interrupted run (the same config) resumes from its last checkpoint; a finished run's is removed, so the
     next run of the config starts afresh. `fault` (tests) crashes a worker once at a step."""
     from ray.train import DataConfig as RayDataConfig
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from facediff.data.stream import build_dataset
+    from facediff.train.placement import WorkerRequest, check_cluster, failure_config, placement_timeout
 
     if "://" in cfg.output_dir:
         raise ValueError(f"output_dir {cfg.output_dir!r}: train-segformer writes to a filesystem path")
@@ -360,6 +368,9 @@ def train_segformer(cfg: SegformerTrainConfig, fault: dict | None = None) -> Pat
         raise ValueError(f"{ray_run}: an interrupted train-segformer run of another config; re-run it with the config "
                          f"in {recorded}, or delete {ray_run} to start this one afresh")
     _init_ray(cfg)
+    request = WorkerRequest.of(cfg.num_workers, cfg.use_gpu, cfg.resources_per_worker, key="",
+                               timeout_s=cfg.placement_timeout_s)
+    check_cluster(request)  # a request no node can hold would wait forever
     train = functools.partial(_train_dataset, cfg.model_dump(mode="json"), str(ray_run))
     train()  # checks the shards now, in the driver, with a readable error (before anything is written)
     ray_run.mkdir(parents=True, exist_ok=True)
@@ -376,11 +387,13 @@ def train_segformer(cfg: SegformerTrainConfig, fault: dict | None = None) -> Pat
         # the same name and path again: Ray Train V2 restores the run's last checkpoint
         run_config=RunConfig(name=cfg.name, storage_path=str(ray_run.parent),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=failure_config(request, cfg.max_failures)),
         datasets=datasets,
         dataset_config=RayDataConfig(datasets_to_split=["train"]),  # every worker reads the whole test split
     )
-    result = trainer.fit()
+    with placement_timeout(request):
+        with placement_timeout(request):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"train-segformer {cfg.name}: the run ended without a final checkpoint")
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex}.partial"
