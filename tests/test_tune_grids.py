@@ -175,7 +175,8 @@ def test_every_grid_point_is_checked_before_ray_starts(tmp_path, monkeypatch, no
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {grid}: grid point 2 of 4 "
                                                    "{optimizer.lr: 0.0001, model.block_out_channels: [32, 64, 128]}: ")
-    assert "block_out_channels has 3 entries but down_block_types has 2" in lines[0]
+    # the grid point's key is blamed on the search space, the other on the training config that set it
+    assert f"model.block_out_channels (search_space) has 3 entries but model.down_block_types ({tmp_path / 'a.yaml'}) has 2" in lines[0]
     assert not (tmp_path / "out").exists()  # no experiment folder, no trial folder
 
     misspelt = write(tmp_path / "m.yaml", head + "search_space:\n  optimizer.lr: {grid: [1.0e-4]}\n"

@@ -248,7 +248,7 @@ def _sourced_overrides(overrides: dict[str, Any], origins: dict[tuple, str], gri
             for sub, inner in value.items():
                 walk(f"{key}.{sub}", inner, path + (sub,))
         else:
-            sourced.append((override_text(key, value), _origin_of(path, origins, grid_file)))
+            sourced.append((override_text(key, value), origin_of(path, origins, grid_file)))
 
     for key, value in overrides.items():
         walk(key, value, ("overrides", key))
