@@ -70,7 +70,7 @@ def test_progress_line_follows_metrics_in_s3(s3):
         (storage.local / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "ki')
         storage.push(METRICS_FILE)
     assert progress._last == rows[-1]  # the torn third row is left for the next read
-    assert "train s3 [##########----------] 2.00/4 kimg" in out.getvalue() and "loss 0.5000" in out.getvalue()
+    assert "train s3 [##########----------] 2.00/4.00 kimg" in out.getvalue() and "loss 0.5000" in out.getvalue()
 
 
 def _stored_steps(s3, key: str) -> list[int]:
