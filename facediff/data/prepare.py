@@ -153,7 +153,8 @@ class SourceSizes:
         name = lambda size: f"{size[0]}x{size[1]}"  # noqa: E731
         return {
             "source_sizes": {kind: {name(s): n for s, n in sorted(c.items())} for kind, c in self.counts.items()},
-            "upsampled": {"images": sum(self.smaller("image").values()), "masks": sum(self.smaller("mask").values())},
+            "upsampled": {"images": sum(self.smaller("image").values()),
+                          "masks": sum(self.smaller("mask").values())},
         }
 
     def warning(self) -> str | None:
