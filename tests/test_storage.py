@@ -96,6 +96,16 @@ def test_run_log_copies_to_s3_with_the_first_row_checkpoints_and_the_end_not_eve
     assert any(k.startswith("tensorboard/events.out.tfevents") for k in _keys(s3, "exp/cadence/"))
 
 
+def test_evaluation_of_a_run_in_s3_is_saved_in_the_run_there(s3):
+    from facediff.eval import protocol
+
+    uri = f"s3://{BUCKET}/exp/evaluated"
+    evaluation = {"metric": "fid", "value": 12.5, "protocol": {"model": {"kind": "run checkpoint", "path": uri}}}
+    assert protocol.save(evaluation, None) == f"{uri}/{protocol.EVALUATION_FILE}"
+    stored = s3.get_object(Bucket=BUCKET, Key=f"exp/evaluated/{protocol.EVALUATION_FILE}")["Body"].read()
+    assert json.loads(stored) == evaluation
+
+
 def test_each_rank_reads_a_remote_checkpoint_from_its_own_download(s3, tmp_path):
     """Ray's shared download let a late rank re-download over files another rank was reading (a truncated
     safetensors header on resume from S3); `checkpoint.local_folder` gives every reader its own copy."""
