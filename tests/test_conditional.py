@@ -193,5 +193,6 @@ def test_evaluate_reports_attribute_accuracy_beside_the_distance(synthetic_shard
     assert metrics["fd_mtcnn_onet"] > 0 and 0 <= metrics["attr_acc"] <= 1
     assert "attr_acc/Eyeglasses" in metrics
     saved = json.loads((tmp_path / "export" / "evaluation.json").read_text())  # attr_acc saved beside the distance
-    assert saved["results"] == metrics and saved["protocol"]["guidance"] == {"attribute": 1.0, "mask": 1.0}
+    assert json.dumps(saved["results"]) == json.dumps(metrics)  # as printed (rare attributes' accuracies are NaN)
+    assert saved["protocol"]["guidance"] == {"attribute": cfg.eval.attribute_guidance, "mask": cfg.eval.mask_guidance}
     assert (synthetic_shards / "attribute_reader" / "32px" / "model.safetensors").is_file()  # cached for next time
