@@ -241,16 +241,31 @@ def evaluate(
                                                       "config's data.eval_split")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="key=value config overrides")] = None,
     device: Annotated[str, typer.Option(help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="where to write the evaluation JSON; default "
+                                                     "MODEL/evaluation.json (a run or export folder)")] = None,
 ) -> None:
-    """FID (or the labelled fallback distance) of a model's samples against a held-out split."""
+    """FID (or the labelled fallback distance) of a model's samples against a held-out split: the protocol, then
+    the value; both saved in evaluation.json. The last line is the results as JSON."""
+    from facediff.eval import protocol
     from facediff.eval.evaluate import evaluate_run
 
+    def announce(described: dict, metric: str) -> None:
+        for line in protocol.protocol_lines(described, metric):
+            typer.echo(line)
+
     try:
+        protocol.check_out(out)
         _cpu_threads(device)
-        result = evaluate_run(model, split, overrides or [], device)
+        evaluation = evaluate_run(model, split, overrides or [], device, announce=announce)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
-    typer.echo(json.dumps(result))
+    typer.echo(f"{evaluation['metric']} {evaluation['value']:.6g}")  # before the save: hours of samples
+    try:
+        saved = protocol.save(evaluation, out)
+    except OSError as err:
+        _fail(f"the evaluation could not be saved ({err}); give --out PATH")
+    typer.echo(f"saved in {saved}" if saved else "not saved: an untrained config has no run folder; give --out")
+    typer.echo(json.dumps(evaluation["results"]))
 
 
 @app.command()

@@ -168,12 +168,15 @@ class RunProgress:
     """
 
     def __init__(self, label: str, metrics_file: Path | StoredFile, total_kimg: float, stream=None,
-                 interval_s: float = 1.0):
+                 interval_s: float = 1.0, note: str | None = None):
         from facediff.storage import StoredFile
 
         # a StoredFile: the run's metrics in remote storage (written there by rank 0, wherever it runs)
         self.file = metrics_file if isinstance(metrics_file, StoredFile) else StoredFile.local(metrics_file)
-        self.label, self.total_kimg = label, total_kimg
+        # total_kimg: what the run trains in whole steps (`progress.planned_kimg`), so the line ends at N/N;
+        # `note` says once, before the line, when that differs from trainer.total_kimg (`progress.rounding_note`)
+        self.label, self.total_kimg, self.note = label, total_kimg, note
+        self.decimals = 3 if total_kimg < 1 else 2  # 0.112 kimg, not 0.11
         self.stream = stream or sys.stderr
         self.interval_s = interval_s
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -189,6 +192,8 @@ class RunProgress:
         self._metric: dict[str, float] = {}
 
     def __enter__(self) -> RunProgress:
+        if self.note:
+            self._write(f"{self.label}: {self.note}", final=True)
         self._write(f"{self.label}: starting Ray workers ...", final=not self.tty)
         self._thread.start()
         return self
@@ -213,7 +218,8 @@ class RunProgress:
         since = time.time() - self._first[0] if self._first else 0.0
         done = kimg - self._first[1] if self._first else 0.0
         eta = since / done * (self.total_kimg - kimg) if done > 0 and since > 0 else float("nan")
-        parts = [f"{self.label} [{bar}] {kimg:.2f}/{self.total_kimg:g} kimg"]
+        d = self.decimals
+        parts = [f"{self.label} [{bar}] {kimg:.{d}f}/{self.total_kimg:.{d}f} kimg"]
         if rate is not None:
             parts.append(f"{rate:.0f} img/s")
         if "loss" in row:

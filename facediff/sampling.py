@@ -90,9 +90,19 @@ def load_model(path: str | Path, overrides: list[str] = (),
 
     `overrides` change the stored config (e.g. `data.path=...` when the data moved, `eval.steps=...`). `check`
     sees the config before any network is built (a caller's own checks fail fast, not after loading weights)."""
+    cfg, task, _ = load_model_and_source(path, overrides, check)
+    return cfg, task
+
+
+def load_model_and_source(path: str | Path, overrides: list[str] = (),
+                          check: Callable[[ExperimentConfig], None] | None = None,
+                          ) -> tuple[ExperimentConfig, DiffusionTask, dict]:
+    """`load_model`, and which weights it loaded (`evaluate` records them): `kind` (run checkpoint, export or
+    untrained config), `path` as given, and for a run the checkpoint folder and its step."""
     from facediff.train.run import load_task_with_ema
 
-    path = fetch_remote_run(str(path)) if is_remote(path) else Path(path)
+    given = str(path)
+    path = fetch_remote_run(given) if is_remote(given) else Path(path)
     untrained = path.is_file() and path.suffix in (".yaml", ".yml")
     if untrained:
         source = path
@@ -108,16 +118,22 @@ def load_model(path: str | Path, overrides: list[str] = (),
     if untrained:
         # an experiment config, untrained: its pretrained networks as published (for controlnet a fresh branch,
         # whose zero convolutions add exactly nothing: plain Stable Diffusion, Table 1's "Stable Diffusion" row)
-        return cfg, build_task(cfg).eval()
+        return cfg, build_task(cfg).eval(), {"kind": "untrained config", "path": given,
+                                             "weights": "as built (pretrained networks or random init)"}
     if source.name == "config.yaml":
-        return cfg, load_task_with_ema(cfg, run_checkpoint(path))
+        from facediff.train.checkpoint import read_state
+
+        folder = run_checkpoint(path)
+        return cfg, load_task_with_ema(cfg, folder), {"kind": "run checkpoint", "path": given,
+                                                      "checkpoint": folder.name, "step": read_state(folder).step,
+                                                      "weights": "ema"}
     # checked first: diffusers fails on a cut-short or missing file without naming it
     if (damage := folder_problem(path)) is not None:
         raise ValueError(f"{damage}; this export is incomplete: sample its run folder instead, or copy the "
                          "export again")
     task = build_task(cfg, load_pretrained=False)  # the export holds every weight, frozen ones included
     task.load_exported(path)
-    return cfg, task.eval()
+    return cfg, task.eval(), {"kind": "export", "path": given, "weights": "ema (exported at the end of training)"}
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

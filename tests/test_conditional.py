@@ -221,4 +221,7 @@ def test_evaluate_reports_attribute_accuracy_beside_the_distance(synthetic_shard
     metrics = json.loads(result.output.strip().splitlines()[-1])
     assert metrics["fd_mtcnn_onet"] > 0 and 0 <= metrics["attr_acc"] <= 1
     assert "attr_acc/Eyeglasses" in metrics
+    saved = json.loads((tmp_path / "export" / "evaluation.json").read_text())  # attr_acc saved beside the distance
+    assert json.dumps(saved["results"]) == json.dumps(metrics)  # as printed (rare attributes' accuracies are NaN)
+    assert saved["protocol"]["guidance"] == {"attribute": cfg.eval.attribute_guidance, "mask": cfg.eval.mask_guidance}
     assert (synthetic_shards / "attribute_reader" / "32px" / "model.safetensors").is_file()  # cached for next time

@@ -32,7 +32,7 @@ def test_progress_prints_a_line_per_tenth_when_not_a_terminal(tmp_path):
     lines = out.getvalue().splitlines()
     assert lines[0] == "train tiny: starting Ray workers ..."
     assert len(lines) == 1 + 11  # the first row, then one per tenth of the run; the last not repeated at exit
-    assert lines[-1].startswith("train tiny [####################] 4.00/4 kimg  30 img/s  loss 0.0250")
+    assert lines[-1].startswith("train tiny [####################] 4.00/4.00 kimg  30 img/s  loss 0.0250")
     assert "fd_mtcnn_onet 0.420" in lines[-1] and "took" in lines[-1]
     assert "\r" not in out.getvalue()
 
@@ -47,7 +47,30 @@ def test_progress_redraws_one_line_on_a_terminal_and_survives_a_rewritten_log(tm
         assert progress._last["step"] == 3
     text = out.getvalue()
     assert text.count("\n") == 1  # only the final line ends: "starting" and every update redraw in place
-    assert text.rstrip("\n").split("\r\x1b[2K")[-1].startswith("train tiny [#######-------------] 1.50/4 kimg")
+    assert text.rstrip("\n").split("\r\x1b[2K")[-1].startswith("train tiny [#######-------------] 1.50/4.00 kimg")
+
+
+def test_progress_ends_at_the_kimg_trained_and_epochs_are_images_over_the_split(tmp_path, tiny_config):
+    """The user's run: 0.1 kimg at 2 workers x 8 images is 6.25 steps; the run trains 7 whole steps (112 images)
+    and the line ended at `0.11/0.1 kimg`. Now it counts towards 0.112, said once before the line."""
+    from facediff.train.progress import epochs_seen, planned_kimg, rounding_note
+
+    cfg = tiny_config(["trainer.total_kimg=0.1"])  # 2 workers x batch 8
+    assert planned_kimg(cfg, 2) == pytest.approx(0.112)
+    note = rounding_note(cfg, 2)
+    assert note == "trainer.total_kimg 0.1 is 6.25 steps of 16 images: training 7 whole steps, 0.112 kimg"
+    assert rounding_note(tiny_config(["trainer.total_kimg=0.112"]), 2) is None  # whole steps: nothing to say
+    metrics, out = tmp_path / "metrics.jsonl", io.StringIO()
+    with console.RunProgress("train exp", metrics, planned_kimg(cfg, 2), stream=out, interval_s=0.01,
+                             note=note) as progress:
+        write_rows(metrics, [{"step": s, "kimg": s * 16 / 1000, "loss": 0.5} for s in range(1, 8)])
+        progress._poll()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"train exp: {note}"
+    assert lines[-1].startswith("train exp [####################] 0.112/0.112 kimg  loss 0.5000  took")
+    # `epoch` in metrics.jsonl: the 58-face set logged epoch 5 (the newest row tag) at step 6, after 96 images
+    assert epochs_seen(6 * 16, 58) == pytest.approx(1.655)
+    assert epochs_seen(58, 58) == 1.0
 
 
 @pytest.mark.parametrize("loud", [False, True])

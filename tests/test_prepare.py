@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -45,6 +46,8 @@ def test_every_record_matches_generator_truth(tree, tmp_path):
     splits = assign_splits(list(range(N)), None, 300, None, seed=0)
     assert manifest["counts"] == {"train": N - 4, "test": 4}  # test set scaled to a tenth for tiny inputs
     assert manifest["skipped"] == [] and manifest["split_method"] == "seeded"
+    assert manifest["source_sizes"] == {"image": {"64x64": N}, "mask": {"32x32": N}}
+    assert manifest["upsampled"] == {"images": 0, "masks": 0}
     for split in ("train", "test"):
         rows = read_split(tmp_path / "out", split)
         assert [r["id"] for r in rows] == splits[split]
@@ -61,6 +64,20 @@ def test_every_record_matches_generator_truth(tree, tmp_path):
             assert np.abs(image - truth.image.astype(int)).mean() < 8  # two JPEG round trips
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk["schema_version"] == 1 and on_disk["counts"] == manifest["counts"]
+
+
+def test_upsampling_is_counted_warned_once_and_in_the_manifest(tree, tmp_path, caplog):
+    """64 px faces stored at 128 px: the user is told how many, from what size to what, once."""
+    with caplog.at_level(logging.WARNING, logger="facediff"):
+        manifest = prepare(tree, tmp_path / "out", image_size=128, mask_size=32, train_size=10)
+    stored = 10 + 4
+    assert manifest["upsampled"] == {"images": stored, "masks": 0}
+    assert manifest["source_sizes"] == {"image": {"64x64": stored}, "mask": {"32x32": stored}}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["upsampled"]["images"] == stored
+    warnings = [r.getMessage() for r in caplog.records if "upsampled" in r.getMessage()]
+    assert warnings == [f"{stored} of {stored} images were upsampled from 64x64 to 128x128: the source is smaller "
+                        "than --image-size 128, so the shards hold no more detail than it (manifest.json: "
+                        "'upsampled', 'source_sizes')"]
 
 
 def test_splits_fixed_nested_and_disjoint():

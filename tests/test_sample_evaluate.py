@@ -56,11 +56,45 @@ def test_batches_get_distinct_seeds(exported):
     assert batch_generator(3, 0).initial_seed() != batch_generator(3, 1).initial_seed()
 
 
-def test_evaluate_cli_reports_labelled_fallback(exported):
-    result = CliRunner().invoke(app, ["evaluate", str(exported), "--set", "eval.num_samples=6"])
+def test_evaluate_cli_prints_its_protocol_and_saves_it_with_the_value(exported, synthetic_shards, tmp_path):
+    """The distance comes with what it measured (split, sample count, sampler, steps, metric, weights), printed
+    before sampling and written atomically into the evaluated folder as evaluation.json."""
+    import subprocess
+    from datetime import datetime
+
+    from conftest import REPO
+
+    result = CliRunner().invoke(app, ["evaluate", str(exported), "--set", "eval.num_samples=6",
+                                      "--set", "eval.sampler=dpm++"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output.strip().splitlines()[-1])
-    assert list(metrics) == ["fd_mtcnn_onet"] and metrics["fd_mtcnn_onet"] > 0
+    lines = result.output.strip().splitlines()
+    metrics = json.loads(lines[-1])
+    assert list(metrics) == ["fd_mtcnn_onet"] and metrics["fd_mtcnn_onet"] > 0  # the labelled fallback, not fid
+    saved = json.loads((exported / "evaluation.json").read_text())
+    assert saved["metric"] == "fd_mtcnn_onet" and saved["value"] == metrics["fd_mtcnn_onet"]
+    assert saved["results"] == metrics and f"fd_mtcnn_onet {saved['value']:.6g}" in lines
+    assert f"saved in {exported / 'evaluation.json'}" in lines
+    test_records = json.loads((synthetic_shards / "manifest.json").read_text())["counts"]["test"]
+    protocol = saved["protocol"]
+    assert {k: protocol[k] for k in ("split", "split_records", "num_samples", "samples_from", "sampler", "steps",
+                                     "seed", "image_size")} == {
+        "split": "test", "split_records": test_records, "num_samples": 6, "samples_from": "eval.num_samples",
+        "sampler": "dpm++", "steps": 2, "seed": 1234, "image_size": 32}
+    assert protocol["model"] == {"kind": "export", "path": str(exported),
+                                 "weights": "ema (exported at the end of training)"}
+    assert saved["overrides"] == ["eval.num_samples=6", "eval.sampler=dpm++"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert saved["facediff_commit"] == head and datetime.fromisoformat(saved["date"]).tzinfo is not None
+    assert f"model: exported EMA weights in {exported}" in lines
+    assert f"real: split 'test' of {synthetic_shards} ({test_records} records, 32 px)" in lines
+    assert any(line.startswith("samples: 6 (eval.num_samples), sampler dpm++, 2 steps, seed 1234") for line in lines)
+    assert any(line.startswith("metric: fd_mtcnn_onet (not FID") for line in lines)
+    value_line = f"fd_mtcnn_onet {saved['value']:.6g}"
+    assert lines.index(f"model: exported EMA weights in {exported}") < lines.index(value_line)  # protocol first
+    assert not [p.name for p in exported.iterdir() if p.name.startswith(".evaluation.json")]  # no temp left
+
+    bad = CliRunner().invoke(app, ["evaluate", str(exported), "--out", str(tmp_path)])  # a folder: before sampling
+    assert bad.exit_code == 2 and f"--out {tmp_path}: not a .json file name" in bad.output
 
 
 def test_sample_names_what_is_missing(tmp_path):

@@ -70,7 +70,7 @@ def test_progress_line_follows_metrics_in_s3(s3):
         (storage.local / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "ki')
         storage.push(METRICS_FILE)
     assert progress._last == rows[-1]  # the torn third row is left for the next read
-    assert "train s3 [##########----------] 2.00/4 kimg" in out.getvalue() and "loss 0.5000" in out.getvalue()
+    assert "train s3 [##########----------] 2.00/4.00 kimg" in out.getvalue() and "loss 0.5000" in out.getvalue()
 
 
 def _stored_steps(s3, key: str) -> list[int]:
@@ -94,6 +94,16 @@ def test_run_log_copies_to_s3_with_the_first_row_checkpoints_and_the_end_not_eve
     run_log.close()
     assert _stored_steps(s3, key) == [1, 2, 3, 4, 5]
     assert any(k.startswith("tensorboard/events.out.tfevents") for k in _keys(s3, "exp/cadence/"))
+
+
+def test_evaluation_of_a_run_in_s3_is_saved_in_the_run_there(s3):
+    from facediff.eval import protocol
+
+    uri = f"s3://{BUCKET}/exp/evaluated"
+    evaluation = {"metric": "fid", "value": 12.5, "protocol": {"model": {"kind": "run checkpoint", "path": uri}}}
+    assert protocol.save(evaluation, None) == f"{uri}/{protocol.EVALUATION_FILE}"
+    stored = s3.get_object(Bucket=BUCKET, Key=f"exp/evaluated/{protocol.EVALUATION_FILE}")["Body"].read()
+    assert json.loads(stored) == evaluation
 
 
 def test_each_rank_reads_a_remote_checkpoint_from_its_own_download(s3, tmp_path):

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from facediff.data.shards import MANIFEST, SCHEMA_VERSION, SPLITS, ShardWriter, 
 from facediff.data.staging import check_at_least, refuse_existing, require_records, staged_output
 
 log = logging.getLogger(__name__)
+SOURCE_SIZES = "source_sizes"
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -116,6 +118,7 @@ def process_record(
     label_map = load_label_map(root, image_id)
     if isinstance(label_map, Skip):
         return label_map
+    source_sizes = {"image": image.size, "mask": (label_map.shape[1], label_map.shape[0])}  # (width, height)
     image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
     parts = Image.fromarray(label_map).resize((mask_size, mask_size), Image.Resampling.NEAREST)
     return {
@@ -124,7 +127,46 @@ def process_record(
         "parts": _encode(parts, "png"),
         "attributes": attributes.tolist(),
         "split": split,
+        SOURCE_SIZES: source_sizes,  # for the manifest; not a shard column (the driver pops it)
     }
+
+
+class SourceSizes:
+    """The release's image and mask sizes as read, and how many records `prepare` stored larger than that.
+
+    A 64 px release prepared at the default `--image-size 256` holds no more detail than at 64 px, yet costs 16x
+    the pixels to decode and looks like a 256 px dataset: the manifest says so and the driver warns once."""
+
+    def __init__(self, image_size: int, mask_size: int):
+        self.target = {"image": image_size, "mask": mask_size}
+        self.counts: dict[str, Counter[tuple[int, int]]] = {"image": Counter(), "mask": Counter()}
+
+    def add(self, sizes: dict[str, tuple[int, int]]) -> None:
+        for kind, size in sizes.items():
+            self.counts[kind][size] += 1
+
+    def smaller(self, kind: str) -> dict[tuple[int, int], int]:
+        """Source sizes with a side short of the stored square: their pixels were interpolated."""
+        return {size: n for size, n in sorted(self.counts[kind].items()) if min(size) < self.target[kind]}
+
+    def manifest_entry(self) -> dict[str, Any]:
+        name = lambda size: f"{size[0]}x{size[1]}"  # noqa: E731
+        return {
+            "source_sizes": {kind: {name(s): n for s, n in sorted(c.items())} for kind, c in self.counts.items()},
+            "upsampled": {"images": sum(self.smaller("image").values()),
+                          "masks": sum(self.smaller("mask").values())},
+        }
+
+    def warning(self) -> str | None:
+        """One line when images were enlarged (masks are often stored larger on purpose, by nearest neighbour)."""
+        smaller = self.smaller("image")
+        if not smaller:
+            return None
+        size, total = self.target["image"], sum(self.counts["image"].values())
+        return (f"{sum(smaller.values())} of {total} images were upsampled from "
+                f"{', '.join(f'{w}x{h}' for w, h in smaller)} to {size}x{size}: the source is smaller than "
+                f"--image-size {size}, so the shards hold no more detail than it (manifest.json: 'upsampled', "
+                "'source_sizes')")
 
 
 def _process_star(args: tuple) -> dict[str, Any] | Skip:
@@ -204,6 +246,7 @@ def prepare_celebamask(
     ]
     workers = workers or os.cpu_count() or 1
     skipped: list[Skip] = []
+    sizes = SourceSizes(image_size, mask_size)
     with staged_output(out, (*SPLITS, MANIFEST)) as staging:
         writers = {split: ShardWriter(staging, split, rows_per_shard) for split in SPLITS}
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -214,6 +257,7 @@ def prepare_celebamask(
                     log.warning("skipping image %d: %s (%s)", result.image_id, result.reason, result.file)
                     skipped.append(result)
                 else:
+                    sizes.add(result.pop(SOURCE_SIZES))
                     writers[result["split"]].write(result)
         shards = {split: writer.close() for split, writer in writers.items()}
         counts = {split: sum(f["rows"] for f in shards[split]) for split in SPLITS}
@@ -233,11 +277,14 @@ def prepare_celebamask(
             "requested": {"test_size": test_size, "train_size": train_size},
             "counts": counts,
             "unused_images": len(ids) - sum(len(v) for v in splits.values()),
+            **sizes.manifest_entry(),
             "shards": shards,
             "skipped": [{"id": s.image_id, "file": s.file, "reason": s.reason} for s in skipped],
             "seconds": round(time.time() - start, 1),
         }
         write_manifest(staging, manifest)
+    if (upsampled := sizes.warning()) is not None:
+        log.warning("%s", upsampled)
     if skipped:
         log.warning("skipped %d of %d images; listed in %s", len(skipped), len(jobs), out / MANIFEST)
     return manifest

@@ -168,11 +168,15 @@ def local_test_batches(cfg: ExperimentConfig, split: str | None = None) -> Calla
     return batches
 
 
-def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str] = (),
-                 device: str = "auto") -> dict[str, float]:
+def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str] = (), device: str = "auto",
+                 announce: Callable[[dict, str], None] | None = None) -> dict:
     """`facediff evaluate RUN`: the run's (or export's) EMA model against a split, in this process, on `device`
-    ("auto": the GPU when there is one)."""
-    from facediff.sampling import load_model, resolve_device
+    ("auto": the GPU when there is one). Returns the evaluation record (`protocol.record`: metric, value, every
+    result, the protocol, overrides, date, commit); `announce(protocol, metric)` is called before sampling."""
+    from facediff.eval import protocol
+    from facediff.sampling import load_model_and_source, resolve_device
+
+    records = {}
 
     def enough_records(cfg: ExperimentConfig) -> None:  # Fréchet distances need two images a side
         name = split or cfg.data.eval_split
@@ -181,9 +185,10 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
             raise ValueError(f"{Path(cfg.data.path) / MANIFEST}: split {name!r} holds {count} record(s), the image "
                              "distance needs at least 2; evaluate on a larger split (--split) or prepare the dataset "
                              "with a larger --test-size")
+        records[name] = count
 
     target = resolve_device(device)
-    cfg, task = load_model(path, overrides, check=enough_records)
+    cfg, task, source = load_model_and_source(path, overrides, check=enough_records)
     task = task.to(target)
     metric = build_image_distance(cfg.eval).to(target)
     attribute_metric = build_attribute_metric(cfg)
@@ -193,5 +198,10 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
     if people_metric is not None:
         people_metric = people_metric.to(target)
         people_metric.crop_distance.to(target)
-    return evaluate_task(task, cfg, local_test_batches(cfg, split), metric, attribute_metric=attribute_metric,
-                         people_metric=people_metric)
+    name = split or cfg.data.eval_split
+    described = protocol.describe(cfg, name, records[name], source, str(target))
+    if announce is not None:
+        announce(described, metric.name)
+    results = evaluate_task(task, cfg, local_test_batches(cfg, split), metric, attribute_metric=attribute_metric,
+                            people_metric=people_metric)
+    return protocol.record(described, metric.name, results, list(overrides))

@@ -37,7 +37,7 @@ from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
 from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
-from facediff.train.progress import CHECKPOINT_ONLY, RunLog
+from facediff.train.progress import CHECKPOINT_ONLY, RunLog, epochs_seen, planned_kimg
 
 log = logging.getLogger("facediff.train")
 
@@ -137,7 +137,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ips, total = images_per_step(cfg, world), total_steps(cfg, world)
     checkpoint_every = _every(cfg.trainer.checkpoint_every_kimg, ips)
     eval_every = _every(cfg.eval.every_kimg, ips)
-    run_log = RunLog(storage, total, cfg.trainer.total_kimg, state.step) if rank == 0 else None
+    train_rows = loop_config["train_rows"]  # the training split's size: `epoch` = images / train_rows
+    run_log = RunLog(storage, total, planned_kimg(cfg, world), state.step) if rank == 0 else None
     evaluator = None
     if eval_every is not None:
         from facediff.eval.evaluate import Evaluator
@@ -145,7 +146,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)
 
     shard = ray.train.get_dataset_shard("train")
-    data_epoch = state.epoch
     window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
     while state.step < total:
         batches = iter_train_batches(
@@ -158,9 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint.check_resumed_data(batch, state, skipped, epochs_per_pass)
             engine.module.training_progress = state.step / total  # a function of the step: resumes in phase
             trace.write(state.step + 1, batch, engine.module.training_progress)
-            epochs = batch["epoch"].tolist()
-            consumed.update(zip(epochs, batch["id"].tolist()))
-            data_epoch = max(data_epoch, *epochs)
+            consumed.update(zip(batch["epoch"].tolist(), batch["id"].tolist()))
             with gpu_step.forward():
                 loss = engine(gpu_step.batch(batch), generator)
             loss, poison_at = _maybe_poison(loss, state.step + 1, rank, poison_at)
@@ -204,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "step": state.step,
                 "time": time.time(),
                 "kimg": state.step * ips / 1000,
-                "epoch": data_epoch,  # the newest data epoch trained on
+                "epoch": epochs_seen(state.step * ips, train_rows),
                 **means,
                 "lr": lr,
                 "ema_decay": decay,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from facediff.train.engine import images_per_step, total_steps
+
 if TYPE_CHECKING:
+    from facediff.config.schema import ExperimentConfig
     from facediff.storage import RunStorage
 
 log = logging.getLogger("facediff.train")
@@ -20,6 +24,30 @@ CHECKPOINT_ONLY = "checkpoint_only"
 # whole file and TensorBoard folder) would stall rank 0 every `log_every_steps`, and every rank at the next
 # collective.
 PUSH_EVERY_S = 30.0
+
+
+def planned_kimg(cfg: ExperimentConfig, world_size: int) -> float:
+    """What the run trains: `trainer.total_kimg` rounded up to whole steps (the last step's batch is whole), so
+    the progress line counts towards the images the run will really see, and ends at its own total."""
+    return total_steps(cfg, world_size) * images_per_step(cfg, world_size) / 1000
+
+
+def rounding_note(cfg: ExperimentConfig, world_size: int) -> str | None:
+    """One line when whole steps overshoot `trainer.total_kimg` (0.1 kimg at 16 images a step is 112 images)."""
+    planned, ips = planned_kimg(cfg, world_size), images_per_step(cfg, world_size)
+    if math.isclose(planned, cfg.trainer.total_kimg, rel_tol=1e-9, abs_tol=1e-12):
+        return None
+    return (f"trainer.total_kimg {cfg.trainer.total_kimg:g} is {cfg.trainer.total_kimg * 1000 / ips:.4g} steps of "
+            f"{ips} images: training {total_steps(cfg, world_size)} whole steps, {planned:g} kimg")
+
+
+def epochs_seen(images: int, train_rows: int) -> float:
+    """Passes over the training split the images trained amount to (fractional): `epoch` in `metrics.jsonl`.
+
+    Not the data-epoch tags of the rows trained on: a pass reads several epochs (`passes.ShardPasses`) and the
+    local shuffle buffer mixes them, so rows of a pass's last epoch arrive within its first steps (a 58-face
+    split logged epoch 5 at step 6, after 96 images)."""
+    return round(images / max(1, train_rows), 3)
 
 
 class RunLog:
@@ -69,7 +97,7 @@ class RunLog:
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
         extras = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("fid", "fd_")))
         log.info(
-            "step %d/%d  kimg %.2f/%.2f  loss %.4f  lr %.3g  img/s %.1f  eta %.0fs %s",
+            "step %d/%d  kimg %.3f/%.3f  loss %.4f  lr %.3g  img/s %.1f  eta %.0fs %s",
             step, self.total_steps, metrics["kimg"], self.total_kimg, metrics.get("loss", float("nan")),
             metrics.get("lr", float("nan")), metrics.get("images_per_s", float("nan")), eta, extras,
         )

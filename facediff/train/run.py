@@ -33,7 +33,7 @@ from facediff.train import checkpoint, identity
 from facediff.train.checkpoint import load_ema_weights
 from facediff.train.loop import train_loop_per_worker
 from facediff.train.placement import WorkerRequest, check_cluster, failure_config, placement_timeout
-from facediff.train.progress import METRICS_FILE
+from facediff.train.progress import METRICS_FILE, planned_kimg, rounding_note
 
 log = logging.getLogger("facediff.train")
 EXPORT_DIR = "export"
@@ -213,7 +213,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
                            "trace_dir": str(trace_dir) if trace_dir else None,
                            "epochs_per_pass": epochs_per_pass(cfg), "resumption": asdict(resumption),
-                           "score": score},
+                           "score": score, "train_rows": split_rows(Path(cfg.data.path), cfg.data.train_split)},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
@@ -236,7 +236,9 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     )
     with placement_timeout(request):
         if progress:
-            with RunProgress(f"train {run_name(cfg)}", storage.file(METRICS_FILE), cfg.trainer.total_kimg):
+            world = cfg.trainer.num_workers
+            with RunProgress(f"train {run_name(cfg)}", storage.file(METRICS_FILE), planned_kimg(cfg, world),
+                             note=rounding_note(cfg, world)):
                 result = trainer.fit()
         else:
             result = trainer.fit()
