@@ -21,7 +21,8 @@ from facediff.train.segformer import load_segformer_config
 from facediff.tune.space import split_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = sorted((REPO / "docs").glob("*.md"))
+PAGES = [REPO / "README.md", REPO / "ARCHITECTURE.md", *DOCS]
 # Pages another branch adds; a link to one is checked as soon as the file exists.
 PENDING_PAGES = {"docs/resuming.md"}
 # Config files a page shows how to write (not shipped); upper-case stems (X.yaml, GRID.yaml) are placeholders too.
@@ -169,11 +170,18 @@ def check_link(page: Path, target: str) -> str | None:
     return None
 
 
+def _make_targets() -> set[str]:
+    return set(re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.MULTILINE))
+
+
 def problems_in(page: Path, text: str) -> list[str]:
     problems = []
     for block in FENCE.findall(text):
         for tokens in _commands_in(block):
             problems += check_command(tokens)
+        for target in re.findall(r"^make ([\w-]+)", block, re.MULTILINE):
+            if target not in _make_targets():
+                problems.append(f"{page.name}: `make {target}`: no such Makefile target")
     code = " ".join(FENCE.findall(text) + CODE.findall(FENCE.sub("", text)))
     for path in sorted(set(CONFIG_PATH.findall(code))):
         if path in EXAMPLE_CONFIGS or Path(path).stem.isupper():
@@ -204,12 +212,12 @@ def test_a_renamed_command_option_path_module_or_link_is_caught():
     page = REPO / "docs" / "training.md"
     good = ("```bash\nuv run facediff train configs/experiments/tiny_unet.yaml trainer.num_workers=1 --dry-run\n"
             "uv run facediff prepare celebamask RAW OUT --train-size 27\n```\n`facediff.losses.info_nce` "
-            "[data](data.md#passes)\n")
+            "[data](data.md#passes)\n```bash\nmake test\n```\n")
     assert problems_in(page, good) == []
     for old, new in [("--dry-run", "--dryrun"), ("--train-size", "--train-sizes"), ("prepare celebamask", "prepare celeba"),
                      ("tiny_unet.yaml", "tiny_unet2.yaml"), ("trainer.num_workers", "trainer.num_worker"),
                      ("losses.info_nce", "losses.infonce"), ("data.md#passes", "data.md#pass"),
-                     ("(data.md", "(dat.md")]:
+                     ("(data.md", "(dat.md"), ("make test", "make tests")]:
         assert old in good
         assert problems_in(page, good.replace(old, new)), f"renaming {old} -> {new} went unnoticed"
 
@@ -227,6 +235,6 @@ def test_readme_is_a_short_manual_not_a_diary():
     assert len(readme.splitlines()) <= 300
     for phrase in ("this stop", "earlier stop", "later stop", "fresh clone of"):
         assert phrase not in readme.lower(), phrase
-    for page in PAGES[1:]:
+    for page in DOCS:
         if page.name != "resuming.md":
             assert f"docs/{page.name}" in readme, f"README does not link docs/{page.name}"
