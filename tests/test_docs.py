@@ -84,6 +84,8 @@ def check_command(tokens: list[str]) -> list[str]:
         rest.pop(0)
     while hasattr(command, "commands") and rest:
         name = rest.pop(0)
+        if name.isupper():  # a placeholder: `facediff --verbose COMMAND`
+            return []
         if name not in command.commands:
             return [f"`facediff {' '.join(tokens)}`: no subcommand {' '.join(path)} {name}"]
         command, path = command.commands[name], [*path, name]
@@ -93,7 +95,7 @@ def check_command(tokens: list[str]) -> list[str]:
         if token.startswith("--") and token.split("=")[0] not in known:
             problems.append(f"`facediff {' '.join(tokens)}`: {token.split('=')[0]} is not an option of "
                             f"`{' '.join(path)}`")
-    configs = [t for t in rest if CONFIG_PATH.fullmatch(t) and t not in EXAMPLE_CONFIGS]
+    configs = [t for t in rest if CONFIG_PATH.fullmatch(t) and t not in EXAMPLE_CONFIGS and not Path(t).stem.isupper()]
     overrides = [t for t in rest if re.fullmatch(r"[~\w.]+:?=.*", t) and not t.startswith("-")]
     if configs and not problems and path[-1] in ("train", "info", "config", "tune", "train-segformer"):
         try:
@@ -176,7 +178,8 @@ def _make_targets() -> set[str]:
 
 def problems_in(page: Path, text: str) -> list[str]:
     problems = []
-    for block in FENCE.findall(text):
+    inline = [span for span in CODE.findall(FENCE.sub("", text)) if re.match(r"(uv run )?facediff [\w-]", span)]
+    for block in FENCE.findall(text) + inline:
         for tokens in _commands_in(block):
             problems += check_command(tokens)
         for target in re.findall(r"^make ([\w-]+)", block, re.MULTILINE):
