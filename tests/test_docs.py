@@ -238,6 +238,9 @@ def test_readme_is_a_short_manual_not_a_diary():
     assert len(readme.splitlines()) <= 300
     for phrase in ("this stop", "earlier stop", "later stop", "fresh clone of"):
         assert phrase not in readme.lower(), phrase
+    topics = {"data", "configuration", "training", "families", "evaluation", "tuning", "reproducing", "cluster",
+              "benchmarks", "demo"}
+    assert topics <= {page.stem for page in DOCS}
     for page in DOCS:
         if page.name != "resuming.md":
-            assert f"docs/{page.name}" in readme, f"README does not link docs/{page.name}"
+            assert f"(docs/{page.name}" in readme, f"README does not link docs/{page.name}"
