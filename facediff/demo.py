@@ -39,7 +39,7 @@ CONDITIONAL_CONFIG = EXPERIMENTS / "demo_lc_unet.yaml"  # the tiny one predictin
 LORA_CONFIG = EXPERIMENTS / "tiny_sd_lora.yaml"
 CONTROLNET_CONFIG = EXPERIMENTS / "tiny_controlnet.yaml"
 log = logging.getLogger("facediff.demo")
-# The demo's budget, measured on 2 cores (README, "What the demo shows"):
+# The demo's budget, measured on 2 cores (docs/demo.md, "Why the demo is set up this way"):
 # - 1,024 faces (922 train, 102 test): with 25 test faces real vs real reads 0.55 in fd_mtcnn_onet (0.15 with
 #   102), so the old demo's distance could not tell good samples from real ones;
 # - shards of 512 rows: Ray Data started a new streaming execution every epoch (every 28 steps of the latent
@@ -56,7 +56,7 @@ log = logging.getLogger("facediff.demo")
 #   Clear-lens glasses survived in neither: the reader read them at 0.53 on its reconstructions (1.0 on the faces).
 #   A factor-2 VQ (3x16x16) kept them (0.73), but the latent model over it costs 1.9x a step and had not learnt
 #   to draw them after 2,535 steps, so the demo keeps the 3x8x8 one; with the synthetic glasses' lenses tinted
-#   dark, the reconstructions read 0.94 and the samples 0.69 (README, "What the demo shows").
+#   dark, the reconstructions read 0.94 and the samples 0.69 (docs/demo.md).
 DEFAULT_FACES, DEFAULT_KIMG = 1024, 16.0
 LATENT_KIMG_FACTOR = 1.5
 SHARD_ROWS = 512
@@ -69,7 +69,7 @@ EDIT_RECORDS = 32  # test faces each sweep column is measured on (the picture sh
 # Column label -> attribute edits; all are visible on the synthetic faces (see facediff/data/synthetic.py).
 # A hair colour needs hair: the colour edits clear Bald (bald men were a fifth of the men asked to turn blond).
 # Earrings are not a column: 1-2 px discs at 32 px that the synthetic data gives to 5% of men, so the edit mostly
-# asks for a combination training rarely shows (read back on 0.32-0.46 of the faces; README, "What it shows").
+# asks for a combination training rarely shows (read back on 0.32-0.46 of the faces; docs/demo.md).
 SWEEP = {
     "as is": {},
     "glasses": {"Eyeglasses": 1.0},

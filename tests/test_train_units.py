@@ -191,7 +191,7 @@ def test_deterministic_order_keeps_block_order_without_locality_and_blocks_indep
 
 def test_read_blocks_hold_more_rows_of_smaller_images(synthetic_shards, monkeypatch):
     """Each read+decode task gets about the same work: at 64 px, 512-row blocks streamed 2,271 img/s against
-    1,710 with 128-row ones (README, Benchmarks)."""
+    1,710 with 128-row ones (benchmarks/data_throughput.py; docs/benchmarks.md)."""
     from facediff.data.stream import _default_read_parallelism
 
     monkeypatch.setattr("facediff.data.stream.split_rows", lambda dataset, split: 8192)

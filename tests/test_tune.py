@@ -78,7 +78,7 @@ def _assert_best_is_one_report(row: dict, trial: Path, metric: str) -> None:
 
 @pytest.mark.timeout(1200)
 def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards, tune_ray):
-    """The README's `uv run facediff tune configs/tune/demo.yaml`, run as a user runs it: from the repository,
+    """The README's (and docs/tuning.md's) `uv run facediff tune configs/tune/demo.yaml`, run as a user runs it: from the repository,
     with relative paths into a git-ignored folder, under `uv run` (Ray then runs each trial in a packaged copy
     of the working directory, where that folder does not exist). Every trial must report the metric.
 

@@ -392,7 +392,6 @@ def train_segformer(cfg: SegformerTrainConfig, fault: dict | None = None) -> Pat
         dataset_config=RayDataConfig(datasets_to_split=["train"]),  # every worker reads the whole test split
     )
     with placement_timeout(request):
-        with placement_timeout(request):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"train-segformer {cfg.name}: the run ended without a final checkpoint")
