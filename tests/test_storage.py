@@ -32,6 +32,11 @@ def s3(monkeypatch):
         monkeypatch.setenv(name, value)
     client = boto3.client("s3")
     client.create_bucket(Bucket=BUCKET)
+    # moto keeps its buckets in the process, not the server: empty the bucket, so that no test sees another's
+    # files (a run folder with another config.yaml is, rightly, refused)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        if page.get("Contents"):
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": o["Key"]} for o in page["Contents"]]})
     try:
         yield client
     finally:
@@ -144,7 +149,6 @@ def test_rerun_is_compared_with_the_config_recorded_in_the_bucket(s3, tiny_confi
         return {k: s3.get_object(Bucket=BUCKET, Key=f"identity/run/{k}")["Body"].read()
                 for k in _keys(s3, "identity/run/")}
 
-    # moto's buckets outlive a test in this process: a prefix no other test writes
     first = RunStorage(f"s3://{BUCKET}/identity", "run")
     assert commit(first, check_resume(run_config(), first), step=0)
     before = stored()
