@@ -16,8 +16,6 @@ there (a model of another shape) leaves the run folder as it was. The user's pag
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +26,7 @@ from pydantic import ValidationError
 
 from facediff.config import dump_config
 from facediff.config.schema import ExperimentConfig
+from facediff.data.shards import atomic_write_text
 from facediff.storage import RunStorage
 
 CONFIG_FILE = "config.yaml"
@@ -164,16 +163,8 @@ def check_resume(cfg: ExperimentConfig, storage: RunStorage, resume_with_changes
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """A temporary sibling renamed over `path`: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def commit(storage: RunStorage, resumption: Resumption, step: int) -> bool:
