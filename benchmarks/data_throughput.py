@@ -125,7 +125,7 @@ def main() -> None:
               f"{len(shard_paths(args.dataset, args.split))} shards")
     import ray
 
-    from facediff.console import init_local_ray, quiet_ray_loggers
+    from facediff.ray_start import init_local_ray, quiet_ray_loggers
 
     quiet_ray_loggers()
     t = time.perf_counter()

@@ -129,7 +129,7 @@ def main() -> None:
 
     import ray
 
-    from facediff.console import init_local_ray
+    from facediff.ray_start import init_local_ray
 
     init_local_ray(args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from facediff.config import load_config
-from facediff.console import ray_logs_dir
+from facediff.ray_start import ray_logs_dir
 from facediff.data.prepare import prepare_celebamask
 from facediff.data.shards import atomic_write_text
 from facediff.data.synthetic import write_synthetic_celebamask

@@ -17,7 +17,7 @@ def pytest_configure(config):
 def ray_cluster():
     import ray
 
-    from facediff.console import init_local_ray
+    from facediff.ray_start import init_local_ray
 
     init_local_ray(RAY_NUM_CPUS, include_dashboard=False)
     try:
@@ -31,7 +31,7 @@ def ray_session(ray_cluster):
     """One local Ray cluster for the whole test session (ray.init costs seconds and ~1.7 GB); started again if a
     test module stopped it to run on a fresh one of its own (test_tune.py)."""
     if not ray_cluster.is_initialized():
-        from facediff.console import init_local_ray
+        from facediff.ray_start import init_local_ray
 
         init_local_ray(RAY_NUM_CPUS, include_dashboard=False)
     return ray_cluster

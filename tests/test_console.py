@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from facediff import console
+from facediff import console, ray_start
 
 
 class Tty(io.StringIO):
@@ -87,7 +87,7 @@ def test_start_ray_keeps_workers_output_off_the_terminal_unless_verbose(monkeypa
     monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_progress_bars", True)
     console.set_verbose(loud)
     try:
-        console.start_ray(3.5)
+        ray_start.start_ray(3.5)
     finally:
         console.set_verbose(False)
     assert calls[0]["log_to_driver"] is loud and calls[0]["num_cpus"] >= 4
@@ -99,8 +99,8 @@ def test_raylet_startup_notes_stay_off_the_terminal_but_its_errors_do_not(monkey
 
     printed = []
     monkeypatch.setattr(worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data["lines"]))
-    console.keep_raylet_notes_off_the_terminal()
-    console.keep_raylet_notes_off_the_terminal()  # once is enough: not wrapped twice
+    ray_start.keep_raylet_notes_off_the_terminal()
+    ray_start.keep_raylet_notes_off_the_terminal()  # once is enough: not wrapped twice
     note = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 192.0.2.2, which "
             "is 4x the maximum expected startup concurrency (2).")
     died = "A worker died or was killed while executing a task by an unexpected system error."

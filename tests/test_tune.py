@@ -45,7 +45,7 @@ def tune_ray():
     import ray
 
     from conftest import RAY_NUM_CPUS
-    from facediff.console import init_local_ray
+    from facediff.ray_start import init_local_ray
 
     if ray.is_initialized():
         ray.shutdown()

@@ -159,13 +159,13 @@ def test_every_grid_point_is_checked_before_ray_starts(tmp_path, monkeypatch, no
     experiment folder. A misspelt search key or grid override is the grid file's, not the command line's."""
     from typer.testing import CliRunner
 
-    import facediff.console
+    import facediff.ray_start
     from facediff.cli import app
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started for a grid with a bad point")
 
-    monkeypatch.setattr(facediff.console, "start_ray", no_ray)
+    monkeypatch.setattr(facediff.ray_start, "start_ray", no_ray)
     write(tmp_path / "a.yaml", TRAIN)
     head = f"train_config: a.yaml\nmetric: loss\nstorage_path: {tmp_path}/out\n"
     grid = write(tmp_path / "x.yaml", head + "search_space:\n  optimizer.lr: {grid: [1.0e-4, 2.0e-4]}\n"

@@ -69,7 +69,7 @@ class EncodeLatents:
 
 def _ensure_ray(actors: int, cpus_per_actor: float) -> None:
     """Join a running cluster, or start a local one with a CPU for Ray Data's reads beside the actors."""
-    from facediff.console import start_ray
+    from facediff.ray_start import start_ray
 
     start_ray(actors * cpus_per_actor + 1)
 

@@ -22,11 +22,12 @@ from ray.train.torch import TorchTrainer
 
 from facediff.config import resolve_paths
 from facediff.config.schema import ExperimentConfig, model_autoencoder
-from facediff.console import RunProgress, start_ray
+from facediff.console import RunProgress
 from facediff.data.latents import check_cached_latents
 from facediff.data import passes
 from facediff.data.shards import check_train_records, shard_paths, split_rows
 from facediff.data.stream import build_dataset
+from facediff.ray_start import start_ray
 from facediff.storage import RunStorage
 from facediff.tasks import DiffusionTask, build_task
 from facediff.train import checkpoint, identity

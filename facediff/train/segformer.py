@@ -341,7 +341,7 @@ def _train_dataset(config: dict, ray_run: str):
 def _init_ray(cfg: SegformerTrainConfig) -> None:
     """Join a running cluster, or start a local one with a CPU left for Ray Data beside the workers (without
     it, workers holding every CPU starve Ray Data and training waits forever without an error)."""
-    from facediff.console import start_ray
+    from facediff.ray_start import start_ray
 
     start_ray(cfg.num_workers * cfg.resources_per_worker.get("CPU", 1.0) + 1)
 

@@ -45,7 +45,8 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Run (or resume) the experiment of a grid file; returns the best trial's summary and the output files."""
     from ray import tune
 
-    from facediff.console import start_ray, verbose
+    from facediff.console import verbose
+    from facediff.ray_start import start_ray
     from facediff.tune.progress import TuneProgress
     from facediff.tune.results import BEST, best_trial, plot_metric, trial_rows, write_table
     from facediff.tune.trial import run_trial, trial_dirname
