@@ -77,7 +77,7 @@ def ddp_worker(shards: str, steps: int, result: str) -> None:
 
 
 def facediff_rate(run: Path) -> float:
-    from facediff.train.progress import read_metrics
+    from facediff.train.run_log import read_metrics
 
     rows = [r for r in read_metrics(run) if r["step"] > WARMUP_STEPS]
     first, last = rows[0], rows[-1]

@@ -3,7 +3,7 @@ DeepSpeed's internals only with `--verbose`.
 
 Ray forwards every worker's and actor's stdout/stderr to the driver (`log_to_driver`): DeepSpeed's banners,
 Ray Train's controller reports, the `uv run` environment notes of each worker start. Quiet mode turns that off
-(`facediff.ray_start`). Progress comes from the driver instead: `RunProgress` follows the run's `metrics.jsonl`
+(`facediff.ray_start`). Progress comes from the driver instead: `RunProgressLine` follows the run's `metrics.jsonl`
 (written by rank 0) and redraws one line per run.
 """
 
@@ -50,7 +50,7 @@ def redraw(stream, tty: bool, text: str, final: bool) -> None:
     stream.flush()
 
 
-class RunProgress:
+class RunProgressLine:
     """A driver-side progress line for one training run, read from its `metrics.jsonl` while it trains.
 
     On a terminal the line is redrawn in place; otherwise (CI, a log file) a line is printed at every tenth
@@ -63,8 +63,8 @@ class RunProgress:
 
         # a StoredFile: the run's metrics in remote storage (written there by rank 0, wherever it runs)
         self.file = metrics_file if isinstance(metrics_file, StoredFile) else StoredFile.local(metrics_file)
-        # total_kimg: what the run trains in whole steps (`progress.planned_kimg`), so the line ends at N/N;
-        # `note` says once, before the line, when that differs from trainer.total_kimg (`progress.rounding_note`)
+        # total_kimg: what the run trains in whole steps (`run_log.planned_kimg`), so the line ends at N/N;
+        # `note` says once, before the line, when that differs from trainer.total_kimg (`run_log.rounding_note`)
         self.label, self.total_kimg, self.note = label, total_kimg, note
         self.decimals = 3 if total_kimg < 1 else 2  # 0.112 kimg, not 0.11
         self.stream = stream or sys.stderr
@@ -81,7 +81,7 @@ class RunProgress:
         self._printed_tenths = -1
         self._metric: dict[str, float] = {}
 
-    def __enter__(self) -> RunProgress:
+    def __enter__(self) -> RunProgressLine:
         if self.note:
             self._write(f"{self.label}: {self.note}", final=True)
         self._write(f"{self.label}: starting Ray workers ...", final=not self.tty)

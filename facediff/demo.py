@@ -29,7 +29,7 @@ from facediff.sampling import (attribute_sweep, batch_generator, generate, load_
                                with_edits)
 from facediff.threads import busy_cores_note
 from facediff.train.autoencoder import fit_autoencoder
-from facediff.train.progress import read_metrics
+from facediff.train.run_log import read_metrics
 from facediff.train.run import train
 from facediff.viz import labelled_grid, plot_curves, preview_dataset
 

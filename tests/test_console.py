@@ -26,7 +26,7 @@ def rows(n, total_kimg=4.0):
 
 def test_progress_prints_a_line_per_tenth_when_not_a_terminal(tmp_path):
     metrics, out = tmp_path / "metrics.jsonl", io.StringIO()
-    with console.RunProgress("train tiny", metrics, 4.0, stream=out, interval_s=0.01) as progress:
+    with console.RunProgressLine("train tiny", metrics, 4.0, stream=out, interval_s=0.01) as progress:
         write_rows(metrics, rows(40)[:-1] + [{**rows(40)[-1], "fd_mtcnn_onet": 0.42}])
         progress._poll()
     lines = out.getvalue().splitlines()
@@ -40,7 +40,7 @@ def test_progress_prints_a_line_per_tenth_when_not_a_terminal(tmp_path):
 def test_progress_redraws_one_line_on_a_terminal_and_survives_a_rewritten_log(tmp_path):
     metrics, out = tmp_path / "metrics.jsonl", Tty()
     write_rows(metrics, rows(4))  # a previous attempt's rows: not this run's progress
-    with console.RunProgress("train tiny", metrics, 4.0, stream=out, interval_s=0.01) as progress:
+    with console.RunProgressLine("train tiny", metrics, 4.0, stream=out, interval_s=0.01) as progress:
         metrics.write_text("")  # the resumed run drops rows past its checkpoint
         write_rows(metrics, rows(8)[:3])
         progress._poll()
@@ -53,7 +53,7 @@ def test_progress_redraws_one_line_on_a_terminal_and_survives_a_rewritten_log(tm
 def test_progress_ends_at_the_kimg_trained_and_epochs_are_images_over_the_split(tmp_path, tiny_config):
     """The user's run: 0.1 kimg at 2 workers x 8 images is 6.25 steps; the run trains 7 whole steps (112 images)
     and the line ended at `0.11/0.1 kimg`. Now it counts towards 0.112, said once before the line."""
-    from facediff.train.progress import epochs_seen, planned_kimg, rounding_note
+    from facediff.train.run_log import epochs_seen, planned_kimg, rounding_note
 
     cfg = tiny_config(["trainer.total_kimg=0.1"])  # 2 workers x batch 8
     assert planned_kimg(cfg, 2) == pytest.approx(0.112)
@@ -61,7 +61,7 @@ def test_progress_ends_at_the_kimg_trained_and_epochs_are_images_over_the_split(
     assert note == "trainer.total_kimg 0.1 is 6.25 steps of 16 images: training 7 whole steps, 0.112 kimg"
     assert rounding_note(tiny_config(["trainer.total_kimg=0.112"]), 2) is None  # whole steps: nothing to say
     metrics, out = tmp_path / "metrics.jsonl", io.StringIO()
-    with console.RunProgress("train exp", metrics, planned_kimg(cfg, 2), stream=out, interval_s=0.01,
+    with console.RunProgressLine("train exp", metrics, planned_kimg(cfg, 2), stream=out, interval_s=0.01,
                              note=note) as progress:
         write_rows(metrics, [{"step": s, "kimg": s * 16 / 1000, "loss": 0.5} for s in range(1, 8)])
         progress._poll()
@@ -115,7 +115,7 @@ def test_tune_progress_counts_outcomes_keeps_the_best_and_prints_only_when_count
     import sys
     from types import SimpleNamespace
 
-    from facediff.tune.progress import TuneProgress
+    from facediff.tune.progress_line import TuneProgressLine
 
     def trial(trial_id, status, kimg=None, best=None):
         return SimpleNamespace(trial_id=trial_id, status=status,
@@ -123,7 +123,7 @@ def test_tune_progress_counts_outcomes_keeps_the_best_and_prints_only_when_count
                                metric_analysis={} if best is None else {"fd_mtcnn_onet": {"min": best, "max": 9.0}})
 
     out = io.StringIO()
-    progress = TuneProgress("lr", "fd_mtcnn_onet", "min", 0.5, stream=out)
+    progress = TuneProgressLine("lr", "fd_mtcnn_onet", "min", 0.5, stream=out)
     trials = [trial("a", "RUNNING"), trial("b", "PENDING")]
     progress.on_trial_start(0, trials, trials[0])
     progress.on_trial_result(1, trials, trials[0], {})  # counts unchanged: no new line off a terminal

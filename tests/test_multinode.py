@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from facediff.config import load_config
-from facediff.train.progress import read_metrics
+from facediff.train.run_log import read_metrics
 from facediff.train.run import train
 from facediff.tune import run_tune
 

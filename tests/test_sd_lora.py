@@ -77,7 +77,7 @@ def test_only_lora_trains_and_prompts_come_from_attributes():
 def test_ray_training_resume_ema_and_plain_diffusers_export(ray_session, synthetic_shards, tmp_path):
     from safetensors.torch import load_file
 
-    from facediff.train.progress import read_metrics
+    from facediff.train.run_log import read_metrics
     from facediff.train.run import train
 
     def cfg(steps):

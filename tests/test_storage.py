@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from facediff.config import load_config
-from facediff.console import RunProgress
+from facediff.console import RunProgressLine
 from facediff.storage import RunStorage, is_remote
-from facediff.train.progress import METRICS_FILE
+from facediff.train.run_log import METRICS_FILE
 
 BUCKET = "facediff-runs"
 
@@ -70,7 +70,7 @@ def test_progress_line_follows_metrics_in_s3(s3):
     storage = RunStorage(f"s3://{BUCKET}/exp", "progress")
     rows = [{"step": s, "kimg": float(s), "loss": 1.0 / s, "images_per_s": 10.0} for s in (1, 2)]
     out = io.StringIO()
-    with RunProgress("train s3", storage.file(METRICS_FILE), 4.0, stream=out, interval_s=0.01) as progress:
+    with RunProgressLine("train s3", storage.file(METRICS_FILE), 4.0, stream=out, interval_s=0.01) as progress:
         # rank 0 writes its rows, the last one torn mid-line, and copies the file to S3
         (storage.local / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "ki')
         storage.push(METRICS_FILE)
@@ -83,7 +83,7 @@ def _stored_steps(s3, key: str) -> list[int]:
 
 
 def test_run_log_copies_to_s3_with_the_first_row_checkpoints_and_the_end_not_every_row(s3):
-    from facediff.train.progress import RunLog
+    from facediff.train.run_log import RunLog
 
     storage = RunStorage(f"s3://{BUCKET}/exp", "cadence")
     key = f"exp/cadence/{METRICS_FILE}"

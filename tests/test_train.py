@@ -20,7 +20,7 @@ from conftest import report_recorder
 from facediff.config import load_config
 from facediff.tasks import build_task
 from facediff.train.engine import lr_factor, safe_checkpoint_engine
-from facediff.train.progress import read_metrics
+from facediff.train.run_log import read_metrics
 from facediff.storage import RunStorage
 from facediff.train.identity import RunConfigChanged, read_history
 from facediff.train.run import resume_point, train

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from facediff.cli import app
 from facediff.config import load_config
-from facediff.train.progress import read_metrics
+from facediff.train.run_log import read_metrics
 from facediff.train.run import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]

@@ -29,7 +29,7 @@ def coco_shards(tmp_path_factory):
 def test_ray_training_resume_evaluation_and_plain_diffusers_export(ray_session, coco_shards, tmp_path):
     from safetensors.torch import load_file
 
-    from facediff.train.progress import read_metrics
+    from facediff.train.run_log import read_metrics
     from facediff.train.run import train
 
     def cfg(steps):

@@ -8,7 +8,7 @@ import pytest
 from conftest import two_trial_grid
 from PIL import Image
 
-from facediff.train.progress import read_metrics
+from facediff.train.run_log import read_metrics
 from facediff.tune import run_tune
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("tune_ray")]

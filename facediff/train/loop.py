@@ -37,7 +37,7 @@ from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
 from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
-from facediff.train.progress import CHECKPOINT_ONLY, RunLog, epochs_seen, planned_kimg
+from facediff.train.run_log import CHECKPOINT_ONLY, RunLog, epochs_seen, planned_kimg
 
 log = logging.getLogger("facediff.train")
 

@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from facediff.config import resolve_paths
 from facediff.config.schema import ExperimentConfig, model_autoencoder
-from facediff.console import RunProgress
+from facediff.console import RunProgressLine
 from facediff.data.latents import check_cached_latents
 from facediff.data import passes
 from facediff.data.shards import check_train_records, shard_paths, split_rows
@@ -34,7 +34,7 @@ from facediff.train import checkpoint, identity
 from facediff.train.checkpoint import load_ema_weights
 from facediff.train.loop import train_loop_per_worker
 from facediff.train.placement import WorkerRequest, check_cluster, failure_config, placement_timeout
-from facediff.train.progress import METRICS_FILE, planned_kimg, rounding_note
+from facediff.train.run_log import METRICS_FILE, planned_kimg, rounding_note
 
 log = logging.getLogger("facediff.train")
 EXPORT_DIR = "export"
@@ -238,7 +238,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     with placement_timeout(request):
         if progress:
             world = cfg.trainer.num_workers
-            with RunProgress(f"train {run_name(cfg)}", storage.file(METRICS_FILE), planned_kimg(cfg, world),
+            with RunProgressLine(f"train {run_name(cfg)}", storage.file(METRICS_FILE), planned_kimg(cfg, world),
                              note=rounding_note(cfg, world)):
                 result = trainer.fit()
         else:

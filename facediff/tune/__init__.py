@@ -47,7 +47,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
 
     from facediff.console import verbose
     from facediff.ray_start import start_ray
-    from facediff.tune.progress import TuneProgress
+    from facediff.tune.progress_line import TuneProgressLine
     from facediff.tune.results import BEST, best_trial, plot_metric, trial_rows, write_table
     from facediff.tune.trial import run_trial, trial_dirname
 
@@ -78,7 +78,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
             run_config=tune.RunConfig(
                 name=exp.name, storage_path=posixpath.dirname(storage.root), **where,
                 verbose=None if verbose() else 0,
-                callbacks=[TuneProgress(exp.name, exp.metric, exp.grid.mode, exp.total_kimg)]),
+                callbacks=[TuneProgressLine(exp.name, exp.metric, exp.grid.mode, exp.total_kimg)]),
         )
     results = tuner.fit()
     exp.dir.mkdir(parents=True, exist_ok=True)  # the results are written here, then copied to remote storage

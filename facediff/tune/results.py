@@ -25,7 +25,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from facediff.storage import RunStorage
 from facediff.train.checkpoint import STATE_FILE
-from facediff.train.progress import METRICS_FILE, read_metrics
+from facediff.train.run_log import METRICS_FILE, read_metrics
 from facediff.tune.space import Experiment
 
 log = logging.getLogger("facediff.tune")

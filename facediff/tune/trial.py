@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from facediff.train.progress import CHECKPOINT_ONLY
+from facediff.train.run_log import CHECKPOINT_ONLY
 
 log = logging.getLogger("facediff.tune")
 

@@ -1,7 +1,7 @@
 """The driver's progress line for a Tune experiment; Tune's own trial tables only with `--verbose`.
 
 Tune's default reporter prints a table of every trial every 30 s (five tables in a two-minute grid, hundreds in
-a day's). `TuneProgress` is a Tune callback on the driver that keeps one line instead: how many trials are
+a day's). `TuneProgressLine` is a Tune callback on the driver that keeps one line instead: how many trials are
 running, completed, stopped early by ASHA and errored, and the best value of the metric so far. On a terminal
 it is redrawn in place; otherwise a line is printed only when a trial starts or ends, so logs stay short.
 """
@@ -16,7 +16,7 @@ from ray.tune import Callback
 from facediff.console import duration_text, redraw
 
 
-class TuneProgress(Callback):
+class TuneProgressLine(Callback):
     def __init__(self, name: str, metric: str, mode: str, total_kimg: float, stream=None):
         self.name, self.metric, self.mode, self.total_kimg = name, metric, mode, total_kimg
         self._stream = stream
