@@ -6,7 +6,7 @@ must be on storage the driver's node can read and write (shared NFS, or a node-l
 
 import sys
 
-from facediff.cli import app
+from facediff.cli.main import app
 
 if __name__ == "__main__":
     sys.exit(app(["prepare", *sys.argv[1:]], prog_name="ray_jobs/prepare.py"))

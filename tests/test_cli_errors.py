@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.config import dump_config, load_config
 from facediff.data import celebamask
 from facediff.data.prepare import assign_splits

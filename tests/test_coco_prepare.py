@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.data import shards
 from facediff.data.coco import (COCO_SHARD_SCHEMA, DEFAULT_MIN_PERSON_AREA, CocoAnnotationError, captions_path,
                                 image_path, instances_path, prepare_coco)

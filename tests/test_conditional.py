@@ -211,7 +211,7 @@ def test_evaluate_reports_attribute_accuracy_beside_the_distance(synthetic_shard
 
     from typer.testing import CliRunner
 
-    from facediff.cli import app
+    from facediff.cli.main import app
     from facediff.tasks import build_task
 
     cfg = load_config(EXPERIMENTS / "tiny_lc_unet.yaml", [f"data.path={synthetic_shards}", "eval.steps=2"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.config import ConfigError, load_config, load_grid
 from facediff.config.load import DELETE, parse_override
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.config import ConfigError, load_config
 
 from conftest import REPO

@@ -174,7 +174,7 @@ def test_deepspeed_warnings_in_the_driver_only_with_verbose():
 def test_verbose_flag_reaches_ray_processes_through_the_environment(monkeypatch):
     from typer.testing import CliRunner
 
-    from facediff.cli import app
+    from facediff.cli.main import app
 
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
     CliRunner().invoke(app, ["--verbose", "info", "configs/experiments/tiny_unet.yaml"])
@@ -187,7 +187,7 @@ def test_a_failed_job_is_one_line_with_its_cause_and_exit_1(monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from facediff.cli_common import job_failures
+    from facediff.cli.errors import job_failures
 
     app = typer.Typer()
 

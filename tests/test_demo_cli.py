@@ -2,7 +2,7 @@
 
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 
 
 def test_unknown_demo_stage_is_one_line_exit_2_and_writes_nothing(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.config.load import load_config, load_grid
 from facediff.train.segformer import load_segformer_config
 from facediff.tune.space import split_overrides

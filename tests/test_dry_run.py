@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.config import load_config
 from facediff.models.info import describe
 from facediff.train.dry_run import STAGES, StageFailed, dry_run

@@ -146,7 +146,7 @@ def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monk
     from typer.testing import CliRunner
 
     import facediff.data.latents as latents
-    from facediff.cli import app
+    from facediff.cli.main import app
 
     calls = []
 

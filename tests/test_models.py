@@ -82,7 +82,7 @@ def test_unsupported_family_is_named():
 def test_info_cli_prints_counts_and_json():
     from typer.testing import CliRunner
 
-    from facediff.cli import app
+    from facediff.cli.main import app
 
     path = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "unet_r5.yaml")
     text = CliRunner().invoke(app, ["info", path])

@@ -5,7 +5,7 @@ starts, naming what was asked and what the nodes offer; a worker group Ray canno
 import pytest
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.train.placement import PlacementError, PlacementTimeout, WorkerRequest, check_fits
 
 from conftest import REPO

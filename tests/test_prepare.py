@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.data import celebamask
 from facediff.data.annotations import AnnotationError
 from facediff.data.celebamask import PART_LABELS, mask_path, paint_label_map

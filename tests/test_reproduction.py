@@ -253,7 +253,7 @@ def test_results_table_prints_the_papers_fid_beside_ours(tmp_path):
 
 # ------------------------------------------------------------------------------------- data regime check
 def test_a_config_of_one_regime_on_the_other_dataset_is_refused_before_training(synthetic_shards, tmp_path):
-    from facediff.cli import app
+    from facediff.cli.main import app
     from facediff.train.run import check_inputs
 
     cfg = load("tiny_unet", [f"data.path={synthetic_shards}", "data.train_records=2700"])

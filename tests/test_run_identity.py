@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.config import load_config, resolve_paths
 from facediff.console import hold_log
 from facediff.storage import RunStorage

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.sampling import batch_generator, generate, load_model
 from facediff.tasks import build_task
 

@@ -235,7 +235,7 @@ def test_sample_and_evaluate_pick_the_gpu_when_present(monkeypatch):
 def test_device_option_errors_are_one_line(command, tmp_path):
     from typer.testing import CliRunner
 
-    from facediff.cli import app
+    from facediff.cli.main import app
 
     result = CliRunner().invoke(app, [command, str(tmp_path), "--device", "cuda" if not torch.cuda.is_available()
                                       else "gpu0"])

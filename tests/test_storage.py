@@ -207,7 +207,7 @@ def test_train_resume_and_sample_with_runs_in_s3(s3, synthetic_shards, tmp_path,
 
     from typer.testing import CliRunner
 
-    from facediff.cli import app
+    from facediff.cli.main import app
 
     done = CliRunner().invoke(app, ["sample", f"s3://{BUCKET}/exp/run", "--n", "4", "--steps", "2",
                                     "--out", str(tmp_path / "grid.png")])

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from facediff.cli import app
+from facediff.cli.main import app
 from facediff.config import load_config
 from facediff.train.run_log import read_metrics
 from facediff.train.run import train

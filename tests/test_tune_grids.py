@@ -147,7 +147,7 @@ def test_only_rows_with_the_metric_reach_tune(monkeypatch):
 def test_tune_command_names_a_bad_key():
     from typer.testing import CliRunner
 
-    from facediff.cli import app
+    from facediff.cli.main import app
 
     result = CliRunner().invoke(app, ["tune", str(REPO / "configs" / "tune" / "demo.yaml"), "optimizer.lrr=1"])
     assert result.exit_code == 2 and "optimizer.lrr" in result.output
@@ -160,7 +160,7 @@ def test_every_grid_point_is_checked_before_ray_starts(tmp_path, monkeypatch, no
     from typer.testing import CliRunner
 
     import facediff.ray_start
-    from facediff.cli import app
+    from facediff.cli.main import app
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started for a grid with a bad point")
@@ -200,7 +200,7 @@ def test_tune_command_fails_when_trials_errored(monkeypatch):
     from typer.testing import CliRunner
 
     import facediff.tune
-    from facediff.cli import app
+    from facediff.cli.main import app
 
     summary = {"experiment": "x", "metric": "fd_mtcnn_onet", "trials": 4, "stopped_early": 0, "errors": 4,
                "first_error": "FileNotFoundError: outputs/demo/shards/manifest.json: no manifest",

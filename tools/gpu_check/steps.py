@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# `python -m facediff.cli` would only define the app (cli.py has main() but no __main__ guard)
-FACEDIFF = [sys.executable, "-c", "from facediff.cli import main; main()"]
+# `python -m facediff.cli.main` would only define the app (main.py has main() but no __main__ guard)
+FACEDIFF = [sys.executable, "-c", "from facediff.cli.main import main; main()"]
 MIN_STEP_S = 15  # a step does not start with less of the budget left
 
 

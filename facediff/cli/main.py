@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from facediff.cli_common import fail as _fail
-from facediff.cli_common import job_failures, user_errors
-from facediff.cli_common import load_or_fail as _load
-from facediff.cli_prepare import prepare_app
+from facediff.cli.errors import fail as _fail
+from facediff.cli.errors import job_failures, user_errors
+from facediff.cli.errors import load_or_fail as _load
+from facediff.cli.prepare import prepare_app
 from facediff.config import ConfigError, dump_config, load_config
 
 app = typer.Typer(help="Distributed training of face diffusion models on Ray.", no_args_is_help=True)

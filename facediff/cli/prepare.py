@@ -1,4 +1,4 @@
-"""`facediff prepare ...`: the dataset subcommands (registered on `facediff` by cli.py).
+"""`facediff prepare ...`: the dataset subcommands (registered on `facediff` by cli/main.py).
 
 Each checks its options before touching OUT; the writers stage their output beside OUT and swap it in only
 when it is complete (`facediff.data.staging`), so a failed run, `--overwrite` included, leaves OUT as it was.
@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from facediff.cli_common import fail as _fail
-from facediff.cli_common import load_or_fail as _load
-from facediff.cli_common import user_errors
+from facediff.cli.errors import fail as _fail
+from facediff.cli.errors import load_or_fail as _load
+from facediff.cli.errors import user_errors
 
 prepare_app = typer.Typer(help="Turn datasets into Parquet shards.", no_args_is_help=True)
 
