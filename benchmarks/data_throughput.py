@@ -1,4 +1,4 @@
-"""Images/s of the Ray Data loader (facediff.data.stream) against a plain in-process pyarrow + PIL loop.
+"""Images/s of the Ray Data loader (facediff.data.stream.dataset) against a plain in-process pyarrow + PIL loop.
 
     uv run python benchmarks/data_throughput.py [DATASET] [--image-sizes 64,128,256 --part-masks both --passes 2
                                                   --epochs-per-pass K]
@@ -31,11 +31,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, NUM_ATTRIBUTES, NUM_PART_CLASSES  # noqa: E402
-from facediff.data.passes import epochs_per_pass  # noqa: E402
+from facediff.data.stream.passes import epochs_per_pass  # noqa: E402
 from facediff.data.shards import (SCHEMA_VERSION, SHARD_SCHEMA, ShardWriter, shard_paths, split_rows,  # noqa: E402
                                   write_manifest)
-from facediff.data.batch import finish_batch  # noqa: E402
-from facediff.data.stream import build_dataset, decode_batch, iter_train_batches  # noqa: E402
+from facediff.data.stream.batch import finish_batch  # noqa: E402
+from facediff.data.stream.dataset import build_dataset, decode_batch, iter_train_batches  # noqa: E402
 
 
 def encode(array: np.ndarray, fmt: str) -> bytes:

@@ -40,8 +40,8 @@ PROTOCOLS = (("dpm++", 25), ("ddpm", 1000))
 
 def temporary_dataset(root: Path, image_size: int, test_records: int) -> Path:
     """Synthetic faces prepared into shards whose test split holds `test_records` records."""
-    from facediff.data.prepare import prepare_celebamask
-    from facediff.data.synthetic import write_synthetic_celebamask
+    from facediff.data.prepare.celebamask import prepare_celebamask
+    from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 
     # prepare keeps at most a tenth of the faces for the test split, so write ten times as many
     write_synthetic_celebamask(root / "raw", n=10 * test_records, size=max(64, image_size), seed=0, progress=False)

@@ -34,8 +34,8 @@ from data_throughput import write_synthetic  # noqa: E402  (benchmarks/ is the s
 
 from facediff.config.schema import AutoencoderConfig  # noqa: E402
 from facediff.data.shards import shard_paths  # noqa: E402
-from facediff.data.batch import images_to_float  # noqa: E402
-from facediff.data.stream import build_dataset, decode_batch, iter_train_batches  # noqa: E402
+from facediff.data.stream.batch import images_to_float  # noqa: E402
+from facediff.data.stream.dataset import build_dataset, decode_batch, iter_train_batches  # noqa: E402
 from facediff.models.autoencoder import LatentCodec  # noqa: E402
 
 TINY = [("tiny_vq", "vq", 32), ("tiny_kl", "kl", 32)]
@@ -66,7 +66,7 @@ def sync(device):
 
 
 def measure(name: str, kind: str, size: int, dataset: Path, out: Path, args) -> dict:
-    from facediff.data.latents import prepare_latents
+    from facediff.data.prepare.latents import prepare_latents
 
     cfg = AutoencoderConfig(kind=kind, preset=name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -39,8 +39,8 @@ def ddp_worker(shards: str, steps: int, result: str) -> None:
 
     from facediff.config import load_config
     from facediff.data.shards import shard_paths
-    from facediff.data.batch import images_to_float
-    from facediff.data.stream import decode_batch
+    from facediff.data.stream.batch import images_to_float
+    from facediff.data.stream.dataset import decode_batch
     from facediff.tasks import build_task
     from facediff.train.ema import EMA
 
@@ -100,9 +100,9 @@ def main() -> None:
         return
 
     from facediff.config import load_config
-    from facediff.data.prepare import prepare_celebamask
+    from facediff.data.prepare.celebamask import prepare_celebamask
     from facediff.data.shards import split_rows
-    from facediff.data.synthetic import write_synthetic_celebamask
+    from facediff.data.synthetic.celebamask import write_synthetic_celebamask
     from facediff.train.run import epochs_per_pass, train
 
     tmp = Path(tempfile.mkdtemp(prefix="facediff-bench-"))

@@ -21,9 +21,9 @@ import torch
 
 from facediff.config import load_config
 from facediff.ray_start import ray_logs_dir
-from facediff.data.prepare import prepare_celebamask
+from facediff.data.prepare.celebamask import prepare_celebamask
 from facediff.data.shards import atomic_write_text
-from facediff.data.synthetic import write_synthetic_celebamask
+from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 from facediff.eval.attributes import edit_rate, load_or_train_attribute_reader
 from facediff.sampling import (attribute_sweep, batch_generator, generate, load_model, record_conditions, save_samples,
                                with_edits)
@@ -66,7 +66,7 @@ STAGES = ("pixel", "conditional", "sd_lora", "controlnet")
 DEFAULT_STAGES = ("pixel", "conditional")
 HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
 EDIT_RECORDS = 32  # test faces each sweep column is measured on (the picture shows 4 of them)
-# Column label -> attribute edits; all are visible on the synthetic faces (see facediff/data/synthetic.py).
+# Column label -> attribute edits; all are visible on the synthetic faces (see facediff/data/synthetic/celebamask.py).
 # A hair colour needs hair: the colour edits clear Bald (bald men were a fifth of the men asked to turn blond).
 # Earrings are not a column: 1-2 px discs at 32 px that the synthetic data gives to 5% of men, so the edit mostly
 # asks for a combination training rarely shows (read back on 0.32-0.46 of the faces; docs/demo.md).
@@ -197,8 +197,8 @@ def sd_lora_stage(out: Path, shards: Path, kimg: float) -> dict:
 
 
 def controlnet_stage(out: Path, kimg: float) -> dict:
-    from facediff.data.coco import prepare_coco
-    from facediff.data.synthetic_coco import write_synthetic_coco
+    from facediff.data.prepare.coco import prepare_coco
+    from facediff.data.synthetic.coco import write_synthetic_coco
 
     raw, shards = out / "synthetic-coco", out / "coco-shards"
     write_synthetic_coco(raw, n=64, size=320, seed=0)

@@ -54,8 +54,8 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """48 synthetic faces prepared into shards at 32 px (train 44, test 4), shared by the training tests."""
-    from facediff.data.prepare import prepare_celebamask
-    from facediff.data.synthetic import write_synthetic_celebamask
+    from facediff.data.prepare.celebamask import prepare_celebamask
+    from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic_celebamask(root / "raw", n=48, size=64, seed=0, workers=2, progress=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facediff.data.annotations import AnnotationError, read_attributes, read_mapping, read_partition
+from facediff.data.prepare.annotations import AnnotationError, read_attributes, read_mapping, read_partition
 from facediff.data.celebamask import ATTRIBUTE_NAMES
 
 

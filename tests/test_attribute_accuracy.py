@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from facediff.data.synthetic import VISIBLE_ATTRIBUTES, render_face
+from facediff.data.synthetic.celebamask import VISIBLE_ATTRIBUTES, render_face
 from facediff.eval.attributes import (
     CACHE_DIR, AttributeAccuracy, AttributeReader, edit_rate, load_or_train_attribute_reader,
 )
@@ -20,8 +20,8 @@ STEPS, WIDTH = 300, 16  # measured: see the report in test_real_faces_read_back_
 def attribute_data(tmp_path_factory):
     """A prepared set of synthetic faces at 32 px, a reader trained on its train split, and fresh faces
     (another seed, so none was trained on) rendered at 64 px and shrunk as `prepare` does."""
-    from facediff.data.prepare import prepare_celebamask
-    from facediff.data.synthetic import write_synthetic_celebamask
+    from facediff.data.prepare.celebamask import prepare_celebamask
+    from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 
     root = tmp_path_factory.mktemp("attributes")
     write_synthetic_celebamask(root / "raw", n=N_DATASET, size=64, seed=0, workers=2, progress=False)

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from facediff.cli.main import app
 from facediff.config import dump_config, load_config
 from facediff.data import celebamask
-from facediff.data.prepare import assign_splits
+from facediff.data.prepare.celebamask import assign_splits
 from facediff.data.shards import read_manifest, shard_paths
-from facediff.data.synthetic import write_synthetic_celebamask
+from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 from facediff.sampling import load_model
 from facediff.tasks import build_task
 from facediff.train.checkpoint import EMA_FILE, STATE_FILE, TrainState
@@ -287,7 +287,7 @@ def test_other_prepare_options(tmp_path, args, option):
 def test_prepare_latents_options_checked_before_output_and_ray(synthetic_shards, tmp_path, monkeypatch, args, option):
     def no_ray(*a, **kw):
         raise AssertionError("Ray started")
-    monkeypatch.setattr("facediff.data.latents._ensure_ray", no_ray)
+    monkeypatch.setattr("facediff.data.prepare.latents._ensure_ray", no_ray)
     out = tmp_path / "out"
     shutil.copytree(synthetic_shards, out)  # an earlier dataset in OUT
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

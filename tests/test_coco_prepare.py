@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from facediff.cli.main import app
 from facediff.data import shards
-from facediff.data.coco import (COCO_SHARD_SCHEMA, DEFAULT_MIN_PERSON_AREA, CocoAnnotationError, captions_path,
+from facediff.data.prepare.coco import (COCO_SHARD_SCHEMA, DEFAULT_MIN_PERSON_AREA, CocoAnnotationError, captions_path,
                                 image_path, instances_path, prepare_coco)
-from facediff.data.prepare import DatasetLayoutError
-from facediff.data.synthetic_coco import (PEOPLE_MIN_AREA, SMALL_MAX_AREA, read_truth, render_scene,
+from facediff.data.prepare.celebamask import DatasetLayoutError
+from facediff.data.synthetic.coco import (PEOPLE_MIN_AREA, SMALL_MAX_AREA, read_truth, render_scene,
                                           write_synthetic_coco)
 
 N, SIZE, SEED, VAL_FRACTION, S = 16, 320, 1, 0.25, 128
@@ -337,7 +337,7 @@ def test_overwrite_replaces_and_a_failed_run_keeps_the_old_dataset(tree, prepare
 
 # ------------------------------------------------------------------------------ streaming (decode, no Ray)
 def decoded(out, split, *, hflip, epoch=0, size=S):
-    from facediff.data.stream import decode_batch
+    from facediff.data.stream.dataset import decode_batch
 
     table = pq.read_table(shards.shard_paths(out, split))
     columns = {name: np.asarray(table[name].to_pylist(), dtype=object) for name in table.column_names}
@@ -345,7 +345,7 @@ def decoded(out, split, *, hflip, epoch=0, size=S):
 
 
 def test_decoded_batches_have_the_contract_shapes_and_dtypes(prepared):
-    from facediff.data.coco_stream import CAPTION_BYTES, MAX_FACES, MAX_PERSON_BOXES, decode_captions
+    from facediff.data.stream.coco import CAPTION_BYTES, MAX_FACES, MAX_PERSON_BOXES, decode_captions
 
     out, _ = prepared
     batch, columns = decoded(out, "train", hflip=False)

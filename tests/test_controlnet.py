@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from facediff.config import ConfigError, load_config
-from facediff.data.coco_stream import MAX_FACES, decode_captions, encode_captions
+from facediff.data.stream.coco import MAX_FACES, decode_captions, encode_captions
 from facediff.losses import face_feature_loss, mask_aware_loss, masked_lpips, person_masks
 from facediff.models.info import describe
 from facediff.models.perceptual import FaceFeatures, PerceptualLPIPS

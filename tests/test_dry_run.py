@@ -143,10 +143,10 @@ PRODUCTION = {
 @pytest.fixture(scope="module")
 def production_data(tmp_path_factory):
     """Small prepared datasets at each family's image size, made with the project's own `prepare` tools."""
-    from facediff.data.coco import prepare_coco
-    from facediff.data.prepare import prepare_celebamask
-    from facediff.data.synthetic import write_synthetic_celebamask
-    from facediff.data.synthetic_coco import write_synthetic_coco
+    from facediff.data.prepare.coco import prepare_coco
+    from facediff.data.prepare.celebamask import prepare_celebamask
+    from facediff.data.synthetic.celebamask import write_synthetic_celebamask
+    from facediff.data.synthetic.coco import write_synthetic_coco
 
     root = tmp_path_factory.mktemp("production-data")
     made = {}

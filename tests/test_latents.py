@@ -1,4 +1,4 @@
-"""facediff.data.latents (`prepare latents`) and streaming cached latents with data.use_latents."""
+"""facediff.data.prepare.latents (`prepare latents`) and streaming cached latents with data.use_latents."""
 
 import json
 from pathlib import Path
@@ -12,8 +12,8 @@ import torch
 
 from facediff.config.schema import AutoencoderConfig
 from facediff.data.shards import SHARD_SCHEMA, ShardWriter, latent_schema, read_manifest, shard_paths
-from facediff.data.batch import finish_batch, images_to_float
-from facediff.data.stream import build_dataset, decode_batch, flip_decisions, iter_train_batches
+from facediff.data.stream.batch import finish_batch, images_to_float
+from facediff.data.stream.dataset import build_dataset, decode_batch, flip_decisions, iter_train_batches
 from facediff.models.autoencoder import LatentCodec
 
 AE = AutoencoderConfig(kind="vq", preset="tiny_vq")
@@ -28,7 +28,7 @@ def rows(dataset, split, columns=None):
 
 @pytest.fixture(scope="module")
 def latent_shards(ray_cluster, synthetic_shards, tmp_path_factory):
-    from facediff.data.latents import prepare_latents
+    from facediff.data.prepare.latents import prepare_latents
 
     out = tmp_path_factory.mktemp("latents") / "vq"
     prepare_latents(synthetic_shards, out, AE, batch_size=16, progress=False)
@@ -145,7 +145,7 @@ model:
 def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import facediff.data.latents as latents
+    import facediff.data.prepare.latents as latents
     from facediff.cli.main import app
 
     calls = []
@@ -191,7 +191,7 @@ def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monk
 @pytest.mark.ray
 def test_cached_latents_must_come_from_the_models_autoencoder(latent_shards, tmp_path):
     """Latents of another autoencoder, or another scale, would train a model whose samples decode to nonsense."""
-    from facediff.data.latents import check_cached_latents
+    from facediff.data.prepare.latents import check_cached_latents
 
     check_cached_latents(latent_shards, AE)  # the autoencoder they were written with
     with pytest.raises(ValueError, match=r"encoded with autoencoder kind='vq', but model\.autoencoder\.kind is 'kl'"):
@@ -208,7 +208,7 @@ def test_sd_lora_trains_on_latents_cached_with_its_pipelines_vae(ray_session, sy
     equals its loss encoding the same images on the fly, and the cache check names a mismatched pipeline."""
     from facediff.config import load_config
     from facediff.config.schema import model_autoencoder
-    from facediff.data.latents import check_cached_latents, prepare_latents
+    from facediff.data.prepare.latents import check_cached_latents, prepare_latents
     from facediff.tasks import build_task
 
     config = Path(__file__).resolve().parents[1] / "configs/experiments/tiny_sd_lora.yaml"

@@ -157,7 +157,7 @@ def test_fallback_distance_separates_faces_from_noise(lfw):
 
 
 def test_fallback_distance_on_synthetic_faces():
-    synthetic = pytest.importorskip("facediff.data.synthetic")
+    synthetic = pytest.importorskip("facediff.data.synthetic.celebamask")
     faces = torch.stack([torch.from_numpy(synthetic.render_face(i, 64, 0).image).permute(2, 0, 1)
                          for i in range(256)]).float() / 127.5 - 1
     same = _distance(faces[:128], faces[128:])

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from facediff.cli.main import app
 from facediff.data import celebamask
-from facediff.data.annotations import AnnotationError
+from facediff.data.prepare.annotations import AnnotationError
 from facediff.data.celebamask import PART_LABELS, mask_path, paint_label_map
-from facediff.data.prepare import DatasetLayoutError, assign_splits, load_label_map, prepare_celebamask
+from facediff.data.prepare.celebamask import DatasetLayoutError, assign_splits, load_label_map, prepare_celebamask
 from facediff.data.shards import read_manifest, shard_paths
-from facediff.data.synthetic import render_face, write_synthetic_celebamask
+from facediff.data.synthetic.celebamask import render_face, write_synthetic_celebamask
 
 N, SIZE, SEED = 40, 64, 3
 

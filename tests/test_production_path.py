@@ -91,7 +91,7 @@ def test_the_training_step_reads_nothing_back_from_the_device(name, overrides, m
         batch = {**tiny_batch(4), "id": torch.arange(4), "epoch": torch.zeros(4, dtype=torch.long)}
     else:
         batch = pixel_batch(size=cfg.data.image_size)
-    from facediff.data.batch import HOST_COLUMNS
+    from facediff.data.stream.batch import HOST_COLUMNS
 
     generator = torch.Generator().manual_seed(0)
     counter = SyncCounter(monkeypatch, [v for k, v in batch.items() if k in HOST_COLUMNS])

@@ -7,7 +7,7 @@ from transformers import SegformerForSemanticSegmentation, SegformerModel
 
 from facediff.config.schema import MaskEncoderConfig
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, group_parts, paint_label_map
-from facediff.data.synthetic import render_face
+from facediff.data.synthetic.celebamask import render_face
 from facediff.models.pretrained import WeightsNotFound, from_config, preset_config
 from facediff.models.segformer import PartMaskEncoder, masks_to_labels
 

@@ -1,4 +1,4 @@
-"""facediff.data.stream: decoding and flips without Ray, then the Ray Data path and a real TorchTrainer."""
+"""facediff.data.stream.dataset: decoding and flips without Ray, then the Ray Data path and a real TorchTrainer."""
 
 import io
 import json
@@ -13,11 +13,11 @@ from PIL import Image
 
 from conftest import report_recorder
 
-from facediff.data.batch import finish_batch
+from facediff.data.stream.batch import finish_batch
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, NUM_ATTRIBUTES, PART_LABELS, group_parts
-from facediff.data.passes import ShardPasses, file_order
+from facediff.data.stream.passes import ShardPasses, file_order
 from facediff.data.shards import SCHEMA_VERSION, ShardWriter, shard_paths, write_manifest
-from facediff.data.stream import build_dataset, decode_batch, flip_decisions, iter_train_batches
+from facediff.data.stream.dataset import build_dataset, decode_batch, flip_decisions, iter_train_batches
 
 SIZE = 32
 HAIR, L_EYE, NOSE = PART_LABELS["hair"], PART_LABELS["l_eye"], PART_LABELS["nose"]

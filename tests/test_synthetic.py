@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facediff.data import synthetic
-from facediff.data.annotations import read_attributes, read_mapping, read_partition
+from facediff.data.synthetic import celebamask as synthetic
+from facediff.data.prepare.annotations import read_attributes, read_mapping, read_partition
 from facediff.data.celebamask import (
     ATTRIBUTE_FILE, ATTRIBUTE_NAMES, MAPPING_FILE, PART_LABELS, PART_NAMES, PARTITION_FILE, image_path, mask_path,
     paint_label_map,
 )
-from facediff.data.synthetic import VISIBLE_ATTRIBUTES, render_face, write_synthetic_celebamask
+from facediff.data.synthetic.celebamask import VISIBLE_ATTRIBUTES, render_face, write_synthetic_celebamask
 
 SIZE, IDS = 128, range(60)
 HAIR = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")

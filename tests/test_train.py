@@ -299,7 +299,7 @@ def _evaluated_ids_loop(config):
 
     from facediff.config.schema import ExperimentConfig
     from facediff.eval.evaluate import evaluate_task
-    from facediff.data.stream import iter_train_batches
+    from facediff.data.stream.dataset import iter_train_batches
 
     class Task:
         ids = []
@@ -341,7 +341,7 @@ def test_two_workers_evaluate_every_test_record_once(synthetic_shards, tmp_path)
     from ray.train.torch import TorchTrainer
 
     from facediff.data.shards import shard_paths
-    from facediff.data.stream import build_dataset
+    from facediff.data.stream.dataset import build_dataset
 
     import sys
 

@@ -16,8 +16,8 @@ TINY = REPO / "configs" / "experiments" / "tiny_controlnet.yaml"
 
 @pytest.fixture(scope="module")
 def coco_shards(tmp_path_factory):
-    from facediff.data.coco import prepare_coco
-    from facediff.data.synthetic_coco import write_synthetic_coco
+    from facediff.data.prepare.coco import prepare_coco
+    from facediff.data.synthetic.coco import write_synthetic_coco
 
     root = tmp_path_factory.mktemp("coco")
     write_synthetic_coco(root / "raw", n=24, size=160, seed=0, workers=2, progress=False)

@@ -38,7 +38,7 @@ def test_group_lookup_later_group_wins_and_config_errors():
 
 
 def _test_miou(model, shards, groups):
-    from facediff.data.stream import build_dataset, iter_train_batches
+    from facediff.data.stream.dataset import build_dataset, iter_train_batches
 
     batches = iter_train_batches(build_dataset(shards, "test", image_size=32, hflip=False), 16, drop_last=False)
     return evaluate_segmenter(model, batches, group_lookup(groups), ["background", *groups])[0]["miou"]

@@ -175,7 +175,7 @@ def test_deepspeed_checkpoints_load_without_running_pickled_code(tmp_path):
 
 def test_deterministic_order_keeps_block_order_without_locality_and_blocks_independent_of_cpus(
         tiny_config, synthetic_shards, monkeypatch):
-    from facediff.data.stream import _default_read_parallelism
+    from facediff.data.stream.dataset import _default_read_parallelism
     from facediff.train.run import data_config
 
     fixed, default = data_config(tiny_config(["data.deterministic_order=true"])), data_config(tiny_config())
@@ -183,7 +183,7 @@ def test_deterministic_order_keeps_block_order_without_locality_and_blocks_indep
     assert fixed._resolve_execution_options("train").preserve_order and not fixed._enable_shard_locality
     assert not default._resolve_execution_options("train").preserve_order and default._enable_shard_locality
     # a big node outside Ray (a test session's Ray would be asked for its CPUs instead): two blocks per CPU
-    monkeypatch.setattr("facediff.data.stream.ray.is_initialized", lambda: False)
+    monkeypatch.setattr("facediff.data.stream.dataset.ray.is_initialized", lambda: False)
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     assert _default_read_parallelism(synthetic_shards, "train", 6) == 128
     assert _default_read_parallelism(synthetic_shards, "train", 6, per_cpu=False) == 6  # one per file
@@ -192,9 +192,9 @@ def test_deterministic_order_keeps_block_order_without_locality_and_blocks_indep
 def test_read_blocks_hold_more_rows_of_smaller_images(synthetic_shards, monkeypatch):
     """Each read+decode task gets about the same work: at 64 px, 512-row blocks streamed 2,271 img/s against
     1,710 with 128-row ones (benchmarks/data_throughput.py; docs/benchmarks.md)."""
-    from facediff.data.stream import _default_read_parallelism
+    from facediff.data.stream.dataset import _default_read_parallelism
 
-    monkeypatch.setattr("facediff.data.stream.split_rows", lambda dataset, split: 8192)
+    monkeypatch.setattr("facediff.data.stream.dataset.split_rows", lambda dataset, split: 8192)
     blocks = {size: _default_read_parallelism(synthetic_shards, "train", 8, per_cpu=False, image_size=size)
               for size in (32, 64, 128, 256, 512)}
     assert blocks == {32: 16, 64: 16, 128: 32, 256: 64, 512: 64}  # 512 rows a block at most, 128 at least
@@ -230,7 +230,7 @@ def test_a_resumed_pass_must_hold_only_its_epochs_and_no_consumed_record():
 
 
 def test_default_epochs_per_pass_follows_the_split_size():
-    from facediff.data.passes import epochs_per_pass
+    from facediff.data.stream.passes import epochs_per_pass
 
     assert [epochs_per_pass(None, rows) for rows in (44, 922, 2_700, 27_000, 100_000)] == [8, 8, 8, 3, 1]
     assert epochs_per_pass(2, 27_000) == 2  # data.epochs_per_pass wins

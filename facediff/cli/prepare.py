@@ -42,7 +42,7 @@ def prepare_celebamask(
     overwrite: bool = False,
 ) -> None:
     """Read the official CelebAMask-HQ layout and write train/test Parquet shards."""
-    from facediff.data.prepare import prepare_celebamask as run
+    from facediff.data.prepare.celebamask import prepare_celebamask as run
 
     with user_errors(FileNotFoundError, FileExistsError, ValueError):  # AnnotationError is a ValueError
         manifest = run(
@@ -66,7 +66,7 @@ def prepare_synthetic(
     workers: Optional[int] = None,
 ) -> None:
     """Write procedural faces in the official CelebAMask-HQ layout (the embedded default dataset)."""
-    from facediff.data.synthetic import write_synthetic_celebamask
+    from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 
     _write_tree(write_synthetic_celebamask, out, n, "synthetic faces", size=size, seed=seed,
                 with_partition=with_partition, workers=workers)
@@ -87,7 +87,7 @@ def prepare_coco(
     overwrite: bool = False,
 ) -> None:
     """Select the COCO images with people and write them as Parquet shards with captions, masks and boxes."""
-    from facediff.data.coco import prepare_coco as run
+    from facediff.data.prepare.coco import prepare_coco as run
 
     with user_errors(FileNotFoundError, FileExistsError, ValueError):
         manifest = run(
@@ -109,7 +109,7 @@ def prepare_synthetic_coco(
     workers: Optional[int] = None,
 ) -> None:
     """Write simple people scenes in the official COCO 2017 layout (plus truth.json), for `prepare coco`."""
-    from facediff.data.synthetic_coco import write_synthetic_coco
+    from facediff.data.synthetic.coco import write_synthetic_coco
 
     _write_tree(write_synthetic_coco, out, n, "synthetic people scenes", size=size, seed=seed,
                 val_fraction=val_fraction, workers=workers)
@@ -142,7 +142,7 @@ def prepare_latents(
     from pydantic import ValidationError
 
     from facediff.config.schema import AutoencoderConfig
-    from facediff.data.latents import prepare_latents as run
+    from facediff.data.prepare.latents import prepare_latents as run
 
     fields = {}
     if config is not None:

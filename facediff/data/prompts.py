@@ -104,7 +104,7 @@ def prompt_words(template: str = DEFAULT_TEMPLATE, placeholder: str = DEFAULT_PL
 
 def drop_prompts(prompts: list[str], p: float, seed: int, ids=None, epochs=None) -> list[str]:
     """Each prompt replaced by "" (classifier-free guidance's null prompt) with probability `p`: a function of
-    (seed, epoch, id) only, like the flips (`stream.flip_decisions`), decided on the host from the batch's host
+    (seed, epoch, id) only, like the flips (`stream.dataset.flip_decisions`), decided on the host from the batch's host
     columns. Drawing it on the device generator cost a host sync per step (reading the draw back), and a hash
     needs no generator state to resume exactly. A batch made by hand without ids or epochs: positions, epoch 0."""
     if p <= 0:

@@ -9,7 +9,7 @@ A prepared dataset folder holds `manifest.json` and one folder per split of boun
     attributes  fixed list<int8>[40] in {0, 1}, ATTRIBUTE_NAMES order
     split       string              "train" | "test"
 
-Optional latent columns, written by `facediff prepare latents` (`facediff/data/latents.py`) beside the above:
+Optional latent columns, written by `facediff prepare latents` (`facediff/data/prepare/latents.py`) beside the above:
 
     latents          fixed list<float16|float32>[C*h*w]   the autoencoder's scaled latents of the stored image,
                                                           C-major (reshape to (C, h, w))

@@ -44,7 +44,7 @@ from torchmetrics import Metric
 
 from facediff.data.celebamask import ATTRIBUTE_NAMES
 from facediff.data.shards import shard_paths
-from facediff.data.synthetic import VISIBLE_ATTRIBUTES
+from facediff.data.synthetic.celebamask import VISIBLE_ATTRIBUTES
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "attribute_reader"

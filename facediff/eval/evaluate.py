@@ -17,8 +17,8 @@ import torch
 
 from facediff.config.schema import ExperimentConfig
 from facediff.data.shards import MANIFEST, shard_paths
-from facediff.data.batch import finish_batch, part_group_table
-from facediff.data.stream import decode_batch, iter_train_batches
+from facediff.data.stream.batch import finish_batch, part_group_table
+from facediff.data.stream.dataset import decode_batch, iter_train_batches
 from facediff.eval.metrics import build_image_distance
 from facediff.sampling import batch_generator
 from facediff.tasks import DiffusionTask, build_task

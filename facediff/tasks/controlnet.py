@@ -30,7 +30,7 @@ from diffusers import ControlNetModel
 
 from facediff import diffusion
 from facediff.config.schema import ExperimentConfig
-from facediff.data.coco_stream import MAX_PERSON_BOXES, decode_captions
+from facediff.data.stream.coco import MAX_PERSON_BOXES, decode_captions
 from facediff.data.prompts import drop_prompts
 from facediff.losses import face_feature_loss, mask_aware_loss, masked_lpips, person_masks
 from facediff.models.pretrained import build_from_ref

@@ -127,7 +127,7 @@ def consumed_records(directory: Path) -> set[tuple[int, int]]:
 
 
 def by_epoch(records: Iterable[tuple[int, int]]) -> dict[int, set[int]]:
-    """{epoch: ids} of (epoch, id) records: what `stream.build_dataset(skip_ids=...)` takes."""
+    """{epoch: ids} of (epoch, id) records: what `stream.dataset.build_dataset(skip_ids=...)` takes."""
     out: dict[int, set[int]] = {}
     for epoch, record_id in records:
         out.setdefault(epoch, set()).add(record_id)

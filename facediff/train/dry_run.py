@@ -4,7 +4,7 @@ cluster allocation is spent on it (Lightning's `fast_dev_run`, plus a plan).
 The stages use the building blocks of the Ray worker loop (`loop.py`) without Ray: the task built at its real
 size (`--random-weights`: pretrained networks from their shipped presets, random init), `GpuStep` and a DeepSpeed
 engine of world size 1 (a 1-process group of its own: gloo on CPU, NCCL on CUDA), the EMA; batches read straight
-from the shards (pyarrow + `stream.decode_batch` + `batch.finish_batch`) at the config's batch sizes; the
+from the shards (pyarrow + `stream.dataset.decode_batch` + `stream.batch.finish_batch`) at the config's batch sizes; the
 optimizer step(s); one evaluation batch (`eval.batch_size` records, at most EVAL_RECORDS_ON_CPU on a CPU) sampled
 with EVAL_SAMPLER_STEPS steps of `eval.sampler` from a plain copy holding the EMA weights (as `Evaluator` does);
 `checkpoint.save`; a fresh engine restored by `checkpoint.load`
@@ -42,9 +42,9 @@ import pyarrow.parquet as pq
 import torch
 
 from facediff.config.schema import PIPELINE_FAMILIES, ExperimentConfig, model_autoencoder
-from facediff.data.batch import finish_batch
+from facediff.data.stream.batch import finish_batch
 from facediff.data.shards import MANIFEST, shard_paths, split_rows
-from facediff.data.stream import _cached_latent_shape, decode_batch
+from facediff.data.stream.dataset import _cached_latent_shape, decode_batch
 from facediff.train.memory import GIB, MemoryProbe, parameter_bytes, per_gpu_estimate
 
 EVAL_SAMPLER_STEPS = 2
@@ -110,7 +110,7 @@ def read_batch(cfg: ExperimentConfig, split: str, n: int, hflip: bool, device: t
 def check_data(cfg: ExperimentConfig) -> list[str]:
     """The shards a run reads (ValueError/FileNotFoundError naming the file: bad input). A dry run may read a
     sample of the data, so a `data.train_records` regime the dataset does not hold is a note, not an error."""
-    from facediff.data.latents import check_cached_latents
+    from facediff.data.prepare.latents import check_cached_latents
 
     d = cfg.data
     shard_paths(d.path, d.train_split)

@@ -30,7 +30,7 @@ import torch
 
 from facediff.config.schema import ExperimentConfig
 from facediff.console import hold_log
-from facediff.data.stream import iter_train_batches
+from facediff.data.stream.dataset import iter_train_batches
 from facediff.tasks import build_task
 from facediff.train import checkpoint, identity
 from facediff.train.checkpoint import TrainState

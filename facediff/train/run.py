@@ -23,10 +23,10 @@ from ray.train.torch import TorchTrainer
 from facediff.config import resolve_paths
 from facediff.config.schema import ExperimentConfig, model_autoencoder
 from facediff.console import RunProgressLine
-from facediff.data.latents import check_cached_latents
-from facediff.data import passes
+from facediff.data.prepare.latents import check_cached_latents
+from facediff.data.stream import passes
 from facediff.data.shards import check_train_records, shard_paths, split_rows
-from facediff.data.stream import build_dataset
+from facediff.data.stream.dataset import build_dataset
 from facediff.ray_start import start_ray
 from facediff.storage import RunStorage
 from facediff.tasks import DiffusionTask, build_task

@@ -239,7 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from facediff.data.stream import iter_train_batches
+    from facediff.data.stream.dataset import iter_train_batches
     from facediff.train.loop import maybe_crash
 
     cfg = SegformerTrainConfig.model_validate(loop_config["config"])
@@ -328,7 +328,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _train_dataset(config: dict, ray_run: str):
     """The training split as the run continues from its last registered checkpoint (a factory Ray Train calls at
     every worker start): epochs counted from the checkpoint's, its epoch's consumed records left out."""
-    from facediff.data.stream import build_dataset
+    from facediff.data.stream.dataset import build_dataset
     from facediff.train.run import resume_point
 
     cfg = SegformerTrainConfig.model_validate(config)
@@ -356,7 +356,7 @@ def train_segformer(cfg: SegformerTrainConfig, fault: dict | None = None) -> Pat
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from facediff.data.stream import build_dataset
+    from facediff.data.stream.dataset import build_dataset
     from facediff.train.placement import WorkerRequest, check_cluster, failure_config, placement_timeout
 
     if "://" in cfg.output_dir:

@@ -33,8 +33,8 @@ from facediff.data.shards import (
     shard_paths, write_manifest,
 )
 from facediff.data.staging import check_at_least, refuse_existing, staged_output
-from facediff.data.batch import images_to_float
-from facediff.data.stream import _read_shards, decode_batch
+from facediff.data.stream.batch import images_to_float
+from facediff.data.stream.dataset import _read_shards, decode_batch
 
 log = logging.getLogger("facediff.latents")
 

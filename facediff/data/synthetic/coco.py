@@ -38,10 +38,10 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from facediff.data.celebamask import ATTRIBUTE_NAMES
-from facediff.data.coco import PERSON_CATEGORY_ID, captions_path, image_path, instances_path
+from facediff.data.prepare.coco import PERSON_CATEGORY_ID, captions_path, image_path, instances_path
 from facediff.data.staging import staged_output
-from facediff.data.parallel import map_jobs
-from facediff.data.synthetic import render_face
+from facediff.data.synthetic.parallel import map_jobs
+from facediff.data.synthetic.celebamask import render_face
 
 CATEGORIES = [
     {"id": PERSON_CATEGORY_ID, "name": "person", "supercategory": "person"},

@@ -31,14 +31,14 @@ from ray.data.collate_fn import DefaultCollateFn
 
 from facediff.data.celebamask import NUM_ATTRIBUTES, NUM_PART_CLASSES
 from facediff.data.hashing import splitmix64
-from facediff.data.coco_stream import COCO_KIND, decode_coco_batch
-from facediff.data.passes import EPOCH_COLUMN, ShardPasses
+from facediff.data.stream.coco import COCO_KIND, decode_coco_batch
+from facediff.data.stream.passes import EPOCH_COLUMN, ShardPasses
 from facediff.data.shards import LATENTS, LATENTS_FLIPPED, SHARD_SCHEMA, read_manifest, shard_paths, split_rows
 
 if TYPE_CHECKING:  # torch stays out of the decode tasks' imports (Ray Data workers start faster)
     import torch
 
-    from facediff.data.batch import PartGroups
+    from facediff.data.stream.batch import PartGroups
 
 
 # Rows per decode call: small enough that the first batch is ready after a few dozen images, large enough to
@@ -333,7 +333,7 @@ def iter_train_batches(
     """
     import torch
 
-    from facediff.data.batch import finish_batch, part_group_table
+    from facediff.data.stream.batch import finish_batch, part_group_table
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from facediff.data import annotations, celebamask
+from facediff.data import celebamask
+from facediff.data.prepare import annotations
 from facediff.data.shards import MANIFEST, SCHEMA_VERSION, SPLITS, ShardWriter, write_manifest
 from facediff.data.staging import check_at_least, refuse_existing, require_records, staged_output
 

@@ -17,7 +17,7 @@ Shards `OUT/{split}/part-*.parquet` (COCO_SHARD_SCHEMA), all in the stored S x S
     face_scores   list<float32>               MTCNN's score of each face box
     split         string                      "train" | "val"
 
-Person rule and geometry: see `facediff/data/coco_faces.py`, which does the per-image work in the workers.
+Person rule and geometry: see `facediff/data/prepare/coco_faces.py`, which does the per-image work in the workers.
 Output is written to a hidden sibling folder and moved into OUT only when every split is done, so a failed
 run leaves an earlier dataset in OUT as it was.
 """
@@ -36,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from facediff.data import coco_faces
-from facediff.data.annotations import AnnotationError
-from facediff.data.coco_faces import CROWD_LABEL, ImageJob, Options, PersonAnnotation
-from facediff.data.prepare import DatasetLayoutError
+from facediff.data.prepare import coco_faces
+from facediff.data.prepare.annotations import AnnotationError
+from facediff.data.prepare.coco_faces import CROWD_LABEL, ImageJob, Options, PersonAnnotation
+from facediff.data.prepare.celebamask import DatasetLayoutError
 from facediff.data.shards import MANIFEST, SCHEMA_VERSION, ShardWriter, write_manifest
 from facediff.data.staging import check_at_least, refuse_existing, require_records, staged_output
 

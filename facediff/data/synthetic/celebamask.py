@@ -64,7 +64,7 @@ from facediff.data.celebamask import (
     ATTRIBUTE_FILE, ATTRIBUTE_NAMES, IMAGE_DIR, MAPPING_FILE, MASK_DIR, MASKS_PER_FOLDER, PART_NAMES, PARTITION_FILE,
     image_path, mask_path,
 )
-from facediff.data.parallel import map_jobs
+from facediff.data.synthetic.parallel import map_jobs
 from facediff.data.staging import staged_output
 
 VISIBLE_ATTRIBUTES: tuple[str, ...] = (

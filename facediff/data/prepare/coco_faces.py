@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from facediff.data.prepare import Skip
+from facediff.data.prepare.celebamask import Skip
 
 CROWD_LABEL = 255
 MAX_PERSONS = 254
