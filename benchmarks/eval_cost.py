@@ -33,7 +33,7 @@ from facediff.eval.evaluate import evaluate_task, local_test_batches  # noqa: E4
 from facediff.eval.metrics import build_image_distance  # noqa: E402
 from facediff.sampling import batch_generator, load_model, resolve_device  # noqa: E402
 
-TINY_PRESET = REPO / "configs" / "experiments" / "tiny_unet.yaml"
+TINY_PRESET = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
 # (sampler, steps): the cheap protocol, then the paper's (its own suggestion is to replace the second by the first)
 PROTOCOLS = (("dpm++", 25), ("ddpm", 1000))
 

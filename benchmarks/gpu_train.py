@@ -38,10 +38,10 @@ from facediff.train.engine import GpuStep, build_optimizer  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 MODELS = {  # name: (config, overrides, what the batch holds)
-    "unet_r3": ("unet_r3.yaml", ["data.image_size=128", "model.sample_size=128"], "128 px images"),
-    "lc_unet_3": ("lc_unet_3.yaml", ["data.use_latents=true"], "3x64x64 cached latents"),
+    "unet_r3": ("celebamask/unet_r3.yaml", ["data.image_size=128", "model.sample_size=128"], "128 px images"),
+    "lc_unet_3": ("celebamask/lc_unet_3.yaml", ["data.use_latents=true"], "3x64x64 cached latents"),
 }
-TINY = {"unet_r3": ("tiny_unet.yaml", [], "tiny images"), "lc_unet_3": ("tiny_lc_unet.yaml", ["data.use_latents=true"],
+TINY = {"unet_r3": ("tiny/tiny_unet.yaml", [], "tiny images"), "lc_unet_3": ("tiny/tiny_lc_unet.yaml", ["data.use_latents=true"],
                                                                          "tiny latents")}
 VARIANTS = {  # row label: trainer overrides on top of the config's own
     "as configured": [],

@@ -1,7 +1,7 @@
 """sd_lora training step: cached inputs (image latents from `prepare latents`, text embeddings cached per
 distinct prompt) vs encoding them on the fly, side by side.
 
-    python benchmarks/sd_lora_inputs.py [--config configs/experiments/tiny_sd_lora.yaml] [--batch 16] [--steps 30]
+    python benchmarks/sd_lora_inputs.py [--config configs/experiments/tiny/tiny_sd_lora.yaml] [--batch 16] [--steps 30]
 
 A record's prompt is a function of its attributes, so the frozen text encoder's output for it never changes:
 `StableDiffusionBackbone.encode_prompts` caches it per prompt. Both variants run the same full training step
@@ -23,7 +23,7 @@ import torch
 from facediff.config import load_config
 from facediff.tasks import build_task
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_sd_lora.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml"
 
 
 def main() -> None:

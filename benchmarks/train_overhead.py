@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "experiments" / "tiny_unet.yaml"
+CONFIG = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
 WARMUP_STEPS = 5
 
 

@@ -34,10 +34,10 @@ from facediff.train.run import train
 from facediff.viz import labelled_grid, plot_curves, preview_dataset
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
-CONFIG = EXPERIMENTS / "demo_unet.yaml"  # the tiny UNet made fast on a CPU; x0 prediction (see the file)
-CONDITIONAL_CONFIG = EXPERIMENTS / "demo_lc_unet.yaml"  # the tiny one predicting x0 (see the file)
-LORA_CONFIG = EXPERIMENTS / "tiny_sd_lora.yaml"
-CONTROLNET_CONFIG = EXPERIMENTS / "tiny_controlnet.yaml"
+CONFIG = EXPERIMENTS / "tiny" / "demo_unet.yaml"  # the tiny UNet made fast on a CPU; x0 prediction (see the file)
+CONDITIONAL_CONFIG = EXPERIMENTS / "tiny" / "demo_lc_unet.yaml"  # the tiny one predicting x0 (see the file)
+LORA_CONFIG = EXPERIMENTS / "tiny" / "tiny_sd_lora.yaml"
+CONTROLNET_CONFIG = EXPERIMENTS / "tiny" / "tiny_controlnet.yaml"
 log = logging.getLogger("facediff.demo")
 # The demo's budget, measured on 2 cores (docs/demo.md, "Why the demo is set up this way"):
 # - 1,024 faces (922 train, 102 test): with 25 test faces real vs real reads 0.55 in fd_mtcnn_onet (0.15 with

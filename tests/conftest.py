@@ -46,7 +46,7 @@ def tiny_config():
     from facediff.config import load_config
 
     def make(overrides=()):
-        return load_config(REPO / "configs" / "experiments" / "tiny_unet.yaml", list(overrides))
+        return load_config(REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml", list(overrides))
 
     return make
 
@@ -68,7 +68,7 @@ def two_trial_grid(total_kimg: float) -> str:
     """A Tune grid of two short tiny-UNet trials run one after the other (FIFO, lr 2e-3 and 1e-3), one step per
     16 images, each step logged and every second step checkpointed."""
     return f"""
-train_config: {REPO / "configs" / "experiments" / "tiny_unet.yaml"}
+train_config: {REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"}
 reproduces: nothing (test)
 metric: loss
 mode: min

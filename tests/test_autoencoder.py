@@ -130,7 +130,7 @@ def test_fitted_autoencoder_reconstructs_and_states_unit_variance_scaling(kind, 
     from facediff.eval.evaluate import local_test_batches
     from facediff.train.autoencoder import fit_autoencoder
 
-    cfg = load_config(REPO / "configs" / "experiments" / "tiny_lc_unet.yaml",
+    cfg = load_config(REPO / "configs" / "experiments" / "tiny" / "tiny_lc_unet.yaml",
                       [f"data.path={synthetic_shards}", f"model.autoencoder.kind={kind}",
                        f"model.autoencoder.preset={TINY[kind]}"])
     fitted = fit_autoencoder(cfg, tmp_path / "ae", steps=150)

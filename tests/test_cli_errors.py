@@ -25,7 +25,7 @@ from facediff.train.checkpoint import EMA_FILE, STATE_FILE, TrainState
 
 from conftest import REPO
 
-TINY = REPO / "configs" / "experiments" / "tiny_unet.yaml"
+TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
 runner = CliRunner()
 
 

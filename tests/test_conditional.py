@@ -25,7 +25,7 @@ TABLE_VII = {
 
 @pytest.mark.parametrize("name", sorted(TABLE_VII))
 def test_table_vii_unet_counts(name):
-    cfg = load_config(EXPERIMENTS / f"{name}.yaml")
+    cfg = load_config(EXPERIMENTS / "celebamask" / f"{name}.yaml")
     with torch.device("meta"):
         unet = build_network(cfg.model)
     assert isinstance(unet, UNet2DConditionModel)
@@ -34,7 +34,7 @@ def test_table_vii_unet_counts(name):
 
 def test_mask_encoder_needs_part_groups():
     with pytest.raises(ConfigError, match="part_groups"):
-        load_config(EXPERIMENTS / "lc_unet_3_seg.yaml", ["data.part_groups=none"])
+        load_config(EXPERIMENTS / "celebamask" / "lc_unet_3_seg.yaml", ["data.part_groups=none"])
 
 
 def test_guidance_terms_combine_to_the_guidance_formula():
@@ -48,7 +48,7 @@ def test_guidance_terms_combine_to_the_guidance_formula():
 
 
 def tiny_model_cfg(overrides=()):
-    return load_config(EXPERIMENTS / "tiny_lc_unet.yaml", list(overrides))
+    return load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet.yaml", list(overrides))
 
 
 def test_condition_encoder_attributes_only():
@@ -80,7 +80,7 @@ def fake_batch(n=4, size=32, groups=10, seed=0):
 def test_every_trained_part_gets_gradients(name):
     from facediff.tasks import build_task
 
-    cfg = load_config(EXPERIMENTS / f"{name}.yaml", ["loss.infonce_weight=1.0", "model.attribute_dropout=0.5",
+    cfg = load_config(EXPERIMENTS / "tiny" / f"{name}.yaml", ["loss.infonce_weight=1.0", "model.attribute_dropout=0.5",
                                                       "model.mask_dropout=0.5"])
     task = build_task(cfg).train()
     loss = task(fake_batch(8), torch.Generator().manual_seed(0))
@@ -103,7 +103,7 @@ def test_every_trained_part_gets_gradients(name):
 def test_changing_the_mask_changes_the_conditioning():
     from facediff.tasks import build_task
 
-    task = build_task(load_config(EXPERIMENTS / "tiny_lc_unet_seg.yaml")).eval()
+    task = build_task(load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet_seg.yaml")).eval()
     batch = fake_batch(2)
     with torch.no_grad():
         context, _ = task.conditions(batch["attributes"], batch["part_masks"])
@@ -118,7 +118,7 @@ def test_guided_sampling_export_round_trip(tmp_path):
     from facediff.sampling import load_model
     from facediff.tasks import build_task
 
-    cfg = load_config(EXPERIMENTS / "tiny_lc_unet_seg.yaml", ["eval.attribute_guidance=3", "eval.mask_guidance=2"])
+    cfg = load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet_seg.yaml", ["eval.attribute_guidance=3", "eval.mask_guidance=2"])
     task = build_task(cfg).eval()
     with torch.no_grad():  # weights no fresh build has, so the round trip cannot pass by chance
         for p in task.parameters():
@@ -139,7 +139,7 @@ def test_a_frozen_mask_backbone_is_held_outside_the_trained_module_and_exported_
     from facediff.sampling import load_model
     from facediff.tasks import build_task
 
-    cfg = load_config(EXPERIMENTS / "tiny_lc_unet_seg.yaml", ["model.mask_encoder.frozen=true"])
+    cfg = load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet_seg.yaml", ["model.mask_encoder.frozen=true"])
     task = build_task(cfg).train()
     backbone = task.conditions.masks.backbone
     assert not any(k.startswith("conditions.masks.backbone.") for k in task.state_dict())  # not in checkpoints
@@ -166,13 +166,13 @@ def test_latent_shape_mismatch_is_explained():
     from facediff.tasks import build_task
 
     with pytest.raises(ValueError, match="model.sample_size=8"):
-        build_task(load_config(EXPERIMENTS / "tiny_lc_unet.yaml", ["model.sample_size=16"]))
+        build_task(load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet.yaml", ["model.sample_size=16"]))
 
 
 def test_segmentation_row_keeps_lc_unet_3s_unet_and_its_256d_context():
     # Table II prints 104.95 M for LC_UNet_3 with and without masks: the fused attribute ⊕ mask embedding is
     # projected to the same 256-d context, so the UNet is LC_UNet_3's to the parameter
-    cfg = load_config(EXPERIMENTS / "lc_unet_3_seg.yaml")
+    cfg = load_config(EXPERIMENTS / "celebamask" / "lc_unet_3_seg.yaml")
     with torch.device("meta"):
         unet = build_network(cfg.model)
         encoder = ConditionEncoder(cfg.model, num_groups=10, load_weights=False)
@@ -188,7 +188,7 @@ def test_segmentation_row_keeps_lc_unet_3s_unet_and_its_256d_context():
 
 def test_masks_are_projected_even_when_the_widths_already_add_up():
     # 64 + 32 = 96 -> a Linear to 96 all the same: the paper projects the concatenation, it does not pass it on
-    cfg = load_config(EXPERIMENTS / "tiny_lc_unet_seg.yaml", ["model.cross_attention_dim=96"])
+    cfg = load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet_seg.yaml", ["model.cross_attention_dim=96"])
     encoder = ConditionEncoder(cfg.model, num_groups=10, load_weights=False)
     assert isinstance(encoder.fuse, torch.nn.Linear) and (encoder.fuse.in_features, encoder.fuse.out_features) == (96, 96)
     attributes_only = ConditionEncoder(tiny_model_cfg().model, num_groups=0, load_weights=False)
@@ -198,7 +198,7 @@ def test_masks_are_projected_even_when_the_widths_already_add_up():
 def test_info_lists_every_network():
     from facediff.models.info import describe
 
-    rows = {r["name"]: r for r in describe(load_config(EXPERIMENTS / "lc_unet_3_seg.yaml"))}
+    rows = {r["name"]: r for r in describe(load_config(EXPERIMENTS / "celebamask" / "lc_unet_3_seg.yaml"))}
     assert rows["autoencoder"]["trainable"] == 0 and rows["autoencoder"]["frozen"] > 0
     assert rows["mask_encoder"]["frozen"] > 0 and rows["mask_encoder"]["trainable"] == 256 * 128 + 128
     assert rows["fusion"]["trainable"] == (128 + 128) * 256 + 256
@@ -214,7 +214,7 @@ def test_evaluate_reports_attribute_accuracy_beside_the_distance(synthetic_shard
     from facediff.cli.main import app
     from facediff.tasks import build_task
 
-    cfg = load_config(EXPERIMENTS / "tiny_lc_unet.yaml", [f"data.path={synthetic_shards}", "eval.steps=2"])
+    cfg = load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet.yaml", [f"data.path={synthetic_shards}", "eval.steps=2"])
     build_task(cfg).export(tmp_path / "export")
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "export"), "--set", "eval.num_samples=8"])
     assert result.exit_code == 0, result.output

@@ -126,7 +126,7 @@ def test_grid_keys_checked_against_schema(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    configs = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+    configs = sorted((REPO / "configs" / "experiments").glob("*/*.yaml"))
     assert configs, "no experiment configs shipped"
     for path in configs:
         load_config(path)

@@ -9,8 +9,8 @@ import pytest
 from facediff.config import ConfigError, load_config, resolve_paths
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_UNET = REPO / "configs" / "experiments" / "tiny_unet.yaml"
-TINY_LC = REPO / "configs" / "experiments" / "tiny_lc_unet.yaml"
+TINY_UNET = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
+TINY_LC = REPO / "configs" / "experiments" / "tiny" / "tiny_lc_unet.yaml"
 
 
 def test_clip_sample_defaults_per_family_and_is_refused_for_latents():

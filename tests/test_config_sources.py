@@ -12,7 +12,7 @@ from facediff.config import ConfigError, load_config
 
 from conftest import REPO
 
-TINY = REPO / "configs" / "experiments" / "tiny_unet.yaml"
+TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
 
 
 @pytest.fixture

@@ -177,9 +177,9 @@ def test_verbose_flag_reaches_ray_processes_through_the_environment(monkeypatch)
     from facediff.cli.main import app
 
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
-    CliRunner().invoke(app, ["--verbose", "info", "configs/experiments/tiny_unet.yaml"])
+    CliRunner().invoke(app, ["--verbose", "info", "configs/experiments/tiny/tiny_unet.yaml"])
     assert console.verbose()
-    CliRunner().invoke(app, ["info", "configs/experiments/tiny_unet.yaml"])
+    CliRunner().invoke(app, ["info", "configs/experiments/tiny/tiny_unet.yaml"])
     assert not console.verbose()
 
 

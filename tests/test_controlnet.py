@@ -17,7 +17,7 @@ from facediff.tasks import build_task
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs" / "experiments"
-TINY = EXPERIMENTS / "tiny_controlnet.yaml"
+TINY = EXPERIMENTS / "tiny" / "tiny_controlnet.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -163,13 +163,13 @@ def test_gradients_reach_only_the_controlnet_and_the_perceptual_terms_add_to_the
 
 
 def test_info_counts_for_the_full_size_configs():
-    rows = {r["name"]: r for r in describe(load_config(EXPERIMENTS / "mask_ldm_t100.yaml"))}
+    rows = {r["name"]: r for r in describe(load_config(EXPERIMENTS / "mask_aware" / "mask_ldm_t100.yaml"))}
     assert rows["unet"]["frozen"] == 859_520_964 and rows["text_encoder"]["frozen"] == 123_060_480
     assert rows["vae"]["frozen"] == 83_653_863
     # = ControlNetModel(cross_attention_dim=768): diffusers' own SD1.5-shaped ControlNet, built independently
     assert rows["controlnet"]["trainable"] == 361_279_120 and rows["controlnet"]["frozen"] == 0
     assert rows["lpips"]["trainable"] == 0 and rows["face_net"]["trainable"] == 0
-    baseline = {r["name"] for r in describe(load_config(EXPERIMENTS / "controlnet_baseline.yaml"))}
+    baseline = {r["name"] for r in describe(load_config(EXPERIMENTS / "mask_aware" / "controlnet_baseline.yaml"))}
     assert "lpips" not in baseline and "face_net" not in baseline  # λ = 0: the networks are not even built
 
 

@@ -14,7 +14,7 @@ def test_unknown_demo_stage_is_one_line_exit_2_and_writes_nothing(tmp_path):
 
 
 def test_demo_configs_change_only_what_the_demo_measured():
-    """The demo's models are the tiny presets plus the changes its measurements chose (configs/experiments/demo_*):
+    """The demo's models are the tiny presets plus the changes its measurements chose (configs/experiments/tiny/demo_*):
     x0 prediction for both, for the pixel UNet the fast 4-level shape, for the latent one batches of 16 a worker;
     nothing else may drift from the presets."""
     from facediff.config import load_config

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [REPO / "README.md", REPO / "ARCHITECTURE.md", *DOCS]
 # Config files a page shows how to write (not shipped); upper-case stems (X.yaml, GRID.yaml) are placeholders too.
-EXAMPLE_CONFIGS = {"configs/experiments/unet_r3_cpu.yaml"}
+EXAMPLE_CONFIGS = {"configs/experiments/celebamask/unet_r3_cpu.yaml"}
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 CONFIG_PATH = re.compile(r"(?<![\w/.-])configs/[\w/.-]+\.yaml")
 MODULE_PATH = re.compile(r"(?<![\w/.-])facediff(?:\.[A-Za-z_]\w*)+")
@@ -211,7 +211,7 @@ def test_every_command_option_path_module_and_link_exists(page):
 
 def test_a_renamed_command_option_path_module_or_link_is_caught():
     page = REPO / "docs" / "training.md"
-    good = ("```bash\nuv run facediff train configs/experiments/tiny_unet.yaml trainer.num_workers=1 --dry-run\n"
+    good = ("```bash\nuv run facediff train configs/experiments/tiny/tiny_unet.yaml trainer.num_workers=1 --dry-run\n"
             "uv run facediff prepare celebamask RAW OUT --train-size 27\n```\n`facediff.losses.info_nce` "
             "[data](data.md#passes)\n```bash\nmake test\n```\n")
     assert problems_in(page, good) == []

@@ -19,7 +19,7 @@ from facediff.train.memory import GIB, per_gpu_estimate
 from conftest import REPO
 
 EXPERIMENTS = REPO / "configs" / "experiments"
-TINY = EXPERIMENTS / "tiny_unet.yaml"
+TINY = EXPERIMENTS / "tiny" / "tiny_unet.yaml"
 runner = CliRunner()
 
 
@@ -172,10 +172,11 @@ def production_data(tmp_path_factory):
 def test_production_config_dry_run_with_random_weights(name, production_data, quiet_cwd):
     kind, size, overrides = PRODUCTION[name]
     args = [f"data.path={production_data(kind, size)}", *ECONOMY, *overrides]
-    result = runner.invoke(app, ["train", str(EXPERIMENTS / f"{name}.yaml"), *args, "--dry-run", "--random-weights"])
+    path = next(EXPERIMENTS.glob(f"*/{name}.yaml"))  # celebamask/ or mask_aware/
+    result = runner.invoke(app, ["train", str(path), *args, "--dry-run", "--random-weights"])
     assert result.exit_code == 0, result.output
     row = result.stdout.strip().splitlines()[-1]
     assert row.split()[0] == name and row.endswith("7/7 ok"), result.output
-    total = describe(load_config(EXPERIMENTS / f"{name}.yaml", args))[-1]  # the whole task's counts
+    total = describe(load_config(path, args))[-1]  # the whole task's counts
     assert f"{total['trainable']:,}" in row and f"{total['frozen']:,}" in row
     assert files_under(quiet_cwd[0]) == [] and files_under(quiet_cwd[1]) == []

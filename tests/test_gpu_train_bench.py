@@ -24,7 +24,7 @@ def load_bench():
 def seg_config(precision):
     # tiny_lc_unet_seg: trained UNet, embedder and SegFormer, a float buffer (the mask palette); no clipping, so
     # DeepSpeed's step is AdamW alone
-    return load_config(EXPERIMENTS / "tiny_lc_unet_seg.yaml", [f"trainer.precision={precision}",
+    return load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet_seg.yaml", [f"trainer.precision={precision}",
                                                                 "optimizer.grad_clip=null", "model.attribute_dropout=0",
                                                                 "model.mask_dropout=0", "optimizer.warmup_steps=0"])
 
@@ -95,7 +95,7 @@ def test_fp16_scales_the_loss_and_unscales_the_gradients():
     linear = torch.nn.Linear(3, 2)
     cast = torch.nn.Sequential(linear)
     bench.cast_like_deepspeed(cast, "fp16")
-    cfg = load_config(EXPERIMENTS / "tiny_unet.yaml", ["trainer.precision=fp16", "trainer.use_gpu=true",  # fp16: GPUs
+    cfg = load_config(EXPERIMENTS / "tiny" / "tiny_unet.yaml", ["trainer.precision=fp16", "trainer.use_gpu=true",  # fp16: GPUs
                                                        "optimizer.lr=0.1", "optimizer.warmup_steps=0",
                                                        "optimizer.weight_decay=0"])
     step = bench.MasterWeightAdamW(cast, cfg, fused=False)
@@ -121,7 +121,7 @@ def test_channels_last_engine_keeps_nhwc_weights_that_train(process_group):
     from facediff.tasks import build_task
     from facediff.train.engine import GpuStep, build_engine
 
-    cfg = load_config(EXPERIMENTS / "tiny_unet.yaml", ["trainer.gpu.channels_last=true", "optimizer.warmup_steps=0"])
+    cfg = load_config(EXPERIMENTS / "tiny" / "tiny_unet.yaml", ["trainer.gpu.channels_last=true", "optimizer.warmup_steps=0"])
     step = GpuStep(cfg, "cpu")
     step.channels_last = True  # what a CUDA worker resolves
     engine = build_engine(build_task(cfg, load_pretrained=False), cfg, world_size=1, step=step)
@@ -134,4 +134,4 @@ def test_channels_last_engine_keeps_nhwc_weights_that_train(process_group):
     assert not torch.equal(conv.weight, before)  # the optimizer's update reached the NHWC weight
     for refused in (["trainer.precision=bf16"], ["trainer.zero_stage=2"]):
         with pytest.raises(ConfigError, match="channels_last .*needs DeepSpeed to keep the module's own weights"):
-            load_config(EXPERIMENTS / "tiny_unet.yaml", ["trainer.gpu.channels_last=true", *refused])
+            load_config(EXPERIMENTS / "tiny" / "tiny_unet.yaml", ["trainer.gpu.channels_last=true", *refused])

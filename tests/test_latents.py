@@ -171,10 +171,10 @@ def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monk
     assert result.exit_code == 0, result.output
     assert calls[-1][0] == AutoencoderConfig(kind="vq", preset="tiny_vq", scaling_factor=0.3)  # option overrides
 
-    tiny_unet = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_unet.yaml")
+    tiny_unet = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny" / "tiny_unet.yaml")
     result = run(app, ["prepare", "latents", "in", "out", "--config", tiny_unet])
     assert result.exit_code == 2 and "its model denoises pixels and has no autoencoder" in result.output
-    sd_lora = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny_sd_lora.yaml")
+    sd_lora = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml")
     result = run(app, ["prepare", "latents", "in", "out", "--config", sd_lora])
     assert result.exit_code == 0, result.output
     assert calls[-1][0] == AutoencoderConfig(kind="kl", preset="tiny_sd/vae")  # the pipeline's own VAE
@@ -211,7 +211,7 @@ def test_sd_lora_trains_on_latents_cached_with_its_pipelines_vae(ray_session, sy
     from facediff.data.prepare.latents import check_cached_latents, prepare_latents
     from facediff.tasks import build_task
 
-    config = Path(__file__).resolve().parents[1] / "configs/experiments/tiny_sd_lora.yaml"
+    config = Path(__file__).resolve().parents[1] / "configs/experiments/tiny/tiny_sd_lora.yaml"
     cfg = load_config(config, ["model.prompt_dropout=0"])
     autoencoder = model_autoencoder(cfg.model)
     assert (autoencoder.kind, autoencoder.preset, autoencoder.subfolder) == ("kl", "tiny_sd/vae", None)

@@ -29,14 +29,14 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_parameter_counts(name):
-    cfg = load_config(EXPERIMENTS / f"{name}.yaml")
+    cfg = load_config(next(EXPERIMENTS.glob(f"*/{name}.yaml")))
     cls, trainable = EXPECTED[name]
     assert describe(cfg) == [{"name": cfg.model.family, "class": cls, "trainable": trainable, "frozen": 0}]
 
 
 def test_meta_counts_equal_real_counts():
     # describe() builds on the meta device; the counts must be those of a real (CPU) build
-    cfg = load_config(EXPERIMENTS / "tiny_dit.yaml")
+    cfg = load_config(EXPERIMENTS / "tiny" / "tiny_dit.yaml")
     assert describe(cfg)[0]["trainable"] == count_parameters(build_network(cfg.model))[0]
 
 
@@ -49,7 +49,7 @@ def test_count_parameters_splits_frozen():
 @pytest.mark.parametrize("name, cls", [("tiny_unet", UNet2DModel), ("tiny_dit", DiTTransformer2DModel)])
 def test_tiny_forward_keeps_shape(name, cls):
     torch.manual_seed(0)
-    net = build_network(load_config(EXPERIMENTS / f"{name}.yaml").model)
+    net = build_network(load_config(next(EXPERIMENTS.glob(f"*/{name}.yaml"))).model)
     assert isinstance(net, cls)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -61,14 +61,14 @@ def test_tiny_forward_keeps_shape(name, cls):
 
 def test_dit_label_is_constant_in_train_mode():
     # diffusers would swap the class label for its CFG null label at random in train mode; build_dit turns that off
-    net = build_network(load_config(EXPERIMENTS / "tiny_dit.yaml").model).train()
+    net = build_network(load_config(EXPERIMENTS / "tiny" / "tiny_dit.yaml").model).train()
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 500])
     with torch.no_grad():
         assert torch.equal(model_output(net, x, t), model_output(net, x, t))
 
 
 def test_learned_sigma_half_is_dropped():
-    cfg = load_config(EXPERIMENTS / "tiny_dit.yaml", ["model.out_channels=6"])
+    cfg = load_config(EXPERIMENTS / "tiny" / "tiny_dit.yaml", ["model.out_channels=6"])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert model_output(build_network(cfg.model), x, 3).shape == x.shape
@@ -84,7 +84,7 @@ def test_info_cli_prints_counts_and_json():
 
     from facediff.cli.main import app
 
-    path = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "unet_r5.yaml")
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "celebamask" / "unet_r5.yaml")
     text = CliRunner().invoke(app, ["info", path])
     assert text.exit_code == 0 and "118,793,987" in text.output
     as_json = CliRunner().invoke(app, ["info", path, "--json"])

@@ -89,7 +89,7 @@ def rank_nodes(run: Path, world: int = 2) -> dict[int, list[str]]:
 
 
 def tiny_run(tmp_path: Path, shards: Path, name: str, placement: str, resources: str) -> object:
-    return load_config("configs/experiments/tiny_unet.yaml", [
+    return load_config("configs/experiments/tiny/tiny_unet.yaml", [
         f"data.path={shards}", f"trainer.storage_path={tmp_path / 'runs'}", f"trainer.run_name={name}",
         "data.deterministic_order=true", "trainer.num_workers=2", f"trainer.placement={placement}",
         f"trainer.resources_per_worker={resources}", "trainer.batch_size=4", f"trainer.total_kimg={STEPS * 8 / 1000}",
@@ -166,7 +166,7 @@ def test_tune_trials_run_at_once_on_different_nodes(two_node_cluster, synthetic_
     """Each trial's single worker needs the one `worker_slot` a node has: two concurrent trials take both."""
     _, worker_nodes, _ = two_node_cluster
     grid = tmp_path / "nodes.yaml"
-    grid.write_text(GRID.format(config=REPO / "configs" / "experiments" / "tiny_unet.yaml"))
+    grid.write_text(GRID.format(config=REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"))
     summary = run_tune(grid, [f"data.path={synthetic_shards}", f"storage_path={tmp_path / 'tune'}"])
     assert summary["trials"] == 2 and summary["errors"] == 0
     exp = tmp_path / "tune" / "nodes"
@@ -187,7 +187,7 @@ def test_ray_job_submit_to_the_heads_job_api_trains_across_the_nodes(two_node_cl
     runs, job = tmp_path / "runs", f"facediff-nodes-{uuid.uuid4().hex[:8]}"
     submit = [
         "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job, "--no-wait",
-        "--", sys.executable, "ray_jobs/train.py", "configs/experiments/tiny_unet.yaml",
+        "--", sys.executable, "ray_jobs/train.py", "configs/experiments/tiny/tiny_unet.yaml",
         f"data.path={synthetic_shards}", f"trainer.storage_path={runs}", "trainer.run_name=job",
         "trainer.placement=strict_spread", "trainer.resources_per_worker={CPU: 1, worker_slot: 1}",
         "trainer.batch_size=4", "trainer.total_kimg=0.016", "trainer.checkpoint_every_kimg=0.016",

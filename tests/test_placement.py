@@ -83,7 +83,7 @@ def test_impossible_requests_are_refused_and_unplaced_workers_end_the_run_within
         with pytest.raises(PlacementError, match=refusal_text):
             check_cluster(WorkerRequest.of(1, use_gpu, bundle))
     # `facediff train` says so in one line, exit code 2, before any worker starts
-    result = CliRunner().invoke(app, ["train", str(REPO / "configs" / "experiments" / "tiny_unet.yaml"),
+    result = CliRunner().invoke(app, ["train", str(REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"),
                                       f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path}",
                                       "trainer.resources_per_worker={ssd: 1}"])
     assert result.exit_code == 2 and "Traceback" not in result.output

@@ -11,7 +11,7 @@ from facediff.tasks import build_task
 from test_controlnet import tiny_batch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "experiments"
+TINY = REPO / "configs" / "experiments" / "tiny"
 
 
 def tiny(name, overrides=()):

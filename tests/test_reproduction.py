@@ -21,7 +21,7 @@ GRIDS = REPO / "configs" / "tune"
 
 
 def load(name, overrides=()):
-    return load_config(EXPERIMENTS / f"{name}.yaml", list(overrides))
+    return load_config(next(EXPERIMENTS.glob(f"*/{name}.yaml")), list(overrides))
 
 
 def flat(cfg) -> dict:
@@ -200,7 +200,7 @@ def test_grid_carries_the_papers_fid_of_each_row(grid):
     assert {k: r["fid"] for k, r in rows.items()} == PAPER_FID[grid]
     for label, row in rows.items():
         if label in ROW_CONFIG:
-            assert row["point"] == {"train_config": f"../experiments/{ROW_CONFIG[label]}.yaml"}
+            assert row["point"] == {"train_config": f"../experiments/celebamask/{ROW_CONFIG[label]}.yaml"}
 
 
 def test_table_i_ablation_grids_run_on_r5_with_the_papers_values():
@@ -208,7 +208,7 @@ def test_table_i_ablation_grids_run_on_r5_with_the_papers_values():
     warmup, _ = load_grid(GRIDS / "warmup.yaml")
     ema, _ = load_grid(GRIDS / "ema.yaml")
     for grid in (lr, warmup, ema):
-        assert grid.train_config == "../experiments/unet_r5.yaml"
+        assert grid.train_config == "../experiments/celebamask/unet_r5.yaml"
     assert lr.search_space["optimizer.lr"].grid == [1e-5, 5e-4] and lr.overrides["optimizer.warmup_steps"] == 500
     assert warmup.search_space["optimizer.warmup_steps"].grid == [3000, 10000]
     assert ema.overrides["optimizer.warmup_steps"] == 500
@@ -218,7 +218,7 @@ def test_table_i_ablation_grids_run_on_r5_with_the_papers_values():
 
 def test_paper_row_must_be_a_grid_point(tmp_path):
     (tmp_path / "g.yaml").write_text(
-        f"train_config: {EXPERIMENTS / 'tiny_unet.yaml'}\nmetric: loss\n"
+        f"train_config: {EXPERIMENTS / 'tiny' / 'tiny_unet.yaml'}\nmetric: loss\n"
         "search_space:\n  optimizer.lr: {grid: [1.0e-4, 2.0e-4]}\n"
         "paper_rows:\n  - {row: r, point: {optimizer.lr: 3.0e-4}, fid: 70.0}\n")
     with pytest.raises(ConfigError, match=r"paper_rows: 'r': optimizer.lr=0.0003 is not in its grid"):
@@ -240,7 +240,7 @@ def test_results_table_prints_the_papers_fid_beside_ours(tmp_path):
         (tmp_path / f"trial_{i}").mkdir()
         history = pd.DataFrame({"kimg": [0.5, 1.0][:len(values)], "fd_mtcnn_onet": values})
         results.append(SimpleNamespace(path=str(tmp_path / f"trial_{i}"), metrics_dataframe=history, error=None,
-                                       config={"train_config": f"../experiments/{name}.yaml"}))
+                                       config={"train_config": f"../experiments/celebamask/{name}.yaml"}))
     rows = trial_rows(results, exp)
     assert [(r["paper_row"], r["best_fd_mtcnn_onet"], r["paper_fid"]) for r in rows] == [
         ("LC_UNet_3, InfoNCE", 0.7, 70.9824), ("LC_UNet_3, no InfoNCE", 0.8, 74.0719)]
@@ -261,7 +261,7 @@ def test_a_config_of_one_regime_on_the_other_dataset_is_refused_before_training(
                                          r"manifest.json holds 44 in split 'train'"):
         check_inputs(cfg)
     check_inputs(load("tiny_unet", [f"data.path={synthetic_shards}", "data.train_records=44"]))
-    result = CliRunner().invoke(app, ["train", str(EXPERIMENTS / "tiny_unet.yaml"), f"data.path={synthetic_shards}",
+    result = CliRunner().invoke(app, ["train", str(EXPERIMENTS / "tiny" / "tiny_unet.yaml"), f"data.path={synthetic_shards}",
                                       "data.train_records=2700", f"trainer.storage_path={tmp_path / 'runs'}"])
     assert result.exit_code == 2 and "--train-size 2700" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "runs").exists()  # nothing started, nothing written
@@ -271,6 +271,6 @@ def test_a_config_of_one_regime_on_the_other_dataset_is_refused_before_training(
 def test_reproducing_page_lists_every_reproduced_row_with_its_command():
     table = (REPO / "docs" / "reproducing.md").read_text()
     for name in sorted(set(ROW_CONFIG.values())):
-        assert f"configs/experiments/{name}.yaml" in table, name
+        assert f"configs/experiments/celebamask/{name}.yaml" in table, name
     for grid in PAPER_FID:
         assert f"configs/tune/{grid}.yaml" in table, grid

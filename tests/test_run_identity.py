@@ -25,7 +25,7 @@ from facediff.train.checkpoint import EMA_FILE, STATE_FILE, TrainState
 from facediff.train.engine import apply_optimizer_settings, build_optimizer, lr_factor, total_steps
 from facediff.train.identity import RunConfigChanged, check_resume, commit, read_history
 
-TINY = REPO / "configs" / "experiments" / "tiny_unet.yaml"
+TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -18,7 +18,7 @@ def exported(tmp_path_factory, synthetic_shards):
     from facediff.config import load_config
     from conftest import REPO
 
-    cfg = load_config(REPO / "configs/experiments/tiny_unet.yaml", [f"data.path={synthetic_shards}", "eval.steps=2"])
+    cfg = load_config(REPO / "configs/experiments/tiny/tiny_unet.yaml", [f"data.path={synthetic_shards}", "eval.steps=2"])
     out = tmp_path_factory.mktemp("export")
     task = build_task(cfg)
     with torch.no_grad():  # weights no fresh build has, so the round trip cannot pass by chance

@@ -13,8 +13,8 @@ from facediff.models.info import describe
 from facediff.tasks import build_task
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "experiments" / "tiny_sd_lora.yaml"
-SETUP1 = REPO / "configs" / "experiments" / "sd2_lora.yaml"
+TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml"
+SETUP1 = REPO / "configs" / "experiments" / "celebamask" / "sd2_lora.yaml"
 
 
 def test_info_reports_the_frozen_sd2_base_and_the_lora():
@@ -27,7 +27,7 @@ def test_info_reports_the_frozen_sd2_base_and_the_lora():
 
 
 def test_setup_configs_and_refusals():
-    setup2 = load_config(REPO / "configs" / "experiments" / "sd2_lora_setup2.yaml")
+    setup2 = load_config(REPO / "configs" / "experiments" / "celebamask" / "sd2_lora_setup2.yaml")
     assert setup2.diffusion.timestep_phases == [] and not setup2.trainer.ema.enabled
     assert setup2.model.guidance_scale == 7.5 and setup2.model.lora.dropout == 0.1
     with pytest.raises(ConfigError, match="trainer.zero_stage: 3 would partition the frozen VAE"):

@@ -174,7 +174,7 @@ def test_train_resume_and_sample_with_runs_in_s3(s3, synthetic_shards, tmp_path,
 
     monkeypatch.chdir(tmp_path)  # nothing of the run may land in a local folder named after storage_path
     steps = 6
-    cfg = load_config(REPO / "configs" / "experiments" / "tiny_unet.yaml", [
+    cfg = load_config(REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml", [
         f"data.path={synthetic_shards}", f"trainer.storage_path=s3://{BUCKET}/exp", "trainer.run_name=run",
         "trainer.batch_size=4", f"trainer.total_kimg={steps * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
         "trainer.log_every_steps=1", "trainer.keep_last=2", "trainer.zero_stage=2", "trainer.ema.warmup=false",

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 STEPS = 8  # 44 train rows, 2 workers x batch 4: 5 steps per epoch, so the run crosses an epoch boundary
 
 
-def config(synthetic_shards, tmp_path, path="configs/experiments/tiny_unet.yaml", extra=()):
+def config(synthetic_shards, tmp_path, path="configs/experiments/tiny/tiny_unet.yaml", extra=()):
     return load_config(path, [
         f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.run_name=run",
         "trainer.batch_size=4", f"trainer.total_kimg={STEPS * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
@@ -160,7 +160,7 @@ def test_killed_train_command_resumes_when_run_again(synthetic_shards, tmp_path,
     import sys
 
     steps = 16  # 0.5-2 s a step here: a window to kill in
-    command = [str(Path(sys.executable).parent / "facediff"), "train", "configs/experiments/tiny_unet.yaml",
+    command = [str(Path(sys.executable).parent / "facediff"), "train", "configs/experiments/tiny/tiny_unet.yaml",
                f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.run_name=run",
                "trainer.batch_size=4", f"trainer.total_kimg={steps * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
                "trainer.log_every_steps=1", "trainer.keep_last=2"]
@@ -215,7 +215,7 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_all_or_stops_the_run(synthetic
 
 
 def test_zero3_dit_with_ema_and_fallback_metric(synthetic_shards, tmp_path):
-    cfg = config(synthetic_shards, tmp_path, "configs/experiments/tiny_dit.yaml", [
+    cfg = config(synthetic_shards, tmp_path, "configs/experiments/tiny/tiny_dit.yaml", [
         "trainer.zero_stage=3", "trainer.precision=bf16", f"trainer.total_kimg={4 * 8 / 1000}",
         "eval.every_kimg=0.032", "eval.steps=2",
         "eval.batch_size=4",
@@ -263,7 +263,7 @@ def test_interrupted_runs_see_the_uninterrupted_runs_data(synthetic_shards, tmp_
     steps, ips = 33, 4
 
     def cfg(name, total, extra=()):
-        return load_config("configs/experiments/tiny_unet.yaml", [
+        return load_config("configs/experiments/tiny/tiny_unet.yaml", [
             f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", f"trainer.run_name={name}",
             "trainer.batch_size=2", f"trainer.total_kimg={total * ips / 1000}", "data.epochs_per_pass=2",
             f"trainer.checkpoint_every_kimg={3 * ips / 1000}", "trainer.log_every_steps=100", "trainer.keep_last=2",

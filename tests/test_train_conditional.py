@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
 
 def test_tiny_conditional_model_trains_evaluates_and_samples_by_attribute(synthetic_shards, tmp_path):
-    cfg = load_config("configs/experiments/tiny_lc_unet_seg.yaml", [
+    cfg = load_config("configs/experiments/tiny/tiny_lc_unet_seg.yaml", [
         f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.run_name=lc",
         "trainer.batch_size=4", f"trainer.total_kimg={4 * 8 / 1000}", "trainer.checkpoint_every_kimg=0.032",
         "trainer.log_every_steps=1", "trainer.zero_stage=3", "trainer.precision=bf16",  # production's precision

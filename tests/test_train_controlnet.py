@@ -11,7 +11,7 @@ import torch
 from facediff.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "experiments" / "tiny_controlnet.yaml"
+TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_controlnet.yaml"
 
 
 @pytest.fixture(scope="module")

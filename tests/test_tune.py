@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 BAD_LR = 1e-8  # barely moves the weights: its loss stays at the initial one while the others fall
 
 GRID = f"""
-train_config: {REPO / "configs" / "experiments" / "tiny_unet.yaml"}
+train_config: {REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"}
 reproduces: nothing (test)
 metric: loss  # every report carries it; the {BAD_LR} trial is clearly worse from the first rung
 mode: min

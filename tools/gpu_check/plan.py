@@ -135,4 +135,4 @@ def common(cpu: bool, name: str, work: Path, data: Path) -> list[str]:
 
 
 def config_path(name: str) -> Path:
-    return EXPERIMENTS / f"{name}.yaml"
+    return next(EXPERIMENTS.glob(f"*/{name}.yaml"))  # tiny/, celebamask/ or mask_aware/
