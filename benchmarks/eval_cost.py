@@ -29,9 +29,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from facediff.eval.evaluate import evaluate_task, local_test_batches  # noqa: E402
+from facediff.data.stream.local_batches import local_test_batches  # noqa: E402
+from facediff.eval.evaluate import evaluate_task  # noqa: E402
 from facediff.eval.metrics import build_image_distance  # noqa: E402
-from facediff.sampling import batch_generator, load_model, resolve_device  # noqa: E402
+from facediff.rng import batch_generator  # noqa: E402
+from facediff.runs.load import load_model, resolve_device  # noqa: E402
 
 TINY_PRESET = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
 # (sampler, steps): the cheap protocol, then the paper's (its own suggestion is to replace the second by the first)

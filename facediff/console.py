@@ -59,6 +59,7 @@ class RunProgressLine:
 
     def __init__(self, label: str, metrics_file: Path | StoredFile, total_kimg: float, stream=None,
                  interval_s: float = 1.0, note: str | None = None):
+        # lazily: console is imported at every start, pyarrow.fs (storage) only for a run's progress
         from facediff.storage import StoredFile
 
         # a StoredFile: the run's metrics in remote storage (written there by rank 0, wherever it runs)

@@ -25,8 +25,9 @@ from facediff.data.prepare.celebamask import prepare_celebamask
 from facediff.data.shards import atomic_write_text
 from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 from facediff.eval.attributes import edit_rate, load_or_train_attribute_reader
-from facediff.sampling import (attribute_sweep, batch_generator, generate, load_model, record_conditions, save_samples,
-                               with_edits)
+from facediff.rng import batch_generator
+from facediff.runs.load import load_model
+from facediff.sampling import attribute_sweep, generate, record_conditions, save_samples, with_edits
 from facediff.threads import busy_cores_note
 from facediff.train.autoencoder import fit_autoencoder
 from facediff.train.run_log import read_metrics
@@ -197,6 +198,7 @@ def sd_lora_stage(out: Path, shards: Path, kimg: float) -> dict:
 
 
 def controlnet_stage(out: Path, kimg: float) -> dict:
+    # lazily: the COCO modules need pycocotools, which only this stage uses
     from facediff.data.prepare.coco import prepare_coco
     from facediff.data.synthetic.coco import write_synthetic_coco
 

@@ -1,4 +1,4 @@
-"""Seeded network builds that leave every other random stream alone.
+"""Seeded randomness: network builds that leave every other random stream alone; one generator per sampled batch.
 
 `torch.manual_seed` also seeds every CUDA device, and `torch.random.fork_rng(devices=[])` restores only the CPU
 state, so a seeded build inside a worker used to overwrite the per-rank CUDA seed (`distributed.seed_worker_rng`)
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -21,3 +22,8 @@ def seeded_build(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
         yield
+
+
+def batch_generator(seed: int, *indices: int) -> torch.Generator:
+    """A CPU generator for one batch, distinct for every (seed, indices...) combination."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *indices]).generate_state(1)[0]))

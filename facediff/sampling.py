@@ -1,4 +1,5 @@
-"""`facediff sample`: load a run (latest checkpoint's EMA weights) or an exported model, draw a PNG grid.
+"""`facediff sample`: draw a PNG grid from a model (loaded by `runs.load`: a run's latest checkpoint's EMA weights,
+or an export).
 
 Each batch of samples gets its own seed derived from (seed, batch index), so batches differ and any batch
 can be redrawn alone.
@@ -7,133 +8,18 @@ can be redrawn alone.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from facediff.config import load_config
 from facediff.config.schema import ExperimentConfig
 from facediff.data.celebamask import ATTRIBUTE_NAMES
-from facediff.integrity import folder_problem
-from facediff.storage import is_remote
-from facediff.tasks import DiffusionTask, build_task
+from facediff.data.stream.local_batches import local_test_batches
+from facediff.rng import batch_generator
+from facediff.tasks import DiffusionTask
 from facediff.viz import image_grid
-
-EXPORT_CONFIG = DiffusionTask.EXPORT_CONFIG
-
-
-def batch_generator(seed: int, *indices: int) -> torch.Generator:
-    """A CPU generator for one batch, distinct for every (seed, indices...) combination."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *indices]).generate_state(1)[0]))
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto": the (first) CUDA GPU when there is one, else the CPU; or an explicit torch device ("cuda:1")."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
-    return device
-
-
-def run_checkpoint(run: Path) -> Path:
-    """The newest complete checkpoint of a run folder (damaged newer ones skipped with a warning line)."""
-    from facediff.train import checkpoint
-    from facediff.train.run import EXPORT_DIR
-
-    found = checkpoint.latest_complete(run)
-    if found is not None:
-        return found
-    folders = sorted(p for p in Path(run).glob("checkpoint_*") if p.is_dir())
-    if not folders:
-        raise FileNotFoundError(f"{run}: run folder has no checkpoint_* folder yet")
-    export = Path(run) / EXPORT_DIR
-    n = len(folders) - 1
-    before = "" if n == 0 else ", and so is the one before it" if n == 1 else f", and so are the {n} before it"
-    raise ValueError(f"{folders[-1]}: damaged checkpoint ({checkpoint.problem(folders[-1])}){before}; resume "
-                     "training with `facediff train` to write a new one"
-                     + (f", or use the run's export {export}" if export.is_dir() else ""))
-
-
-def fetch_remote_run(uri: str) -> Path:
-    """A run in remote storage (s3://bucket/prefix/run) as a local folder holding what sampling and evaluation
-    read: its config, its export and each checkpoint's top-level files (EMA weights, trainer state; not the
-    optimizer state under `state/`), in the run's local mirror (see `storage.RunStorage`)."""
-    from facediff.storage import RunStorage
-    from facediff.train.run import EXPORT_DIR
-
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    storage = RunStorage(parent, name)
-    if not storage.pull("config.yaml"):
-        raise FileNotFoundError(f"{uri}: no run there (no config.yaml)")
-    storage.pull(EXPORT_DIR)
-    for folder, is_folder in storage.listing().items():
-        if not (is_folder and folder.startswith("checkpoint_")):
-            continue
-        for file, sub in storage.listing(folder).items():
-            if not sub:
-                storage.pull(f"{folder}/{file}")
-    return storage.local
-
-
-def load_model(path: str | Path, overrides: list[str] = (),
-               check: Callable[[ExperimentConfig], None] | None = None) -> tuple[ExperimentConfig, DiffusionTask]:
-    """A run folder (uses its newest complete checkpoint), an exported model folder (written by `export`), or an
-    experiment config file (the model as built, untrained).
-
-    `overrides` change the stored config (e.g. `data.path=...` when the data moved, `eval.steps=...`). `check`
-    sees the config before any network is built (a caller's own checks fail fast, not after loading weights)."""
-    cfg, task, _ = load_model_and_source(path, overrides, check)
-    return cfg, task
-
-
-def load_model_and_source(path: str | Path, overrides: list[str] = (),
-                          check: Callable[[ExperimentConfig], None] | None = None,
-                          ) -> tuple[ExperimentConfig, DiffusionTask, dict]:
-    """`load_model`, and which weights it loaded (`evaluate` records them): `kind` (run checkpoint, export or
-    untrained config), `path` as given, and for a run the checkpoint folder and its step."""
-    from facediff.train.run import load_task_with_ema
-
-    given = str(path)
-    path = fetch_remote_run(given) if is_remote(given) else Path(path)
-    untrained = path.is_file() and path.suffix in (".yaml", ".yml")
-    if untrained:
-        source = path
-    elif (path / "config.yaml").is_file():
-        source = path / "config.yaml"  # a run folder
-    elif (path / EXPORT_CONFIG).is_file():
-        source = path / EXPORT_CONFIG
-    else:
-        raise FileNotFoundError(f"{path}: neither a run folder (config.yaml) nor an exported model ({EXPORT_CONFIG})")
-    cfg = load_config(source, list(overrides))
-    if check is not None:
-        check(cfg)
-    if untrained:
-        # an experiment config, untrained: its pretrained networks as published (for controlnet a fresh branch,
-        # whose zero convolutions add exactly nothing: plain Stable Diffusion, Table 1's "Stable Diffusion" row)
-        return cfg, build_task(cfg).eval(), {"kind": "untrained config", "path": given,
-                                             "weights": "as built (pretrained networks or random init)"}
-    if source.name == "config.yaml":
-        from facediff.train.checkpoint import read_state
-
-        folder = run_checkpoint(path)
-        return cfg, load_task_with_ema(cfg, folder), {"kind": "run checkpoint", "path": given,
-                                                      "checkpoint": folder.name, "step": read_state(folder).step,
-                                                      "weights": "ema"}
-    # checked first: diffusers fails on a cut-short or missing file without naming it
-    if (damage := folder_problem(path)) is not None:
-        raise ValueError(f"{damage}; this export is incomplete: sample its run folder instead, or copy the "
-                         "export again")
-    task = build_task(cfg, load_pretrained=False)  # the export holds every weight, frozen ones included
-    task.load_exported(path)
-    return cfg, task.eval(), {"kind": "export", "path": given, "weights": "ema (exported at the end of training)"}
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -166,8 +52,6 @@ def attribute_vector(names: str) -> torch.Tensor:
 
 def record_conditions(cfg: ExperimentConfig, n: int, split: str | None = None) -> dict[str, torch.Tensor]:
     """Attributes (and part masks) of the first `n` records of the evaluation split, cycled if it is smaller."""
-    from facediff.eval.evaluate import local_test_batches
-
     rows: dict[str, list[torch.Tensor]] = {}
     for batch in local_test_batches(cfg, split)():
         for key in ("id", "attributes", "part_masks"):

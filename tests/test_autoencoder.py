@@ -127,7 +127,7 @@ def test_missing_weights_name_the_places_looked(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kind", ["vq", "kl"])
 def test_fitted_autoencoder_reconstructs_and_states_unit_variance_scaling(kind, synthetic_shards, tmp_path):
     from facediff.config import load_config
-    from facediff.eval.evaluate import local_test_batches
+    from facediff.data.stream.local_batches import local_test_batches
     from facediff.train.autoencoder import fit_autoencoder
 
     cfg = load_config(REPO / "configs" / "experiments" / "tiny" / "tiny_lc_unet.yaml",

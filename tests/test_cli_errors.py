@@ -19,7 +19,7 @@ from facediff.data import celebamask
 from facediff.data.prepare.celebamask import assign_splits
 from facediff.data.shards import read_manifest, shard_paths
 from facediff.data.synthetic.celebamask import write_synthetic_celebamask
-from facediff.sampling import load_model
+from facediff.runs.load import load_model
 from facediff.tasks import build_task
 from facediff.train.checkpoint import EMA_FILE, STATE_FILE, TrainState
 

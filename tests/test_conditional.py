@@ -115,7 +115,7 @@ def test_changing_the_mask_changes_the_conditioning():
 
 
 def test_guided_sampling_export_round_trip(tmp_path):
-    from facediff.sampling import load_model
+    from facediff.runs.load import load_model
     from facediff.tasks import build_task
 
     cfg = load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet_seg.yaml", ["eval.attribute_guidance=3", "eval.mask_guidance=2"])
@@ -136,7 +136,7 @@ def test_guided_sampling_export_round_trip(tmp_path):
 def test_a_frozen_mask_backbone_is_held_outside_the_trained_module_and_exported_whole(tmp_path):
     """ZeRO-3 would partition (and gather every forward) a frozen SegFormer inside the engine's module: it is held
     frozen like the codec, follows the trained weights' precision, and the export still carries it."""
-    from facediff.sampling import load_model
+    from facediff.runs.load import load_model
     from facediff.tasks import build_task
 
     cfg = load_config(EXPERIMENTS / "tiny" / "tiny_lc_unet_seg.yaml", ["model.mask_encoder.frozen=true"])

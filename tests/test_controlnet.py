@@ -208,7 +208,7 @@ def test_training_steps_change_the_controlnet_and_leave_the_base_bit_identical()
 def test_an_untrained_config_is_plain_stable_diffusion():
     """`facediff evaluate CONFIG` builds the model untrained; a fresh ControlNet's zero convolutions add exactly
     nothing, so it is the plain SD pipeline (Table 1's "Stable Diffusion" row)."""
-    from facediff.sampling import load_model
+    from facediff.runs.load import load_model
 
     cfg, task = load_model(TINY)
     assert cfg.model.family == "controlnet" and not task.training

@@ -9,7 +9,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from facediff.cli.main import app
-from facediff.sampling import batch_generator, generate, load_model
+from facediff.rng import batch_generator
+from facediff.runs.load import load_model
+from facediff.sampling import generate
 from facediff.tasks import build_task
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from facediff import diffusion
 from facediff.config.schema import DiffusionConfig, EMAConfig
+from facediff.data.hashing import owned_by
 from facediff.tasks import build_task
 from facediff.train import checkpoint, distributed
 from facediff.train.ema import EMA
@@ -213,13 +214,13 @@ def test_each_test_record_is_evaluated_by_exactly_one_rank(tiny_config, num_samp
     else:
         assert len(made) == num_samples and set(tasks[0].ids).isdisjoint(tasks[1].ids)
         assert abs(len(tasks[0].ids) - len(tasks[1].ids)) <= 1
-    owners = distributed.owned_by(ids, 0, 2)
+    owners = owned_by(ids, 0, 2)
     assert 30 < int(owners.sum()) < 70  # dealt roughly evenly
 
 
 # ------------------------------------------------------------------------------- 9. sample/evaluate device
 def test_sample_and_evaluate_pick_the_gpu_when_present(monkeypatch):
-    from facediff.sampling import resolve_device
+    from facediff.runs.load import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

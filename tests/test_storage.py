@@ -169,7 +169,7 @@ def test_rerun_is_compared_with_the_config_recorded_in_the_bucket(s3, tiny_confi
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(900)
 def test_train_resume_and_sample_with_runs_in_s3(s3, synthetic_shards, tmp_path, monkeypatch):
-    from facediff.sampling import load_model
+    from facediff.runs.load import load_model
     from facediff.train.run import train
 
     monkeypatch.chdir(tmp_path)  # nothing of the run may land in a local folder named after storage_path

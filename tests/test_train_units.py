@@ -8,7 +8,8 @@ from torch import nn
 
 from facediff import diffusion
 from facediff.config.schema import DiffusionConfig, EMAConfig
-from facediff.train.ema import EMA, copy_weights
+from facediff.models.weights import copy_weights
+from facediff.train.ema import EMA
 from facediff.train.engine import GpuStep, build_optimizer, deepspeed_config, lr_factor, total_steps
 
 

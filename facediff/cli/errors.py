@@ -10,6 +10,7 @@ from typing import NoReturn
 import typer
 
 from facediff.config import ConfigError, load_config
+from facediff.console import verbose
 
 
 def fail(message: str) -> NoReturn:
@@ -38,8 +39,6 @@ def user_errors(*kinds: type[Exception]) -> Iterator[None]:
 def job_failures(what: str) -> Iterator[None]:
     """A job that failed (not the user's input): one `error:` line with its cause and exit code 1; the whole
     traceback (Ray's, with every worker's) only under `--verbose`."""
-    from facediff.console import verbose
-
     try:
         yield
     except Exception as err:  # noqa: BLE001 - any failure of the job ends here, reported once

@@ -1,4 +1,7 @@
-"""The `facediff` command line."""
+"""The `facediff` command line.
+
+Each command imports what it runs inside its function: `facediff --help` and a mistyped option answer without
+loading torch, Ray or diffusers."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def _setup(verbose: Annotated[bool, typer.Option(
 def _cpu_threads(device: str = "cpu") -> None:
     """Work this process does on the CPU: torch threads for the idle cores only, said on stderr when lowered
     (`facediff.threads`: on a busy machine 2 stalled OpenMP threads ran 3x behind 1)."""
-    from facediff.sampling import resolve_device
+    from facediff.runs.load import resolve_device
     from facediff.threads import busy_cores_note
 
     if resolve_device(device).type == "cpu" and (note := busy_cores_note()):
@@ -195,8 +198,8 @@ def sample(
     """Draw samples from a trained model into a PNG grid."""
     from facediff.data.staging import check_at_least
     from facediff.diffusion import SAMPLERS
-    from facediff.sampling import (attribute_vector, check_outputs, generate, load_model, record_conditions,
-                                   resolve_device, save_samples)
+    from facediff.runs.load import load_model, resolve_device
+    from facediff.sampling import attribute_vector, check_outputs, generate, record_conditions, save_samples
 
     try:  # options and output paths first: a bad one must not cost the samples (sampling can take hours)
         check_at_least(("--n", n, 1), ("--steps", steps, 1), ("--batch-size", batch_size, 1))
@@ -247,7 +250,7 @@ def evaluate(
     """FID (or the labelled fallback distance) of a model's samples against a held-out split: the protocol, then
     the value; both saved in evaluation.json. The last line is the results as JSON."""
     from facediff.eval import protocol
-    from facediff.eval.evaluate import evaluate_run
+    from facediff.runs.evaluate import evaluate_run
 
     def announce(described: dict, metric: str) -> None:
         for line in protocol.protocol_lines(described, metric):

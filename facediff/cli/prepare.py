@@ -2,6 +2,7 @@
 
 Each checks its options before touching OUT; the writers stage their output beside OUT and swap it in only
 when it is complete (`facediff.data.staging`), so a failed run, `--overwrite` included, leaves OUT as it was.
+Each command imports its writer inside the function, as cli.py does: start-up stays fast.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Image-distance evaluation of a model against a held-out split, in training and standalone.
+"""Image-distance evaluation of a model against a held-out split, in training (`Evaluator`) and standalone
+(`runs.evaluate`). Like k-diffusion's evaluation it is handed what to sample with (a task) and what to compare
+against (a batch source); it imports nothing from the trainer (`Evaluator.evaluate` is handed the EMA).
 
 Generation follows the test records: records are dealt to ranks by id and each rank draws one image per
 record (conditioned on that record for conditional families), so samples are made on all workers and the
@@ -9,40 +11,16 @@ metric's states are gathered across ranks by torchmetrics when `compute()` runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from facediff.config.schema import ExperimentConfig
-from facediff.data.shards import MANIFEST, shard_paths
-from facediff.data.stream.batch import finish_batch, part_group_table
-from facediff.data.stream.dataset import decode_batch, iter_train_batches
-from facediff.eval.metrics import build_image_distance
-from facediff.sampling import batch_generator
+from facediff.data.hashing import owned_by
+from facediff.data.stream.dataset import iter_train_batches
+from facediff.eval.build import build_metrics
+from facediff.models.weights import copy_weights
+from facediff.rng import batch_generator
 from facediff.tasks import DiffusionTask, build_task
-from facediff.train.distributed import owned_by
-from facediff.train.ema import copy_weights
-
-
-def build_attribute_metric(cfg: ExperimentConfig):
-    """Attribute-control accuracy for conditional families (None otherwise, or when `eval.attribute_accuracy` is
-    off). The reader is trained on the first call for a dataset and image size, then read from its cache."""
-    if cfg.model.family != "lc_unet" or not cfg.eval.attribute_accuracy:
-        return None
-    from facediff.eval.attributes import AttributeAccuracy, load_or_train_attribute_reader
-
-    return AttributeAccuracy(load_or_train_attribute_reader(cfg.data.path, cfg.data.image_size, progress=False))
-
-
-def build_people_metric(cfg: ExperimentConfig):
-    """Face rate, confidence and face-crop distance for the people family (None otherwise)."""
-    if cfg.model.family != "controlnet":
-        return None
-    from facediff.eval.people import PeopleMetric
-
-    return PeopleMetric(build_image_distance(cfg.eval))
 
 
 def evaluate_task(
@@ -116,15 +94,7 @@ class Evaluator:
 
     def __init__(self, cfg: ExperimentConfig, test_shard, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world = cfg, rank, world
-        # states on the worker's device: compute() all-gathers them, and NCCL only moves GPU tensors
-        self.metric = build_image_distance(cfg.eval).to(device)
-        self.attribute_metric = build_attribute_metric(cfg)
-        if self.attribute_metric is not None:
-            self.attribute_metric = self.attribute_metric.to(device)
-        self.people_metric = build_people_metric(cfg)
-        if self.people_metric is not None:
-            self.people_metric = self.people_metric.to(device)
-            self.people_metric.crop_distance.to(device)
+        self.metrics = build_metrics(cfg, device)  # states on the worker's device: compute() all-gathers them
         self.task = build_task(cfg).eval().to(device)  # a plain copy that receives the EMA weights
         self.test_shard = test_shard
         self.real_done = False
@@ -142,66 +112,8 @@ class Evaluator:
         else:
             copy_weights(trained, self.task)
         # the real statistics are fixed: feed them once, keep them between evaluations
-        result = evaluate_task(self.task, self.cfg, self._batches, self.metric, step, self.rank, self.world,
-                               feed_real=not self.real_done, attribute_metric=self.attribute_metric,
-                               people_metric=self.people_metric)
+        m = self.metrics
+        result = evaluate_task(self.task, self.cfg, self._batches, m.distance, step, self.rank, self.world,
+                               feed_real=not self.real_done, attribute_metric=m.attributes, people_metric=m.people)
         self.real_done = True
         return result
-
-
-def local_test_batches(cfg: ExperimentConfig, split: str | None = None) -> Callable[[], Iterable[dict]]:
-    """Test batches read in-process with pyarrow (standalone evaluation needs no Ray)."""
-    d = cfg.data
-    paths = shard_paths(d.path, split or d.eval_split)
-    groups = d.resolved_part_groups()
-    table = None if groups is None else part_group_table(groups)
-
-    def batches():
-        for path in paths:
-            for record_batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.eval.batch_size):
-                columns = {name: np.asarray(record_batch.column(name).to_pylist(), dtype=object)
-                           for name in record_batch.schema.names}
-                decoded = decode_batch(columns, image_size=d.image_size, hflip=False, seed=0, epoch=0)
-                yield finish_batch({k: torch.as_tensor(v) for k, v in decoded.items() if k != "split"},
-                                   groups, part_table=table)
-
-    return batches
-
-
-def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str] = (), device: str = "auto",
-                 announce: Callable[[dict, str], None] | None = None) -> dict:
-    """`facediff evaluate RUN`: the run's (or export's) EMA model against a split, in this process, on `device`
-    ("auto": the GPU when there is one). Returns the evaluation record (`protocol.record`: metric, value, every
-    result, the protocol, overrides, date, commit); `announce(protocol, metric)` is called before sampling."""
-    from facediff.eval import protocol
-    from facediff.sampling import load_model_and_source, resolve_device
-
-    records = {}
-
-    def enough_records(cfg: ExperimentConfig) -> None:  # Fréchet distances need two images a side
-        name = split or cfg.data.eval_split
-        count = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(cfg.data.path, name))
-        if count < 2:
-            raise ValueError(f"{Path(cfg.data.path) / MANIFEST}: split {name!r} holds {count} record(s), the image "
-                             "distance needs at least 2; evaluate on a larger split (--split) or prepare the dataset "
-                             "with a larger --test-size")
-        records[name] = count
-
-    target = resolve_device(device)
-    cfg, task, source = load_model_and_source(path, overrides, check=enough_records)
-    task = task.to(target)
-    metric = build_image_distance(cfg.eval).to(target)
-    attribute_metric = build_attribute_metric(cfg)
-    if attribute_metric is not None:
-        attribute_metric = attribute_metric.to(target)
-    people_metric = build_people_metric(cfg)
-    if people_metric is not None:
-        people_metric = people_metric.to(target)
-        people_metric.crop_distance.to(target)
-    name = split or cfg.data.eval_split
-    described = protocol.describe(cfg, name, records[name], source, str(target))
-    if announce is not None:
-        announce(described, metric.name)
-    results = evaluate_task(task, cfg, local_test_batches(cfg, split), metric, attribute_metric=attribute_metric,
-                            people_metric=people_metric)
-    return protocol.record(described, metric.name, results, list(overrides))

@@ -70,6 +70,7 @@ class ConditionEncoder(nn.Module):
         self.masks = None
         width = a.dim
         if cfg.mask_encoder is not None:
+            # lazily: transformers only with a mask encoder
             from facediff.models.segformer import PartMaskEncoder
 
             if num_groups < 1:

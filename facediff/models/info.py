@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from facediff.config.schema import ExperimentConfig
+from facediff.tasks import build_task
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
@@ -24,8 +25,6 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def _build_shapes_only(cfg: ExperimentConfig):
-    from facediff.tasks import build_task
-
     try:
         with torch.device("meta"):
             return build_task(cfg, load_pretrained=False)

@@ -66,6 +66,7 @@ class ControlNetPeople(DiffusionTask):
         p = m.perceptual
         self.lpips = self.face_features = None
         if loss.masked_lpips_weight > 0:
+            # lazily (also below): the perceptual networks only when their loss weight is set
             from facediff.models.perceptual import PerceptualLPIPS
 
             self.lpips = PerceptualLPIPS(p.lpips_net, p.lpips_trunk if load_pretrained else "random")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from facediff.config.schema import ExperimentConfig
+from facediff.data.stream.local_batches import local_test_batches
 from facediff.models.autoencoder import CLASSES, unscaled_latents
 from facediff.models.pretrained import build_from_ref
 from facediff.rng import seeded_build
@@ -37,8 +38,6 @@ KL_WEIGHT = 1e-4  # small: the latents must stay informative; the diffusion mode
 
 
 def _train_images(cfg: ExperimentConfig) -> torch.Tensor:
-    from facediff.eval.evaluate import local_test_batches
-
     images = torch.cat([batch["image"] for batch in local_test_batches(cfg, cfg.data.train_split)()])
     if len(images) == 0:
         raise ValueError(f"{cfg.data.path}: split {cfg.data.train_split!r} has no images to fit an autoencoder on")

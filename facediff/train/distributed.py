@@ -11,8 +11,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from facediff.data.hashing import splitmix64
-
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -80,13 +78,3 @@ def seed_worker_rng(seed: int, rank: int) -> None:
     """Seed this worker's global CPU and CUDA RNGs for its own dropout stream. Initial weights do not depend on
     it: `build_task` seeds its own build from `trainer.seed`, identically on every rank."""
     torch.manual_seed(rank_seed(seed, rank))  # seeds every CUDA device too
-
-
-def owned_by(ids: torch.Tensor | np.ndarray, rank: int, world: int) -> torch.Tensor:
-    """Which records of a batch belong to `rank`: a fixed function of each record's id, never of its position.
-
-    Every rank iterates the whole evaluation split, but Ray Data does not keep row order, so ranks disagree on
-    positions; dealing by id gives every record to exactly one rank. ids are mixed (splitmix64) first so that
-    regular id patterns (all even, say) still spread evenly."""
-    x = splitmix64(np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids))
-    return torch.from_numpy((x % np.uint64(world)).astype(np.int64) == rank)

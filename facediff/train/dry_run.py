@@ -41,10 +41,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from facediff.config import resolve_paths
 from facediff.config.schema import PIPELINE_FAMILIES, ExperimentConfig, model_autoencoder
 from facediff.data.stream.batch import finish_batch
+from facediff.data.prepare.latents import check_cached_latents
 from facediff.data.shards import MANIFEST, shard_paths, split_rows
 from facediff.data.stream.dataset import _cached_latent_shape, decode_batch
+from facediff.models.pretrained import WeightsNotFound
+from facediff.models.weights import copy_weights, gathered
+from facediff.rng import batch_generator
+from facediff.runs.load import resolve_device
+from facediff.tasks import build_task
+from facediff.train import checkpoint
+from facediff.train.checkpoint import TrainState
+from facediff.train.distributed import seed_worker_rng
+from facediff.train.ema import EMA
+from facediff.train.engine import GpuStep, build_engine, total_steps
 from facediff.train.memory import GIB, MemoryProbe, parameter_bytes, per_gpu_estimate
 
 EVAL_SAMPLER_STEPS = 2
@@ -110,8 +122,6 @@ def read_batch(cfg: ExperimentConfig, split: str, n: int, hflip: bool, device: t
 def check_data(cfg: ExperimentConfig) -> list[str]:
     """The shards a run reads (ValueError/FileNotFoundError naming the file: bad input). A dry run may read a
     sample of the data, so a `data.train_records` regime the dataset does not hold is a note, not an error."""
-    from facediff.data.prepare.latents import check_cached_latents
-
     d = cfg.data
     shard_paths(d.path, d.train_split)
     shard_paths(d.path, d.eval_split)
@@ -155,8 +165,6 @@ def single_process_group(device: torch.device):
 
 def _digest(module_or_tensors) -> str:
     """A hash of the trainable weights of a module (gathered under ZeRO-3), or of a list of tensors."""
-    from facediff.train.ema import gathered
-
     tensors = ([p for p in module_or_tensors.parameters() if p.requires_grad]
                if isinstance(module_or_tensors, torch.nn.Module) else list(module_or_tensors))
     h = hashlib.sha1()
@@ -179,8 +187,6 @@ def _collect() -> None:
 class DryRun:
     def __init__(self, cfg: ExperimentConfig, random_weights: bool, device: torch.device, folder: Path,
                  echo: Callable[[str], None], name: str):
-        from facediff.train.engine import total_steps
-
         self.cfg, self.random_weights, self.device, self.folder, self.echo = cfg, random_weights, device, folder, echo
         t = cfg.trainer
         where = str(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} thr)"
@@ -192,11 +198,6 @@ class DryRun:
 
     def build(self):
         """As a worker of `loop.py` does: seeded RNG, the task on the device, its engine, the EMA, the generator."""
-        from facediff.tasks import build_task
-        from facediff.train.distributed import seed_worker_rng
-        from facediff.train.ema import EMA
-        from facediff.train.engine import GpuStep, build_engine
-
         seed_worker_rng(self.cfg.trainer.seed, 0)
         task = build_task(self.cfg, load_pretrained=not self.random_weights).to(self.device)
         gpu_step = GpuStep(self.cfg, self.device)
@@ -206,9 +207,6 @@ class DryRun:
         return engine, ema, gpu_step, generator
 
     def run(self) -> DryRunReport:
-        from facediff.train import checkpoint
-        from facediff.train.checkpoint import TrainState
-
         cfg, r = self.cfg, self.report
         with self.stage("data"):
             r.notes += check_data(cfg)
@@ -279,10 +277,6 @@ class DryRun:
         """Sample one evaluation batch from a plain copy holding the EMA weights, as `Evaluator` does. Returns the
         copy's bytes, which count per GPU when the config evaluates during training (a worker keeps the copy beside
         its engine; here it is dropped after, to leave room for the resume's second engine)."""
-        from facediff.sampling import batch_generator
-        from facediff.tasks import build_task
-        from facediff.train.ema import copy_weights
-
         cfg = self.cfg
         _collect()  # the step's activations, back to the system before the copy is built
         copy = build_task(cfg, load_pretrained=not self.random_weights).eval().to(self.device)
@@ -307,9 +301,6 @@ class DryRun:
     def export(self, saved: Path) -> None:
         """As `run.train` ends (in the driver, on its CPU): a plain task given the checkpoint's EMA weights, exported;
         then reloaded."""
-        from facediff.tasks import build_task
-        from facediff.train import checkpoint
-
         task = build_task(self.cfg, load_pretrained=not self.random_weights).eval()
         missing, unexpected = task.load_state_dict(checkpoint.load_ema_weights(saved), strict=False)
         names = [name for name, p in task.named_parameters() if p.requires_grad]
@@ -334,8 +325,6 @@ class DryRun:
     def stage(self, name: str):
         """One progress line when the stage ends (`self.said`: what it did); a failure is raised as StageFailed
         naming it, except missing pretrained weights, which are the user's input (exit 2: --random-weights)."""
-        from facediff.models.pretrained import WeightsNotFound
-
         start, self.said = time.perf_counter(), ""
         try:
             yield
@@ -353,9 +342,6 @@ def dry_run(cfg: ExperimentConfig, name: str, random_weights: bool = False, devi
     """Run every stage (see the module docstring). Raises StageFailed naming the first stage that failed (the
     report so far as its `.report`); ValueError/FileNotFoundError for bad input (missing shards, pretrained
     weights absent without `random_weights`)."""
-    from facediff.config import resolve_paths
-    from facediff.sampling import resolve_device
-
     cfg = resolve_paths(cfg)
     target = resolve_device(device)
     check_data(cfg)  # missing shards or latents: bad input, before anything is built

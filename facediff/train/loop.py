@@ -31,6 +31,7 @@ import torch
 from facediff.config.schema import ExperimentConfig
 from facediff.console import hold_log
 from facediff.data.stream.dataset import iter_train_batches
+from facediff.eval.evaluate import Evaluator
 from facediff.tasks import build_task
 from facediff.train import checkpoint, identity
 from facediff.train.checkpoint import TrainState
@@ -141,8 +142,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_log = RunLog(storage, total, planned_kimg(cfg, world), state.step) if rank == 0 else None
     evaluator = None
     if eval_every is not None:
-        from facediff.eval.evaluate import Evaluator
-
         evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)
 
     shard = ray.train.get_dataset_shard("train")

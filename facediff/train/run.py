@@ -27,17 +27,16 @@ from facediff.data.prepare.latents import check_cached_latents
 from facediff.data.stream import passes
 from facediff.data.shards import check_train_records, shard_paths, split_rows
 from facediff.data.stream.dataset import build_dataset
-from facediff.ray_start import start_ray
+from facediff.eval.build import build_attribute_metric
+from facediff.eval.metrics import load_inception
+from facediff.runs.checkpoints import EXPORT_DIR, load_task_with_ema
 from facediff.storage import RunStorage
-from facediff.tasks import DiffusionTask, build_task
 from facediff.train import checkpoint, identity
-from facediff.train.checkpoint import load_ema_weights
 from facediff.train.loop import train_loop_per_worker
 from facediff.train.placement import WorkerRequest, check_cluster, failure_config, placement_timeout
 from facediff.train.run_log import METRICS_FILE, planned_kimg, rounding_note
 
 log = logging.getLogger("facediff.train")
-EXPORT_DIR = "export"
 
 
 def run_name(cfg: ExperimentConfig) -> str:
@@ -143,27 +142,6 @@ def build_datasets(cfg: ExperimentConfig, run: RunStorage) -> dict:
     return datasets
 
 
-def load_task_with_ema(cfg: ExperimentConfig, checkpoint_dir: Path) -> DiffusionTask:
-    """A plain (non-DeepSpeed) task holding a checkpoint's averaged weights."""
-    task = build_task(cfg)
-    weights = load_ema_weights(checkpoint_dir)
-    where = f"{Path(checkpoint_dir) / checkpoint.EMA_FILE}: the EMA weights do not fit the config's " \
-            f"{cfg.model.family!r} model"
-    fix = "was the run's config.yaml (or a --set model.* override) changed after training? Use the config it " \
-          "was trained with"
-    try:
-        missing, unexpected = task.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # shapes differ: torch lists every tensor over many lines; name the first
-        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
-        first = first.rstrip(".").replace("torch.Size(", "(")
-        raise ValueError(f"{where} ({first}); {fix}") from None
-    trainable = {name for name, p in task.named_parameters() if p.requires_grad}
-    if unexpected or trainable & set(missing):
-        raise ValueError(f"{where} (missing {sorted(trainable & set(missing))[:3]}, unexpected "
-                         f"{unexpected[:3]}); {fix}")
-    return task.eval()
-
-
 def init_ray(cfg: ExperimentConfig) -> None:
     """Join the running cluster, or start a local instance that leaves Ray Data a CPU beside the workers.
 
@@ -198,9 +176,6 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
                  run_name(cfg), resumption.how, identity.HISTORY_FILE, identity.describe(resumption.changes))
     out = storage.local
     if cfg.eval.every_kimg is not None:
-        from facediff.eval.evaluate import build_attribute_metric
-        from facediff.eval.metrics import load_inception
-
         if cfg.eval.fallback_features != "none":  # the workers' own copies of this warning stay in their logs
             load_inception(cfg.eval.inception_weights, cfg.eval.fallback_features)
         build_attribute_metric(cfg)  # trains and caches the attribute reader once, before any worker needs it

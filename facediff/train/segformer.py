@@ -41,11 +41,12 @@ from facediff.config.load import apply_overrides, dump_config, load_raw, validat
 from facediff.config.schema import DataConfig, PositiveFloat, PositiveInt, PretrainedRef, Strict
 from facediff.config.trainer_checks import refuse_misspelt_resources
 from facediff.data.celebamask import NUM_PART_CLASSES, PART_LABELS
+from facediff.data.hashing import owned_by
 from facediff.models.segformer import IMAGE_MEAN, IMAGE_STD, group_palette
 from facediff.train import checkpoint
 from facediff.train.checkpoint import TrainState
 from facediff.rng import seeded_build
-from facediff.train.distributed import owned_by, seed_worker_rng, sum_across_ranks
+from facediff.train.distributed import seed_worker_rng, sum_across_ranks
 
 log = logging.getLogger("facediff.segformer")
 MODEL_DIR = "segformer"

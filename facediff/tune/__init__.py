@@ -45,6 +45,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Run (or resume) the experiment of a grid file; returns the best trial's summary and the output files."""
     from ray import tune
 
+    # lazily: every trial process imports this package first; Ray Tune's driver side stays out of it
     from facediff.console import verbose
     from facediff.ray_start import start_ray
     from facediff.tune.progress_line import TuneProgressLine

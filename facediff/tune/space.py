@@ -56,6 +56,7 @@ def resolve_metric(requested: str, eval_cfg: EvalConfig) -> str:
     """The name the trainer will report for `requested`; `fid` becomes `fd_<fallback>` without Inception weights."""
     if requested != "fid" or eval_cfg.fallback_features == "none":
         return requested  # with fallback 'none' a trial without the weights fails loudly instead
+    # lazily: torchmetrics only when fid's fallback must be checked
     from facediff.eval.metrics import load_inception
 
     if load_inception(eval_cfg.inception_weights, eval_cfg.fallback_features) is not None:

@@ -49,6 +49,7 @@ def run_trial(params: dict[str, Any], experiment) -> None:
     """The Tune function trainable (`experiment` comes through `tune.with_parameters`)."""
     import ray.tune
 
+    # lazily: the trainer (Ray Train, DeepSpeed) loaded in the trial's process only
     from facediff.train.run import train
 
     trial_id = ray.tune.get_context().get_trial_id()

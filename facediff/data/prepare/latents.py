@@ -45,6 +45,7 @@ class EncodeLatents:
     Built once per actor (the autoencoder loads once), then called per batch."""
 
     def __init__(self, autoencoder: dict[str, Any], image_size: int, dtype: str, flipped: bool, use_gpu: bool):
+        # lazily (here and below): diffusers only where latents are encoded or checked
         from facediff.models.autoencoder import LatentCodec
 
         self.codec = LatentCodec(AutoencoderConfig.model_validate(autoencoder), load_weights=True)

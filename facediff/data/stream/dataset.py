@@ -331,6 +331,7 @@ def iter_train_batches(
     ("id", "epoch", "flipped") staying on the host; it is finished on the device. Arguments are checked here, not
     at the first `next()`.
     """
+    # lazily: torch only for the trainer's iterator (Ray Data's read and map tasks import this module without it)
     import torch
 
     from facediff.data.stream.batch import finish_batch, part_group_table
