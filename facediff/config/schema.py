@@ -108,6 +108,7 @@ class DiffusionConfig(Strict):
     # None = the family's default (pixel families true, latent families false); true is refused for latents.
     clip_sample: bool | None = None
     # Loss options (docs/training.md, "Loss options"); the defaults leave the plain loss unchanged.
+
     # Min-SNR-γ weighting (Hang et al. 2023; γ = 5 there): min(SNR, γ)/SNR for ε, min(SNR, γ) for x0 targets,
     # min(SNR, γ)/(SNR + 1) for v. None = unweighted.
     min_snr_gamma: PositiveFloat | None = None
