@@ -16,7 +16,7 @@ EXPERIMENTS = REPO / "configs" / "experiments"
 # family -> (tiny preset, overrides that keep the step deterministic and the batch simple)
 FAMILIES = {
     "unet": ("tiny_unet", []),
-    "dit": ("tiny_dit", []),
+    "dit": ("tiny_dit", ["model.dropout=0.1"]),  # the recompute must replay the forward's dropout masks
     "lc_unet": ("tiny_lc_unet_seg", []),  # its SegFormer mask encoder trains (frozen: false)
     "sd_lora": ("tiny_sd_lora", ["model.prompt_dropout=0"]),
     "controlnet": ("tiny_controlnet", ["model.prompt_dropout=0", "loss.masked_lpips_weight=0",
@@ -56,6 +56,7 @@ def saved_activation_bytes(task, batch) -> tuple[int, torch.Tensor]:
 
 def one_step(task, batch):
     task.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # dropout draws from the global generator
     saved, loss = saved_activation_bytes(task, batch)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in task.named_parameters() if p.grad is not None}
