@@ -20,6 +20,7 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMult
 
 
 def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    extra = {"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -27,15 +28,51 @@ def build_noise_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
         beta_end=cfg.beta_end,
         prediction_type=cfg.prediction_type,
         clip_sample=True if cfg.clip_sample is None else cfg.clip_sample,  # None outside an experiment: pixels
+        **extra,
     )
 
 
+def pipeline_noise_scheduler(scheduler: DDPMScheduler, cfg: DiffusionConfig) -> DDPMScheduler:
+    """A Stable Diffusion pipeline's own schedule with `diffusion.zero_terminal_snr` applied (the schedule keys
+    are the pipeline's; only this option is ours). Unchanged (the same object) when it is off."""
+    if not cfg.zero_terminal_snr:
+        return scheduler
+    if scheduler.config.prediction_type != "v_prediction":
+        raise ValueError(f"diffusion.zero_terminal_snr: needs a v-prediction schedule, but the pipeline's scheduler "
+                         f"predicts {scheduler.config.prediction_type!r} (at zero SNR an epsilon model cannot "
+                         "recover the image); remove diffusion.zero_terminal_snr or use a v-prediction pipeline")
+    return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
+
+
 def build_sampler(name: str, train_scheduler: DDPMScheduler):
-    """A sampling scheduler sharing the training noise schedule (betas, prediction type)."""
+    """A sampling scheduler sharing the training noise schedule (betas, prediction type, zero-terminal-SNR
+    rescaling). A zero-terminal-SNR schedule samples with "trailing" timesteps, so the first step is the last
+    training timestep, pure noise (Lin et al. 2023, section 3.3)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
+    if train_scheduler.config.get("rescale_betas_zero_snr", False):
+        extra["timestep_spacing"] = "trailing"
     return SAMPLERS[name].from_config(train_scheduler.config, **extra)
+
+
+def build_loss(scheduler: DDPMScheduler, cfg: DiffusionConfig) -> "DenoisingLoss":
+    """The denoising loss over `scheduler` with the `diffusion` section's options."""
+    return DenoisingLoss(scheduler, cfg.timestep_phases, min_snr_gamma=cfg.min_snr_gamma,
+                         offset_noise=cfg.offset_noise, input_perturbation=cfg.input_perturbation)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weight of every timestep (Hang et al. 2023): the ε-loss weight min(SNR, γ)/SNR expressed
+    for the target predicted: min(SNR, γ)/SNR for ε, min(SNR, γ) for x0, min(SNR, γ)/(SNR + 1) for v."""
+    a = alphas_cumprod.double()
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return (gamma / snr).clamp(max=1.0)  # = min(SNR, γ)/SNR, and 1 (not 0/0) at a zero-SNR timestep
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
 
 
 class DenoisingLoss:
@@ -46,10 +83,15 @@ class DenoisingLoss:
     timesteps share one noise level. Only the network input is cast, to `input_dtype`.
     """
 
-    def __init__(self, scheduler: DDPMScheduler, timestep_phases=()):
+    def __init__(self, scheduler: DDPMScheduler, timestep_phases=(), min_snr_gamma: float | None = None,
+                 offset_noise: float = 0.0, input_perturbation: float = 0.0):
         self.scheduler = scheduler
         self.prediction_type = scheduler.config.prediction_type
         self.timestep_phases = list(timestep_phases)
+        # `diffusion.*` options; at their defaults nothing extra is drawn or computed (the loss is bit-identical)
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.input_perturbation = input_perturbation
         # per-device copies of the tables read every step: copying them from the CPU each step is a host sync
         self._on_device: dict[tuple, torch.Tensor] = {}
 
@@ -94,19 +136,38 @@ class DenoisingLoss:
         table = self._table(("alphas_cumprod",), t.device, lambda: self.scheduler.alphas_cumprod.float())
         return table[t].view(-1, 1, 1, 1)
 
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample min-SNR-γ weights (fp32, on t's device) of timesteps `t`; None without `min_snr_gamma`."""
+        if self.min_snr_gamma is None:
+            return None
+        table = self._table(("min_snr", self.min_snr_gamma), t.device, lambda: min_snr_weights(
+            self.scheduler.alphas_cumprod, self.min_snr_gamma, self.prediction_type).float())
+        return table[t]
+
     def noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, progress: float = 0.0,
               timesteps: torch.Tensor | None = None):
         """Draw timesteps (at `progress` through the run; or take `timesteps`, drawn by the caller with
-        `draw_timesteps` from the same generator) and noise; returns (x_t, t, noise), all fp32."""
+        `draw_timesteps` from the same generator) and noise; returns (x_t, t, noise), all fp32.
+
+        `noise` is the target's noise: with `offset_noise` s it holds s·N(0, 1) per sample and channel (constant
+        over the image) on top; with `input_perturbation` p, x_t is made from noise + p·N(0, 1) while the target
+        keeps `noise` (Ning et al. 2023). Both are drawn after the noise, from the same generator, only when set."""
         x0 = x0.float()
         # Drawn where the generator lives: training passes one on the worker's device, so nothing is drawn on
         # the CPU and copied each step (a seeded generator per rank keeps runs reproducible on that device).
         t = self.draw_timesteps(x0.shape[0], generator, progress) if timesteps is None else timesteps
         device = generator.device if generator is not None else x0.device
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
-        t, noise = t.to(x0.device), noise.to(x0.device)  # no-ops when the generator is on x0's device
+        if self.offset_noise:
+            noise = noise + self.offset_noise * torch.randn(
+                (*x0.shape[:2], *([1] * (x0.ndim - 2))), generator=generator, device=device, dtype=torch.float32)
+        noise_in = noise
+        if self.input_perturbation:
+            noise_in = noise + self.input_perturbation * torch.randn(
+                x0.shape, generator=generator, device=device, dtype=torch.float32)
+        t, noise, noise_in = t.to(x0.device), noise.to(x0.device), noise_in.to(x0.device)  # no-ops on one device
         alpha_bar = self._alpha_bar(t)
-        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise, t, noise
+        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise_in, t, noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
@@ -135,6 +196,9 @@ class DenoisingLoss:
         x_t, t, noise = self.noise(x0, generator, progress, timesteps)
         output = model_fn(x_t.to(input_dtype or x0.dtype), t)
         per_sample = (output.float() - self.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        weights = self.loss_weights(t)
+        if weights is not None:
+            per_sample = per_sample * weights
         return per_sample, {"x_t": x_t, "t": t, "output": output}
 
 

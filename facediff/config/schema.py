@@ -19,6 +19,7 @@ from facediff.config.models import (  # noqa: F401  (re-exported: the model sect
     LatentConditionalModelConfig, LoRAConfig, MaskEncoderConfig, ModelConfig, PerceptualLossConfig, PretrainedRef,
     StableDiffusionLoRAModelConfig, UNetModelConfig, check_unet_blocks,
 )
+from facediff.config.schedule_checks import refuse_zero_snr_without_v
 from facediff.config.trainer_checks import owned_deepspeed_keys, refuse_misspelt_resources
 from facediff.config.types import ConflictingKeys, PositiveFloat, PositiveInt, Strict, UnitFloat  # noqa: F401
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, PART_NAMES
@@ -106,6 +107,20 @@ class DiffusionConfig(Strict):
     # Clamp each sampling step's x0 estimate to [-1, 1]: right for pixels, wrong for latents (unbounded).
     # None = the family's default (pixel families true, latent families false); true is refused for latents.
     clip_sample: bool | None = None
+    # Loss options (docs/training.md, "Loss options"); the defaults leave the plain loss unchanged.
+
+    # Min-SNR-γ weighting (Hang et al. 2023; γ = 5 there): min(SNR, γ)/SNR for ε, min(SNR, γ) for x0 targets,
+    # min(SNR, γ)/(SNR + 1) for v. None = unweighted.
+    min_snr_gamma: PositiveFloat | None = None
+    # Offset noise: s·N(0, 1) per sample and channel, constant over the image, added to the noise (and target)
+    # so the model can change an image's mean brightness (0.05-0.1 in common recipes).
+    offset_noise: Annotated[float, Field(ge=0)] = 0.0
+    # Input perturbation (Ning et al. 2023): x_t is made from noise + p·N(0, 1), the target keeps the noise
+    # (0.1 in diffusers' recipe).
+    input_perturbation: Annotated[float, Field(ge=0)] = 0.0
+    # Rescale the betas so the last timestep has zero SNR, pure noise (Lin et al. 2023, algorithm 1); samplers
+    # then start from that timestep ("trailing" spacing). v-prediction only.
+    zero_terminal_snr: bool = False
 
     @model_validator(mode="after")
     def _phases_cover_the_run(self):
@@ -211,6 +226,9 @@ class TrainerConfig(Strict):
     # `stop` ends the run with an error naming the step.
     on_nonfinite_loss: Literal["skip", "stop"] = "stop"
     seed: int = 0
+    # Recompute the networks' block activations in the backward instead of keeping them (docs/training.md,
+    # "Memory"): less activation memory for about one more forward of compute per step.
+    gradient_checkpointing: bool = False
     ema: EMAConfig = EMAConfig()
     gpu: GpuStepConfig = GpuStepConfig()
     # merged last into the generated DeepSpeed config (expert escape hatch); the keys facediff sets from its own
@@ -323,6 +341,7 @@ class ExperimentConfig(Strict):
             raise ConflictingKeys(f"model.sample_size is {model.sample_size} but data.image_size is "
                                   f"{self.data.image_size}: they must be equal, a pixel model denoises the images "
                                   "at their decoded size", keys=[("model", "sample_size"), ("data", "image_size")])
+        refuse_zero_snr_without_v(self.diffusion, model, model.family in PIPELINE_FAMILIES)
         if model.family in PIPELINE_FAMILIES:
             mine = [k for k in SCHEDULE_KEYS if getattr(self.diffusion, k) != DiffusionConfig.model_fields[k].default]
             if mine:

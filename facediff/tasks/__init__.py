@@ -32,10 +32,14 @@ def build_task(cfg: ExperimentConfig, load_pretrained: bool = True) -> Diffusion
     Seeding here makes every build of a config identical: all ranks start from the same weights, and frozen
     networks with random weights (tiny presets) are the same in training, sampling and evaluation.
     `load_pretrained=False` builds pretrained networks from their shipped architecture only (no weights read).
+    `trainer.gradient_checkpointing` is applied here, so every build of a training config has it.
     """
     cls = task_class(cfg.model.family)
     with seeded_build(cfg.trainer.seed):
-        return cls(cfg, load_pretrained=load_pretrained)
+        task = cls(cfg, load_pretrained=load_pretrained)
+    if cfg.trainer.gradient_checkpointing:
+        task.enable_gradient_checkpointing()
+    return task
 
 
 __all__ = ["DiffusionTask", "TASKS", "build_task", "task_class"]

@@ -120,6 +120,21 @@ class DiffusionTask(nn.Module, ABC):
         """Load weights written by `save_networks`."""
 
     @abstractmethod
+    def checkpointed_networks(self) -> list[nn.Module]:
+        """The networks `trainer.gradient_checkpointing` applies to: those the loss backpropagates through (trained,
+        or frozen on the gradient's path), whose activations are most of a step's memory."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the checkpointed networks' block activations in the backward instead of keeping them
+        (diffusers' and transformers' own checkpointing, torch.utils.checkpoint with use_reentrant=False). Only
+        where gradients are on: sampling and evaluation copies are unaffected."""
+        for net in self.checkpointed_networks():
+            if hasattr(net, "enable_gradient_checkpointing"):  # diffusers ModelMixin
+                net.enable_gradient_checkpointing()
+            else:  # transformers PreTrainedModel
+                net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @abstractmethod
     def networks(self) -> dict[str, nn.Module]:
         """Every network the task builds, by role (for `facediff info`)."""
 

@@ -61,8 +61,8 @@ class ControlNetPeople(DiffusionTask):
             self.controlnet = controlnet_from_unet(self.backbone.unet, self.vae_factor)
         self.controlnet.requires_grad_(True).float()
         self.hold_frozen("backbone")  # in the ControlNet's precision, outside the engine
-        self.scheduler = self.backbone.noise_scheduler
-        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
+        self.scheduler = diffusion.pipeline_noise_scheduler(self.backbone.noise_scheduler, cfg.diffusion)
+        self.loss_fn = diffusion.build_loss(self.scheduler, cfg.diffusion)
         p = m.perceptual
         self.lpips = self.face_features = None
         if loss.masked_lpips_weight > 0:
@@ -191,10 +191,15 @@ class ControlNetPeople(DiffusionTask):
         out = Path(out)
         self.backbone = StableDiffusionBackbone(exported_base_ref(self.cfg.model.pipeline, out),
                                                 load_weights=True).freeze()
-        self.scheduler = self.backbone.noise_scheduler
-        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, self.cfg.diffusion.timestep_phases)
+        self.scheduler = diffusion.pipeline_noise_scheduler(self.backbone.noise_scheduler, self.cfg.diffusion)
+        self.loss_fn = diffusion.build_loss(self.scheduler, self.cfg.diffusion)
         self.controlnet = ControlNetModel.from_pretrained(out / CONTROLNET_DIR)
         self.hold_frozen("backbone")  # the loaded pipeline, held outside the module like the built one
+
+    def checkpointed_networks(self):
+        # the frozen UNet too: the gradient reaches the ControlNet through its residuals, so the UNet's
+        # activations are kept for the backward like the ControlNet's (the larger part)
+        return [self.controlnet, self.unet]
 
     def networks(self):
         nets = {"controlnet": self.controlnet, "unet": self.unet, "vae": self.backbone.vae,

@@ -60,7 +60,7 @@ class LatentConditionalDiffusion(DiffusionTask):
         if self.frozen_mask_backbone:
             self.hold_frozen(MASK_BACKBONE)
         self.scheduler = diffusion.build_noise_scheduler(cfg.diffusion)
-        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
+        self.loss_fn = diffusion.build_loss(self.scheduler, cfg.diffusion)
         self.latent_shape = expected
         self.loss_terms: dict[str, torch.Tensor] = {}
 
@@ -160,6 +160,10 @@ class LatentConditionalDiffusion(DiffusionTask):
             backbone = {k.removeprefix(BACKBONE_KEYS): state.pop(k) for k in list(state) if k.startswith(BACKBONE_KEYS)}
             self.conditions.masks.backbone.load_state_dict(backbone)
         self.conditions.load_state_dict(state)
+
+    def checkpointed_networks(self):
+        trained_backbone = self.has_masks and not self.frozen_mask_backbone  # a frozen one runs without gradients
+        return [self.unet] + ([self.conditions.masks.backbone] if trained_backbone else [])
 
     def networks(self):
         nets = {"unet": self.unet, "attribute_embedder": self.conditions.attributes, "autoencoder": self.codec}

@@ -20,7 +20,7 @@ class PixelDiffusion(DiffusionTask):
         self.family = cfg.model.family
         self.net = build_network(cfg.model)
         self.scheduler = diffusion.build_noise_scheduler(cfg.diffusion)
-        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
+        self.loss_fn = diffusion.build_loss(self.scheduler, cfg.diffusion)
         self.image_shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
         # Batches and samples are images in [-1, 1] everywhere else; only the network's space changes.
         self.normalize = cfg.data.normalize
@@ -58,6 +58,9 @@ class PixelDiffusion(DiffusionTask):
         self.net = type(self.net).from_pretrained(Path(out) / self.subfolder)
         if self.family == "dit":
             disable_label_dropout(self.net)  # from_pretrained restores diffusers' 10% class-label swap
+
+    def checkpointed_networks(self):
+        return [self.net]
 
     def networks(self):
         return {self.family: self.net}

@@ -39,8 +39,9 @@ class StableDiffusionLoRA(DiffusionTask):
         self.backbone = StableDiffusionBackbone(m.pipeline, load_weights=load_pretrained).freeze()
         self.latent_shape = self.backbone.latent_shape(cfg.data.image_size)
         self.backbone.unet.add_adapter(lora_config(m), adapter_name=ADAPTER)  # adds trainable lora_A/B only
-        self.scheduler = self.backbone.noise_scheduler  # the pipeline's own schedule and prediction type
-        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, cfg.diffusion.timestep_phases)
+        # the pipeline's own schedule and prediction type (zero-terminal-SNR rescaled when asked)
+        self.scheduler = diffusion.pipeline_noise_scheduler(self.backbone.noise_scheduler, cfg.diffusion)
+        self.loss_fn = diffusion.build_loss(self.scheduler, cfg.diffusion)
         self.hold_vae_and_text_encoder()
 
     def hold_vae_and_text_encoder(self) -> None:
@@ -139,11 +140,14 @@ class StableDiffusionLoRA(DiffusionTask):
         out = Path(out)
         self.backbone = StableDiffusionBackbone(exported_base_ref(self.cfg.model.pipeline, out),
                                                 load_weights=True).freeze()
-        self.scheduler = self.backbone.noise_scheduler
-        self.loss_fn = diffusion.DenoisingLoss(self.scheduler, self.cfg.diffusion.timestep_phases)
+        self.scheduler = diffusion.pipeline_noise_scheduler(self.backbone.noise_scheduler, self.cfg.diffusion)
+        self.loss_fn = diffusion.build_loss(self.scheduler, self.cfg.diffusion)
         pipe = self.backbone.pipeline()
         pipe.load_lora_weights(out, weight_name=LORA_FILE, adapter_name=ADAPTER)
         self.hold_vae_and_text_encoder()
+
+    def checkpointed_networks(self):
+        return [self.unet]  # the base UNet with its LoRA layers: the gradient runs through all of it
 
     def networks(self):
         return {"unet": self.unet, "vae": self.backbone.vae, "text_encoder": self.backbone.text_encoder}

@@ -51,6 +51,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "trainer.resources_per_worker": "what Ray reserves per worker (not the worker count)",
     "trainer.placement": "where Ray places the workers",
     "trainer.placement_timeout_s": "how long the start waits for the workers to be placed",
+    "trainer.gradient_checkpointing": "activations recomputed in the backward (the same gradients, less memory)",
     "eval.every_kimg": "evaluation cadence (the protocol itself is fixed)",
 }
 _ABSENT = "(absent)"

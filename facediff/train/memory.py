@@ -11,7 +11,8 @@ ZeRO stage z (`per_gpu_estimate`), bytes:
     Adam moments 8 P_t (/ N if z >= 1)
     gradients    w P_t (/ N if z >= 2)                               w: 2 for bf16/fp16, 4 for fp32
     eval copy    the evaluation task's weights (fp32)                 when eval.every_kimg is set (`Evaluator`)
-    activations  measured: the step's peak minus what stays allocated after it
+    activations  measured: the step's peak minus what stays allocated after it (trainer.gradient_checkpointing
+                 as configured: a dry run with and without it shows what checkpointing saves)
 
 P_t: trainable parameters; W_t, W_f_engine, W_f_held: the bytes of the trainable, frozen-in-the-engine and
 held-frozen (outside the engine, `DiffusionTask.hold_frozen`) parameters as built.
