@@ -20,6 +20,7 @@ from facediff.data.shards import MANIFEST, shard_paths
 from facediff.data.batch import finish_batch, part_group_table
 from facediff.data.stream import decode_batch, iter_train_batches
 from facediff.eval.metrics import build_image_distance
+from facediff.eval.real_stats import use_real_cache
 from facediff.sampling import batch_generator
 from facediff.tasks import DiffusionTask, build_task
 from facediff.train.distributed import owned_by
@@ -77,7 +78,8 @@ def evaluate_task(
                 continue
             if epoch == 0 and feed_real:
                 real = batch["image"][mine.to(batch["image"].device)].float()
-                metric.update_real(real)
+                if not metric.real_from_cache:
+                    metric.update_real(real)
                 if people_metric is not None:
                     pick = mine.to(batch["face_boxes"].device)
                     people_metric.update_real(real, batch["face_boxes"][pick], batch["face_valid"][pick])
@@ -100,7 +102,7 @@ def evaluate_task(
                 people_metric.update_fake(fake)
         if quota is None or made >= quota or owned == 0:
             break
-    result = {metric.name: float(metric.compute())}  # a collective when torch.distributed is initialised
+    result = metric.compute_all(e.bootstrap, e.seed)  # a collective when torch.distributed is initialised
     metric.reset_fake()
     if attribute_metric is not None:
         result.update(attribute_metric.compute())  # a collective too
@@ -118,6 +120,7 @@ class Evaluator:
         self.cfg, self.rank, self.world = cfg, rank, world
         # states on the worker's device: compute() all-gathers them, and NCCL only moves GPU tensors
         self.metric = build_image_distance(cfg.eval).to(device)
+        use_real_cache(self.metric, cfg.data.path, cfg.data.eval_split, cfg.data.image_size, rank)
         self.attribute_metric = build_attribute_metric(cfg)
         if self.attribute_metric is not None:
             self.attribute_metric = self.attribute_metric.to(device)
@@ -191,6 +194,7 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
     cfg, task, source = load_model_and_source(path, overrides, check=enough_records)
     task = task.to(target)
     metric = build_image_distance(cfg.eval).to(target)
+    use_real_cache(metric, cfg.data.path, split or cfg.data.eval_split, cfg.data.image_size)
     attribute_metric = build_attribute_metric(cfg)
     if attribute_metric is not None:
         attribute_metric = attribute_metric.to(target)
