@@ -296,6 +296,10 @@ class ImageDistance:
         dummy = torch.zeros(1, 3, size, size, device=self.device)
         return self.feature(dummy.to(torch.uint8) if self._uint8_input else dummy).reshape(1, -1).shape[1]
 
+    def cache_real(self) -> None:
+        """Write the real features where `real_stats.use_real_cache` said (a collective, like compute)."""
+        self._gathered()
+
     def compute(self) -> float:
         """The Fréchet distance; a collective under torch.distributed: call it on every rank."""
         real, fake = self._gathered()

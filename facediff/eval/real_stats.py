@@ -91,3 +91,19 @@ def use_real_cache(metric, dataset: str | Path, split: str, image_size: int, ran
         return True
     metric.save_real_to = key
     return False
+
+
+def prepare_real_features(cfg) -> bool:
+    """Extract and cache the real split's features of an ExperimentConfig now, in this process: the Tune driver
+    calls it before trials start in parallel (each would otherwise miss the cache and extract them itself).
+    True when they were cached already."""
+    from facediff.eval.evaluate import local_test_batches
+    from facediff.eval.metrics import build_image_distance
+
+    metric = build_image_distance(cfg.eval)
+    if use_real_cache(metric, cfg.data.path, cfg.data.eval_split, cfg.data.image_size):
+        return True
+    for batch in local_test_batches(cfg)():
+        metric.update_real(batch["image"].float())
+    metric.cache_real()
+    return False
