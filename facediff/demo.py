@@ -82,8 +82,10 @@ SWEEP = {
 
 
 def _distances(row: dict) -> dict[str, float]:
-    """The image distance and the mean attribute accuracy (per-attribute values stay in metrics.jsonl)."""
-    return {k: float(v) for k, v in row.items() if k in ("fid", "attr_acc") or k.startswith("fd_")}
+    """The image and kernel distances with their intervals and the mean attribute accuracy (per-attribute values
+    stay in metrics.jsonl)."""
+    return {k: float(v) for k, v in row.items()
+            if k in ("fid", "kid", "attr_acc") or k.startswith(("fd_", "kd_", "fid_", "kid_"))}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -120,7 +120,7 @@ def test_weights_in_the_hub_cache_give_fid(no_weights, monkeypatch, caplog):
         metric = build_image_distance(EvalConfig(fallback_features="none"))
     assert metric.name == "fid" and not caplog.records
     metric.update_real(_noise(2, 32, seed=1))  # Inception gets uint8, resized to 299 inside
-    assert metric.num_real == 2 and metric.metric.real_features_sum.shape == (2048,)
+    assert metric.num_real == 2 and metric.sets.real[0].shape == (2, 2048)
     # no compute(): the eigenvalues of a 2048x2048 float64 product take tens of seconds on 2 CPU cores
 
 

@@ -71,10 +71,16 @@ def test_evaluate_cli_prints_its_protocol_and_saves_it_with_the_value(exported, 
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     metrics = json.loads(lines[-1])
-    assert list(metrics) == ["fd_mtcnn_onet"] and metrics["fd_mtcnn_onet"] > 0  # the labelled fallback, not fid
+    # the labelled fallback (not fid), its kernel distance beside it, each with a bootstrap interval
+    assert set(metrics) == {f"{k}{end}" for k in ("fd_mtcnn_onet", "kd_mtcnn_onet") for end in ("", "_lo", "_hi")}
+    assert metrics["fd_mtcnn_onet"] > 0 and metrics["fd_mtcnn_onet_lo"] < metrics["fd_mtcnn_onet_hi"]
+    assert metrics["kd_mtcnn_onet_lo"] < metrics["kd_mtcnn_onet_hi"]
     saved = json.loads((exported / "evaluation.json").read_text())
     assert saved["metric"] == "fd_mtcnn_onet" and saved["value"] == metrics["fd_mtcnn_onet"]
-    assert saved["results"] == metrics and f"fd_mtcnn_onet {saved['value']:.6g}" in lines
+    value_line = (f"fd_mtcnn_onet {saved['value']:.6g} [{metrics['fd_mtcnn_onet_lo']:.6g}, "
+                  f"{metrics['fd_mtcnn_onet_hi']:.6g}] (95%)")
+    assert saved["results"] == metrics and value_line in lines
+    assert f"kd_mtcnn_onet {metrics['kd_mtcnn_onet']:.6g} [" in result.output
     assert f"saved in {exported / 'evaluation.json'}" in lines
     test_records = json.loads((synthetic_shards / "manifest.json").read_text())["counts"]["test"]
     protocol = saved["protocol"]
@@ -82,6 +88,9 @@ def test_evaluate_cli_prints_its_protocol_and_saves_it_with_the_value(exported, 
                                      "seed", "image_size")} == {
         "split": "test", "split_records": test_records, "num_samples": 6, "samples_from": "eval.num_samples",
         "sampler": "dpm++", "steps": 2, "seed": 1234, "image_size": 32}
+    assert protocol["bootstrap_resamples"] == 200
+    # the real split's features were extracted once and cached beside the dataset for the next evaluation
+    assert (synthetic_shards / "real_features" / "test-mtcnn_onet-32px.safetensors").is_file()
     assert protocol["model"] == {"kind": "export", "path": str(exported),
                                  "weights": "ema (exported at the end of training)"}
     assert saved["overrides"] == ["eval.num_samples=6", "eval.sampler=dpm++"]
@@ -91,7 +100,6 @@ def test_evaluate_cli_prints_its_protocol_and_saves_it_with_the_value(exported, 
     assert f"real: split 'test' of {synthetic_shards} ({test_records} records, 32 px)" in lines
     assert any(line.startswith("samples: 6 (eval.num_samples), sampler dpm++, 2 steps, seed 1234") for line in lines)
     assert any(line.startswith("metric: fd_mtcnn_onet (not FID") for line in lines)
-    value_line = f"fd_mtcnn_onet {saved['value']:.6g}"
     assert lines.index(f"model: exported EMA weights in {exported}") < lines.index(value_line)  # protocol first
     assert not [p.name for p in exported.iterdir() if p.name.startswith(".evaluation.json")]  # no temp left
 

@@ -116,6 +116,16 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
         assert all(float(r["best_fd_mtcnn_onet"]) > 0 for r in rows), rows  # every trial reported the metric
         for r in rows:
             _assert_best_is_one_report(r, REPO / rel / "tune" / "demo" / r["trial"], "fd_mtcnn_onet")
+            # beside the metric: its bootstrap interval and the kernel distance with its own
+            assert float(r["best_fd_mtcnn_onet_lo"]) < float(r["best_fd_mtcnn_onet_hi"]), r
+            assert float(r["kd_mtcnn_onet_lo"]) < float(r["kd_mtcnn_onet_hi"]), r
+        markdown = (REPO / rel / "tune" / "demo" / "results.md").read_text()
+        assert markdown.count(" [") >= 4 and "not separable" in markdown  # values shown with their intervals
+        # the real features were extracted once, by the driver, before any trial: no trial wrote them again
+        cached = list((REPO / rel / "shards" / "real_features").glob("*.safetensors"))
+        first_logged = min(row["time"] for r in rows
+                           for row in read_metrics(REPO / rel / "tune" / "demo" / r["trial"] / "train"))
+        assert len(cached) == 1 and cached[0].stat().st_mtime < first_logged, cached
         best = json.loads((REPO / rel / "tune" / "demo" / "best.json").read_text())
         assert best == summary["best"] and best["checkpoint"] == min(rows, key=lambda r: float(
             r["best_fd_mtcnn_onet"]))["checkpoint"]

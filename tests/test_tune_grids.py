@@ -256,3 +256,35 @@ def test_best_is_one_report_with_its_checkpoint(tmp_path, no_inception):
     exp.dir.mkdir(parents=True, exist_ok=True)
     best = best_trial(list(rows.values()), exp)
     assert best["trial"] == "t2" and json.loads((exp.dir / BEST).read_text())["best_kimg"] == 1.0
+
+
+def test_results_table_shows_the_bootstrap_intervals(tmp_path, no_inception):
+    """The best report's interval and its kernel distance with interval are columns of results.csv, and each value
+    stands beside its interval in results.md, so overlapping rows are visibly not separable."""
+    import csv
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from facediff.tune.results import trial_rows, write_table
+
+    write(tmp_path / "a.yaml", TRAIN)
+    grid = write(tmp_path / "g.yaml", f"train_config: a.yaml\nmetric: fd_x\nstorage_path: {tmp_path}/out\n"
+                 "overrides: {eval.every_kimg: 0.5}\nsearch_space:\n  optimizer.lr: {grid: [1.0e-4, 2.0e-4]}\n")
+    exp = load_experiment(grid)
+    history = pd.DataFrame([
+        {"kimg": 0.5, "fd_x": 3.0, "fd_x_lo": 2.5, "fd_x_hi": 3.5, "kd_x": 0.3, "kd_x_lo": 0.2, "kd_x_hi": 0.4},
+        {"kimg": 1.0, "fd_x": 2.0, "fd_x_lo": 1.5, "fd_x_hi": 2.75, "kd_x": 0.1, "kd_x_lo": 0.05, "kd_x_hi": 0.2},
+    ])
+    result = SimpleNamespace(path=str(exp.dir / "t1"), metrics_dataframe=history, error=None,
+                             config={"optimizer.lr": 1e-4})
+    rows = trial_rows([result], exp)
+    exp.dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = write_table(rows, exp)
+    with open(csv_path) as f:
+        row = next(csv.DictReader(f))
+    assert {k: float(row[k]) for k in ("best_fd_x", "best_fd_x_lo", "best_fd_x_hi", "kd_x", "kd_x_lo", "kd_x_hi")} \
+        == {"best_fd_x": 2.0, "best_fd_x_lo": 1.5, "best_fd_x_hi": 2.75, "kd_x": 0.1, "kd_x_lo": 0.05, "kd_x_hi": 0.2}
+    markdown = md_path.read_text()
+    assert "| 2 [1.5, 2.75] |" in markdown and "| 0.1 [0.05, 0.2] |" in markdown and "not separable" in markdown
+    assert "best_fd_x_lo" not in markdown  # inside the value's cell, not a column of its own

@@ -262,7 +262,8 @@ def evaluate(
         evaluation = evaluate_run(model, split, overrides or [], device, announce=announce)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
-    typer.echo(f"{evaluation['metric']} {evaluation['value']:.6g}")  # before the save: hours of samples
+    for line in protocol.result_lines(evaluation):  # before the save: hours of samples
+        typer.echo(line)
     try:
         saved = protocol.save(evaluation, out)
     except OSError as err:

@@ -310,6 +310,9 @@ class EvalConfig(Strict):
     inception_weights: str | None = None  # a local FID Inception checkpoint; else the torch hub cache
     # Reported as `fd_<name>`, never as `fid`, when the Inception weights cannot be had.
     fallback_features: Literal["none", "mtcnn_onet"] = "mtcnn_onet"
+    # Bootstrap resamples of the generated features for the 95% intervals of FID and KID (`fid_lo`, `fid_hi`,
+    # `kid_lo`, `kid_hi`); 0 = no intervals. Resamples features, not images: seconds at the papers' sizes.
+    bootstrap: Annotated[int, Field(ge=0)] = 200
 
 
 class ExperimentConfig(Strict):

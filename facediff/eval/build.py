@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from facediff.config.schema import ExperimentConfig
+from facediff.data.stream.local_batches import local_test_batches
 from facediff.eval.attributes import AttributeAccuracy, load_or_train_attribute_reader
 from facediff.eval.metrics import ImageDistance, build_image_distance
 from facediff.eval.people import PeopleMetric
+from facediff.eval.real_stats import use_real_cache
 
 
 def build_attribute_metric(cfg: ExperimentConfig) -> AttributeAccuracy | None:
@@ -44,3 +46,16 @@ def build_metrics(cfg: ExperimentConfig, device: torch.device | str) -> Metrics:
         people.crop_distance.to(device)  # not a registered child: moved on its own
     return Metrics(build_image_distance(cfg.eval).to(device), None if attributes is None else attributes.to(device),
                    None if people is None else people.to(device))
+
+
+def prepare_real_features(cfg: ExperimentConfig) -> bool:
+    """Extract and cache the real split's features of an ExperimentConfig now, in this process: the Tune driver
+    calls it before trials start in parallel (each would otherwise miss the cache and extract them itself).
+    True when they were cached already."""
+    metric = build_image_distance(cfg.eval)
+    if use_real_cache(metric, cfg.data.path, cfg.data.eval_split, cfg.data.image_size):
+        return True
+    for batch in local_test_batches(cfg)():
+        metric.update_real(batch["image"].float())
+    metric.cache_real()
+    return False

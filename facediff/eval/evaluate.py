@@ -18,6 +18,7 @@ from facediff.config.schema import ExperimentConfig
 from facediff.data.hashing import owned_by
 from facediff.data.stream.dataset import iter_train_batches
 from facediff.eval.build import build_metrics
+from facediff.eval.real_stats import use_real_cache
 from facediff.models.weights import copy_weights
 from facediff.rng import batch_generator
 from facediff.tasks import DiffusionTask, build_task
@@ -55,7 +56,8 @@ def evaluate_task(
                 continue
             if epoch == 0 and feed_real:
                 real = batch["image"][mine.to(batch["image"].device)].float()
-                metric.update_real(real)
+                if not metric.real_from_cache:
+                    metric.update_real(real)
                 if people_metric is not None:
                     pick = mine.to(batch["face_boxes"].device)
                     people_metric.update_real(real, batch["face_boxes"][pick], batch["face_valid"][pick])
@@ -78,7 +80,7 @@ def evaluate_task(
                 people_metric.update_fake(fake)
         if quota is None or made >= quota or owned == 0:
             break
-    result = {metric.name: float(metric.compute())}  # a collective when torch.distributed is initialised
+    result = metric.compute_all(e.bootstrap, e.seed)  # a collective when torch.distributed is initialised
     metric.reset_fake()
     if attribute_metric is not None:
         result.update(attribute_metric.compute())  # a collective too
@@ -95,6 +97,7 @@ class Evaluator:
     def __init__(self, cfg: ExperimentConfig, test_shard, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.metrics = build_metrics(cfg, device)  # states on the worker's device: compute() all-gathers them
+        use_real_cache(self.metrics.distance, cfg.data.path, cfg.data.eval_split, cfg.data.image_size, rank)
         self.task = build_task(cfg).eval().to(device)  # a plain copy that receives the EMA weights
         self.test_shard = test_shard
         self.real_done = False

@@ -1,32 +1,40 @@
-"""Fréchet distance between real test images and generated ones (FID when the Inception weights can be had).
+"""FID and KID between real test images and generated ones (or labelled fallbacks without the Inception weights).
 
-The metric is torchmetrics' `FrechetInceptionDistance` with a feature module: torch-fidelity's InceptionV3
-(2048-d pool features, i.e. FID) when its weights are found, else the 256-d penultimate layer of MTCNN's ONet,
+Features come from torch-fidelity's InceptionV3 (2048-d pool features, i.e. FID; fed uint8 and resized as
+torch-fidelity resizes) when its weights are found, else from the 256-d penultimate layer of MTCNN's ONet,
 whose weights ship inside facenet-pytorch (so it works offline). A fallback value is reported as
-`fd_mtcnn_onet`, never as `fid`: the numbers are not comparable with published FIDs.
+`fd_mtcnn_onet` / `kd_mtcnn_onet`, never as `fid` / `kid`: the numbers are not comparable with published ones.
+The distances themselves are torch-fidelity's functions (`eval/distances.py`); intervals: `eval/bootstrap.py`.
 
-Distributed: the feature sums are torchmetrics states with `dist_reduce_fx="sum"`; `compute()` all-gathers
-them when torch.distributed is initialised, so EVERY rank must call `compute()` (it is a collective), and the
-states must sit on a device the process group's backend supports (NCCL: `.to("cuda")`).
+Distributed: the feature vectors are torchmetrics list states concatenated across ranks when torch.distributed
+is initialised, so EVERY rank must call `compute()` / `compute_all()` (a collective), and the states must sit on a
+device the process group's backend supports (NCCL: `.to("cuda")`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
 import threading
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import interpolate
-from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics import Metric
+from torchmetrics.image.fid import NoTrainInceptionV3
+from torchmetrics.utilities import dim_zero_cat
 
 from facediff.config.schema import EvalConfig
+from facediff.eval.bootstrap import bootstrap_intervals
+from facediff.eval.distances import frechet_distance, kernel_distance
+from facediff.eval.real_stats import save_real_features
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +92,12 @@ def _download(url: str, dst: Path) -> None:
 
 def _inception_from(path: Path) -> nn.Module:
     # torch-fidelity torch.load()s the path with weights_only=False: only point it at trusted files
+    # antialias=False: torch-fidelity's TensorFlow-1.x-compatible bilinear resize to 299 (torchmetrics' default,
+    # torch's antialiased resize, moves FID by ~0.5% on the same images: docs/evaluation.md#reference)
     net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                             feature_extractor_weights_path=str(path))
-    net.num_features = 2048  # spares torchmetrics a dummy 299x299 forward to find the width
+                             feature_extractor_weights_path=str(path), antialias=False)
+    net.num_features = 2048
+    net.weights_path = str(path)  # its digest is part of the cached real features' key
     return net
 
 
@@ -177,42 +188,67 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-class ImageDistance:
-    """Fréchet distance of feature statistics, real vs generated; images are (N, 3, H, W) floats in [-1, 1].
+class _FeatureSets(Metric):
+    """The real and generated feature vectors; torchmetrics concatenates them across ranks in compute()."""
 
-    The Inception module receives uint8 images (torch-fidelity requires them); other feature modules
-    (the ONet fallback, or an injected `feature_network`) receive floats in [0, 1]. Both are quantised to
-    8 bits first, so real and generated images go through the same path. The real statistics survive
-    `reset_fake()`: feed the fixed real set once, then only new generated sets. An injected network should
-    have an int `num_features`; without it torchmetrics runs it once on a random (1, 3, 299, 299) input.
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("real", default=[], dist_reduce_fx="cat")
+        self.add_state("fake", default=[], dist_reduce_fx="cat")
+
+    def update(self, features: Tensor, real: bool) -> None:
+        (self.real if real else self.fake).append(features.float())
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return dim_zero_cat(self.real), dim_zero_cat(self.fake)
+
+
+class ImageDistance:
+    """FID (or a labelled fallback Fréchet distance) and KID, real vs generated; images are (N, 3, H, W) floats
+    in [-1, 1].
+
+    Both are quantised to 8 bits first (as saved PNGs are), so real and generated images take the same path. The
+    Inception module receives uint8 images (torch-fidelity requires them) and resizes them as torch-fidelity
+    does; other feature modules (the ONet fallback, or an injected `feature_network`) receive floats in [0, 1].
+    The features are kept (n x d floats: small at evaluation sizes), so KID and bootstrap intervals come from the
+    same forward passes, and the statistics are torch-fidelity's (`eval/distances.py`). The real features survive
+    `reset_fake()`: feed (or load, `eval/real_stats.py`) the fixed real set once, then only new generated sets.
     """
 
     def __init__(self, inception: nn.Module | None = None, fallback: str = "mtcnn_onet",
                  feature_network: nn.Module | None = None):
         if feature_network is not None:
             feature, self.name = feature_network, f"fd_{type(feature_network).__name__.lower()}"
+            self.extractor_id = None  # not cached: nothing identifies an injected network's weights
         elif inception is not None:
             feature, self.name = inception, "fid"
+            self.extractor_id = f"inception-{_file_digest(inception.weights_path)}"
         elif fallback == "mtcnn_onet":
             feature, self.name = MTCNNONetFeatures(), "fd_mtcnn_onet"
+            self.extractor_id = "mtcnn_onet"  # weights shipped inside facenet-pytorch
         elif fallback == "none":
             raise InceptionWeightsNotFound(
                 "no FID Inception module and fallback_features='none'; load_inception() looks at "
                 + ", ".join(map(str, inception_candidates(None))) + " (and eval.inception_weights when set)")
         else:
             raise ValueError(f"unknown fallback {fallback!r} (expected 'mtcnn_onet' or 'none')")
+        # the kernel distance beside it, labelled the same way: kid for Inception features, kd_<name> otherwise
+        self.kernel_name = "kid" if self.name == "fid" else "kd_" + self.name[len("fd_"):]
         self._uint8_input = self.name == "fid"
-        self.metric = FrechetInceptionDistance(feature=feature, reset_real_features=False,
-                                               normalize=not self._uint8_input)
-        # torchmetrics sets this in update(); a rank that got no images must still join compute()'s gather
-        self.metric.orig_dtype = torch.float32
+        self.feature = feature.eval().requires_grad_(False)
+        self.sets = _FeatureSets()
+        self.real_from_cache = False  # set by real_stats.use_real_cache: the real images need not be fed
+        self.save_real_to = None  # a real_stats key: save the gathered real features after the first compute
 
     @property
     def device(self) -> torch.device:
-        return self.metric.device
+        return self.sets.device
 
     def to(self, device) -> ImageDistance:
-        self.metric = self.metric.to(device)
+        self.feature = self.feature.to(device)
+        self.sets = self.sets.to(device)
         return self
 
     @torch.no_grad()
@@ -220,7 +256,8 @@ class ImageDistance:
         if images.device.type != "cpu" and self.device.type == "cpu":
             self.to(images.device)  # follow the accelerator the samples come from (once)
         x = to_uint8(images.to(self.device))
-        self.metric.update(x if self._uint8_input else x.float() / 255.0, real=real)
+        features = self.feature(x if self._uint8_input else x.float() / 255.0)
+        self.sets.update(features.reshape(len(x), -1), real=real)
 
     def update_real(self, images: Tensor) -> None:
         self._update(images, real=True)
@@ -228,20 +265,81 @@ class ImageDistance:
     def update_fake(self, images: Tensor) -> None:
         self._update(images, real=False)
 
+    def add_real_features(self, features: Tensor) -> None:
+        self.sets.update(features.to(self.device), real=True)
+
+    def _gathered(self) -> tuple[Tensor, Tensor]:
+        """Every rank's features (a collective under torch.distributed: call it on every rank)."""
+        width = getattr(self.feature, "num_features", None) or self._width()
+        for state in (self.sets.real, self.sets.fake):  # a rank with no vectors still sends a (0, d) block
+            state.append(torch.zeros(0, width, device=self.device))
+        with warnings.catch_warnings():  # "compute before update" on a rank that was dealt no record
+            warnings.simplefilter("ignore", UserWarning)
+            real, fake = self.sets.compute()
+        self.sets._computed = None  # the next call gathers again (new generated features)
+        if self.save_real_to is not None:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+                    or torch.distributed.get_rank() == 0:
+                try:
+                    save_real_features(self.save_real_to, real)
+                except OSError as e:  # a read-only dataset folder: evaluate on, extracting the features again
+                    log.warning("real features not cached at %s: %s", self.save_real_to.path, e)
+            self.save_real_to = None
+        return real, fake
+
+    def _width(self) -> int:
+        blocks = [f for f in (*self.sets.real, *self.sets.fake) if len(f)]
+        if blocks:
+            return blocks[0].shape[1]
+        size = 299 if self._uint8_input else 64  # a rank with no vectors: one dummy forward finds the width
+        dummy = torch.zeros(1, 3, size, size, device=self.device)
+        return self.feature(dummy.to(torch.uint8) if self._uint8_input else dummy).reshape(1, -1).shape[1]
+
+    def cache_real(self) -> None:
+        """Write the real features where `real_stats.use_real_cache` said (a collective, like compute)."""
+        self._gathered()
+
     def compute(self) -> float:
-        """The distance; a collective under torch.distributed: call it on every rank."""
-        return float(self.metric.compute())
+        """The Fréchet distance; a collective under torch.distributed: call it on every rank."""
+        real, fake = self._gathered()
+        return frechet_distance(fake, real)
+
+    def compute_all(self, bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
+        """{name, kernel_name} and, with `bootstrap` resamples of the generated features, `<key>_lo`/`<key>_hi`
+        95% intervals. A collective under torch.distributed: call it on every rank."""
+        real, fake = self._gathered()
+        result = {self.name: frechet_distance(fake, real), self.kernel_name: kernel_distance(fake, real)}
+        if bootstrap > 0:
+            intervals = bootstrap_intervals(fake, real, bootstrap, seed)
+            for key, interval in ((self.name, intervals["fd"]), (self.kernel_name, intervals["kd"])):
+                result[f"{key}_lo"], result[f"{key}_hi"] = interval
+        return result
 
     def reset_fake(self) -> None:
-        self.metric.reset()  # reset_real_features=False keeps the real sums
+        self.sets.fake = []
 
     @property
     def num_real(self) -> int:
-        return int(self.metric.real_features_num_samples)
+        return sum(len(f) for f in self.sets.real)
 
     @property
     def num_fake(self) -> int:
-        return int(self.metric.fake_features_num_samples)
+        return sum(len(f) for f in self.sets.fake)
+
+
+_DIGESTS: dict[str, str] = {}
+
+
+def _file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of the weights file's sha256 (once per process and path)."""
+    path = str(path)
+    if path not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _DIGESTS[path] = digest.hexdigest()[:16]
+    return _DIGESTS[path]
 
 
 def build_image_distance(eval_cfg: EvalConfig) -> ImageDistance:

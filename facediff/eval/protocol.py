@@ -31,6 +31,8 @@ def describe(cfg: ExperimentConfig, split: str, records: int, source: dict, devi
         "steps": e.steps,
         "seed": e.seed,
         "image_size": cfg.data.image_size,
+        # FID/KID as torch-fidelity computes them (docs/evaluation.md#reference-protocol); intervals over the samples
+        "bootstrap_resamples": e.bootstrap,
         "model": source,
         "device": device,
     }
@@ -60,8 +62,25 @@ def protocol_lines(protocol: dict, metric: str) -> list[str]:
         f"real: split {p['split']!r} of {p['dataset']} ({p['split_records']} records, {p['image_size']} px)",
         f"samples: {p['num_samples']} ({p['samples_from']}), sampler {p['sampler']}, {p['steps']} steps, "
         f"seed {p['seed']}{guidance}, on {p['device']}",
-        f"metric: {metric}{caveat}",
+        f"metric: {metric}{caveat} and {kernel_name(metric)}, as torch-fidelity computes them"
+        + (f"; 95% intervals from {p['bootstrap_resamples']} bootstrap resamples of the samples"
+           if p.get("bootstrap_resamples") else ""),
     ]
+
+
+def kernel_name(metric: str) -> str:
+    """KID beside FID; the fallback's kernel distance is labelled like its Fréchet distance (kd_mtcnn_onet)."""
+    return "kid" if metric == "fid" else "kd_" + metric.removeprefix("fd_")
+
+
+def result_lines(evaluation: dict) -> list[str]:
+    """`fid 41.2 [38.9, 44.0]` and `kid 0.031 [0.025, 0.038]`: each value with its 95% interval when measured."""
+    results, lines = evaluation["results"], []
+    for name in (evaluation["metric"], kernel_name(evaluation["metric"])):
+        if name in results:
+            lo, hi = results.get(f"{name}_lo"), results.get(f"{name}_hi")
+            lines.append(f"{name} {results[name]:.6g}" + (f" [{lo:.6g}, {hi:.6g}] (95%)" if lo is not None else ""))
+    return lines
 
 
 def facediff_commit() -> str | None:

@@ -12,6 +12,7 @@ from facediff.data.stream.local_batches import local_test_batches
 from facediff.data.shards import MANIFEST, shard_paths
 from facediff.eval import protocol
 from facediff.eval.build import build_metrics
+from facediff.eval.real_stats import use_real_cache
 from facediff.eval.evaluate import evaluate_task
 from facediff.runs.load import load_model_and_source, resolve_device
 
@@ -36,6 +37,7 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
     cfg, task, source = load_model_and_source(path, overrides, check=enough_records)
     task = task.to(target)
     metrics = build_metrics(cfg, target)
+    use_real_cache(metrics.distance, cfg.data.path, split or cfg.data.eval_split, cfg.data.image_size)
     name = split or cfg.data.eval_split
     described = protocol.describe(cfg, name, records[name], source, str(target))
     if announce is not None:

@@ -15,7 +15,7 @@ import logging
 import posixpath
 from pathlib import Path
 
-from facediff.tune.space import Experiment, load_experiment, param_space
+from facediff.tune.space import Experiment, is_image_metric, load_experiment, param_space
 
 log = logging.getLogger("facediff.tune")
 __all__ = ["Experiment", "load_experiment", "param_space", "run_tune", "required_cpus"]
@@ -54,6 +54,15 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
 
     exp = load_experiment(grid_path, overrides)
     exp.check_data()
+    if is_image_metric(exp.metric):  # once here, not once per trial starting in parallel (docs/evaluation.md)
+        from facediff.config import ExperimentConfig
+        from facediff.eval.build import prepare_real_features
+
+        try:
+            for config in exp.configs.values():  # each training config the grid names, paths resolved
+                prepare_real_features(ExperimentConfig.model_validate(config))
+        except (FileNotFoundError, ValueError) as err:  # the trials' own evaluations will say it, per trial
+            log.warning("real features not prepared: %s", err)
     log.info("experiment %s: %s; metric %s (%s), %s scheduler, trials of %s kimg",
              exp.name, exp.storage.uri, exp.metric, exp.grid.mode, exp.grid.scheduler.kind, exp.total_kimg)
     start_ray(required_cpus(exp))

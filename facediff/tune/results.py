@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from facediff.storage import RunStorage
 from facediff.train.checkpoint import STATE_FILE
 from facediff.train.run_log import METRICS_FILE, read_metrics
-from facediff.tune.space import Experiment
+from facediff.tune.space import Experiment, is_image_metric
 
 log = logging.getLogger("facediff.tune")
 TABLE, MARKDOWN, PLOT, BEST = "results.csv", "results.md", "metric_vs_kimg.png", "best.json"
@@ -56,24 +56,47 @@ def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
             **{key: (result.config or {}).get(key) for key in exp.grid.search_space},
             **({"paper_row": paper.row if paper else ""} if exp.grid.paper_rows else {}),
             f"best_{exp.metric}": best and best[1],
+            **_interval_columns(best, exp.metric),
             **({"paper_fid": paper.fid if paper else None} if exp.grid.paper_rows else {}),
             "best_kimg": best and best[0],
             "kimg": round(kimg, 6),
             "stopped_early": outcome == "stopped early",
             "outcome": outcome if result.error is None else f"error: {type(result.error).__name__}",
             "checkpoint": _scored_checkpoint(run, best, trial_id),
-            "_points": [(k, m) for k, m, _ in reports],
+            "_points": [(k, m) for k, m, *_ in reports],
         })
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def _reports(history, metric: str) -> list[tuple[float, float, str | None]]:
-    """(kimg, metric, checkpoint folder name) of each report the trial made to Tune."""
+def kernel_metric(metric: str) -> str | None:
+    """The kernel distance reported beside an image distance: kid beside fid, kd_<x> beside fd_<x>."""
+    return "kid" if metric == "fid" else ("kd_" + metric[3:] if metric.startswith("fd_") else None)
+
+
+def _interval_keys(metric: str) -> list[str]:
+    """The bootstrap interval of the metric and the kernel distance with its interval (evaluation rows)."""
+    kernel = kernel_metric(metric)
+    return [f"{metric}_lo", f"{metric}_hi"] + ([kernel, f"{kernel}_lo", f"{kernel}_hi"] if kernel else [])
+
+
+def _reports(history, metric: str) -> list[tuple[float, float, str | None, dict]]:
+    """(kimg, metric, checkpoint folder name, the interval keys present) of each report the trial made to Tune."""
     if history is None or metric not in history:
         return []
     paths = history[CHECKPOINT_PATH_KEY] if CHECKPOINT_PATH_KEY in history else [None] * len(history)
-    return [(float(k), float(m), posixpath.basename(p.rstrip("/")) if isinstance(p, str) else None)
-            for k, m, p in zip(history["kimg"], history[metric], paths) if not (math.isnan(k) or math.isnan(m))]
+    extra = [key for key in _interval_keys(metric) if key in history]
+    rows = zip(history["kimg"], history[metric], paths, *(history[key] for key in extra))
+    return [(float(k), float(m), posixpath.basename(p.rstrip("/")) if isinstance(p, str) else None,
+             dict(zip(extra, map(float, rest))))
+            for k, m, p, *rest in rows if not (math.isnan(k) or math.isnan(m))]
+
+
+def _interval_columns(best: tuple | None, metric: str) -> dict[str, float | None]:
+    """The best report's interval, KID and KID interval (None where the trials ran without eval.bootstrap)."""
+    if not is_image_metric(metric):
+        return {}
+    found = best[3] if best else {}
+    return {f"best_{key}" if key.startswith(metric) else key: found.get(key) for key in _interval_keys(metric)}
 
 
 def _best_report(reports: list[tuple], mode: str) -> tuple | None:
@@ -107,8 +130,17 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _cell(row: dict, col: str) -> str:
+    """A value, with its 95% interval beside it when the row has one: `12.3 [10.9, 14.1]`."""
+    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
+    if lo is None or hi is None or row[col] is None:
+        return _fmt(row[col])
+    return f"{_fmt(row[col])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def write_table(rows: list[dict], exp: Experiment) -> tuple[Path, Path]:
     cols = _columns(rows)
+    md_cols = [c for c in cols if not c.endswith(("_lo", "_hi"))]  # shown inside the value's cell
     csv_path, md_path = exp.dir / TABLE, exp.dir / MARKDOWN
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -123,11 +155,14 @@ def write_table(rows: list[dict], exp: Experiment) -> tuple[Path, Path]:
         *(["`paper_fid`: the FID the paper printed for the row (blank: the grid point is not a row of the paper)"
            + ("" if exp.metric == "fid" else f"; `{exp.metric}` is not FID and not comparable with it")]
           if exp.grid.paper_rows else []),
+        *([f"Intervals: bootstrap 95% over each report's generated samples (`eval.bootstrap`); rows whose "
+           "intervals overlap are not separable at this sample size."] if any(c.endswith("_lo") for c in cols)
+          else []),
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        "| " + " | ".join(md_cols) + " |",
+        "|" + "---|" * len(md_cols),
     ]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r, c) for c in md_cols) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
