@@ -97,12 +97,17 @@ def start_tally():
     return ray.remote(num_cpus=0)(_Tally).remote()
 
 
-def describe(summary: dict, limit: int | None = None) -> str:
-    """One line: how many records failed, in which files (and the limit they passed)."""
+def describe(summary: dict, limit: int | None = None, most: int = 3) -> str:
+    """One short line: how many records failed, in which files (and the limit they passed). Short because Ray
+    Train keeps only the last 500 characters of a worker's traceback, whose last line this ends."""
     files = summary["files"]
-    named = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    if len(files) > 1:  # the folder once, then the names
+        folder = os.path.commonpath(files)
+        files = [os.path.relpath(f, folder) for f in files]
+    named = ", ".join(files[:most]) + (f" and {len(files) - most} more" if len(files) > most else "")
+    where = f"in {folder}: {named}" if len(files) > 1 else f"in {named}"
     over = f", more than data.max_bad_records={limit}" if limit is not None else ""
-    return f"{summary['count']} records did not decode{over}, in {named}"
+    return f"{summary['count']} records did not decode{over}, {where}"
 
 
 class BadRecordWatch:
@@ -135,5 +140,5 @@ class BadRecordWatch:
     def check(self, count: int) -> None:
         """Stop the run once more records failed than `data.max_bad_records` allows."""
         if count > self.limit:
-            raise TooManyBadRecords(f"{describe({**self.summary, 'count': count}, self.limit)}; the ids are in "
-                                    "logs/rank0.log. Prepare the dataset again (or raise data.max_bad_records)")
+            raise TooManyBadRecords(f"{describe({**self.summary, 'count': count}, self.limit)} (ids in "
+                                    "logs/rank0.log); prepare those shards again or raise data.max_bad_records")

@@ -217,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if eval_now:
                 metrics.update(evaluator.evaluate(ema, engine.module, state.step))
             if run_log is not None:
-                run_log.write(metrics, sync=save_now)
+                run_log.write(metrics, sync=save_now or bad > cfg.data.max_bad_records)
             bad_records.check(bad)  # after the log: metrics.jsonl shows the count the run stopped at
             if save_now or eval_now:
                 _report(_scored(metrics, score if save_now else None), engine, ema, state, generator, rank, save_now,
