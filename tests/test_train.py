@@ -198,14 +198,23 @@ def test_killed_train_command_resumes_when_run_again(synthetic_shards, tmp_path,
 
 
 def test_nonfinite_loss_on_one_rank_is_skipped_on_all_or_stops_the_run(synthetic_shards, tmp_path):
+    from test_bad_records import with_corrupt_images
+
     steps = 4
-    skip = config(synthetic_shards, tmp_path, extra=[f"trainer.total_kimg={steps * 8 / 1000}",
-                                                     "trainer.on_nonfinite_loss=skip"])
+    # the skipping run also reads shards with a corrupt JPEG each (test_bad_records.py): skipped, named, counted
+    corrupted, corrupt = with_corrupt_images(synthetic_shards, tmp_path / "corrupted")
+    skip = config(corrupted, tmp_path, extra=[f"trainer.total_kimg={steps * 8 / 1000}",
+                                              "trainer.on_nonfinite_loss=skip"])
     train(skip, fault={"nan_at_step": 2})  # rank 0's loss at step 2 is NaN; rank 1's is finite
     rows = read_metrics(tmp_path / "runs" / "run")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # the skipped batch did not count as a step
     assert [r["skipped_nonfinite"] for r in rows] == [0, 1, 1, 1]
     assert all(math.isfinite(r["loss"]) for r in rows)  # the NaN never reached the weights or the mean
+    counts = [r["bad_records"] for r in rows]  # every decode call met one, so the first log counts one or more
+    assert counts == sorted(counts) and 1 <= counts[0] and counts[-1] <= len(corrupt), counts
+    named = re.findall(r"record (\d+) of (\S+) does not decode", (tmp_path / "runs" / "run" / "logs" / "rank0.log")
+                       .read_text())
+    assert 1 <= len(named) <= counts[-1] and all(corrupt[int(i)] == file for i, file in named), (named, corrupt)
 
     stop = config(synthetic_shards, tmp_path, extra=[f"trainer.total_kimg={steps * 8 / 1000}",
                                                      "trainer.run_name=stop"])  # the default: stop

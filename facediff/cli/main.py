@@ -106,6 +106,7 @@ def train(
 ) -> None:
     """Train with Ray Train + DeepSpeed; re-running the same run name resumes it (docs/resuming.md)."""
     from facediff.config import resolve_paths
+    from facediff.data.staging import refuse_file_on_path
     from facediff.train.identity import check_resume
     from facediff.train.run import check_inputs, run_storage, train as run
 
@@ -118,8 +119,11 @@ def train(
     try:  # both again in `run`, here for one error line and exit code 2 before Ray starts
         resolved = resolve_paths(cfg)
         check_inputs(resolved)
-        check_resume(resolved, run_storage(resolved), resume_with_changes)
-    except (FileNotFoundError, ValueError) as err:
+        storage = run_storage(resolved)
+        if not storage.remote:  # a run folder under a file: one line now, not NotADirectoryError from Ray later
+            refuse_file_on_path(storage.local)
+        check_resume(resolved, storage, resume_with_changes)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         _fail(str(err))
     from facediff.train.placement import PlacementError
 

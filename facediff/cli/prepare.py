@@ -21,7 +21,7 @@ prepare_app = typer.Typer(help="Turn datasets into Parquet shards.", no_args_is_
 
 def _write_tree(write, out: Path, n: int, what: str, **options) -> None:
     """A generated source tree (`synthetic`, `synthetic-coco`): its writers check options and stage the tree."""
-    with user_errors():
+    with user_errors(ValueError, FileNotFoundError, FileExistsError):  # FileExistsError: OUT or a parent is a file
         write(out, n=n, **options)
     typer.echo(f"wrote {n} {what} to {out}")
 

@@ -54,6 +54,9 @@ class DataConfig(Strict):
     # Normalize([0.5], [0.5]): pixel models denoise images in [-1, 1]; false keeps them in [0, 1] (Table VI's
     # `no_norm` runs). Pixel families only: latent families always encode images in [-1, 1].
     normalize: bool = True
+    # Records whose image or label map does not decode that a run skips (each logged with its id and shard file,
+    # counted in metrics.jsonl as `bad_records`) before it stops naming the files; 0: the first one stops it.
+    max_bad_records: Annotated[int, Field(ge=0)] = 10
 
     @field_validator("part_groups")
     @classmethod

@@ -28,7 +28,20 @@ def check_at_least(*checks: tuple[str, int | None, int]) -> None:
             raise ValueError(f"{option} {value}: must be at least {least}")
 
 
+def refuse_file_on_path(out: Path) -> None:
+    """OUT (or a folder it would be made in) must not be a file: found before any work, named in one line
+    (also a run folder: `facediff train`)."""
+    out = Path(out).absolute()
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                where = "exists and is not a folder" if folder == out else f"cannot be made: {folder} is a file"
+                raise FileExistsError(f"{out}: {where}; give a folder to write into")
+            return
+
+
 def refuse_existing(out: Path, overwrite: bool) -> None:
+    refuse_file_on_path(out)
     if (Path(out) / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"{Path(out) / MANIFEST}: a prepared dataset is already there "
                               "(pass --overwrite to replace)")
@@ -49,9 +62,8 @@ def staged_output(out: str | Path, owned: Iterable[str], last: str | None = MANI
     `owned`: the top-level names the writer replaces (split folders, the manifest); one of them absent from the
     staging folder is removed from `out` (e.g. a split no longer asked for). `last` is taken out of `out` first
     and put in last, so a folder caught half-swapped never looks complete."""
+    refuse_file_on_path(out)  # found now, not after the whole run at the swap
     out = Path(out).resolve()
-    if out.exists() and not out.is_dir():  # found now, not after the whole run at the swap
-        raise FileExistsError(f"{out}: exists and is not a folder; give a folder to write into")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

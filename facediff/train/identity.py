@@ -48,6 +48,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "trainer.log_every_steps": "logging cadence",
     "trainer.max_failures": "worker restarts allowed",
     "trainer.on_nonfinite_loss": "what a non-finite loss does",
+    "data.max_bad_records": "how many undecodable records a run skips before it stops",
     "trainer.resources_per_worker": "what Ray reserves per worker (not the worker count)",
     "trainer.placement": "where Ray places the workers",
     "trainer.placement_timeout_s": "how long the start waits for the workers to be placed",

@@ -30,6 +30,7 @@ import torch
 
 from facediff.config.schema import ExperimentConfig
 from facediff.console import hold_log
+from facediff.data.stream.bad_records import BadRecordWatch
 from facediff.data.stream.dataset import iter_train_batches
 from facediff.eval.evaluate import Evaluator
 from facediff.tasks import build_task
@@ -116,6 +117,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # noise, timesteps and condition dropout are drawn on the device (see `diffusion.DenoisingLoss.noise`)
     generator = torch.Generator(device=device).manual_seed(cfg.trainer.seed * 1_000_003 + rank)
     skipped_nonfinite = 0  # steps skipped for a non-finite loss in this attempt (trainer.on_nonfinite_loss)
+    # records the decode step dropped (`data.bad_records`): counted by the run's tally, read at each log
+    bad_records = BadRecordWatch(loop_config.get("bad_records"), cfg.data.max_bad_records, rank)
     poison_at = (loop_config.get("fault") or {}).get("nan_at_step")  # tests: the step whose loss turns NaN
     # stop: the check waits on the device until the next log, evaluation or checkpoint (no host sync per step);
     # skip must decide before each backward, so it pays one small all-reduce and a sync per step
@@ -193,6 +196,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise NonFiniteLoss(f"step {bad}: the loss is not finite on at least one rank (found at step "
                                     f"{state.step}'s log; nothing after it was saved); trainer.on_nonfinite_loss=skip "
                                     "skips such steps")
+            bad = bad_records.count(device)  # before anything is logged: a run past the limit stops here
             means = mean_across_ranks(
                 {"loss": float(window_loss) / max(1, window_n),
                  **{name: float(total) / max(1, window_n) for name, total in sorted(window_terms.items())}},
@@ -207,11 +211,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "ema_decay": decay,
                 "images_per_s": window_n * cfg.trainer.batch_size * world / (time.time() - window_start),
                 "skipped_nonfinite": skipped_nonfinite,
+                "bad_records": bad,
             }
             if eval_now:
                 metrics.update(evaluator.evaluate(ema, engine.module, state.step))
             if run_log is not None:
-                run_log.write(metrics, sync=save_now)
+                run_log.write(metrics, sync=save_now or bad > cfg.data.max_bad_records)
+            bad_records.check(bad)  # after the log: metrics.jsonl shows the count the run stopped at
             if save_now or eval_now:
                 _report(_scored(metrics, score if save_now else None), engine, ema, state, generator, rank, save_now,
                         consumed)

@@ -25,6 +25,7 @@ from facediff.config.schema import ExperimentConfig, model_autoencoder
 from facediff.console import RunProgressLine
 from facediff.data.prepare.latents import check_cached_latents
 from facediff.data.stream import passes
+from facediff.data.stream.bad_records import check_parquet_files, describe, start_tally
 from facediff.data.shards import check_train_records, shard_paths, split_rows
 from facediff.data.stream.dataset import build_dataset
 from facediff.eval.build import build_attribute_metric
@@ -89,12 +90,13 @@ def epochs_per_pass(cfg: ExperimentConfig) -> int:
     return passes.epochs_per_pass(cfg.data.epochs_per_pass, split_rows(Path(cfg.data.path), cfg.data.train_split))
 
 
-def train_dataset(experiment: dict, run: RunStorage) -> ray.data.Dataset:
+def train_dataset(experiment: dict, run: RunStorage, bad_records=None) -> ray.data.Dataset:
     """The training split as the run continues from its latest checkpoint: passes (flips, file order) counted
     from the checkpoint's pass, and the records already consumed in it left out of the first one.
 
     Ray Train calls this (a dataset factory) each time it starts the workers, in a new `fit()` and after a
-    worker failure alike, so the pipeline is built for the checkpoint the workers are about to restore."""
+    worker failure alike, so the pipeline is built for the checkpoint the workers are about to restore.
+    `bad_records`: the run's tally of records that do not decode (`data.bad_records`)."""
     cfg = ExperimentConfig.model_validate(experiment)
     point = resume_point(run)
     if point.checkpoint:
@@ -103,7 +105,8 @@ def train_dataset(experiment: dict, run: RunStorage) -> ray.data.Dataset:
     d = cfg.data
     return build_dataset(d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, epoch=None,
                          first_epoch=point.epoch, epochs_per_pass=epochs_per_pass(cfg),
-                         skip_ids=checkpoint.by_epoch(point.consumed), **_dataset_options(cfg))
+                         skip_ids=checkpoint.by_epoch(point.consumed), bad_records=bad_records,
+                         **_dataset_options(cfg))
 
 
 def data_config(cfg: ExperimentConfig) -> DataConfig:
@@ -124,21 +127,22 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     """The dataset a run reads, checked before any output or Ray process exists (ValueError/FileNotFoundError
     naming the file and key): its splits' shards, the data regime (`data.train_records`), the cached latents."""
     d = cfg.data
-    shard_paths(d.path, d.train_split)
+    check_parquet_files(shard_paths(d.path, d.train_split))  # a truncated shard: named now, not mid-run by Ray
     if cfg.eval.every_kimg is not None:
-        shard_paths(d.path, d.eval_split)
+        check_parquet_files(shard_paths(d.path, d.eval_split))
     check_train_records(d.path, d.train_split, d.train_records)
     if d.use_latents:
         check_cached_latents(d.path, model_autoencoder(cfg.model))
 
 
-def build_datasets(cfg: ExperimentConfig, run: RunStorage) -> dict:
-    train = functools.partial(train_dataset, cfg.model_dump(mode="json"), run)
+def build_datasets(cfg: ExperimentConfig, run: RunStorage, bad_records=None) -> dict:
+    train = functools.partial(train_dataset, cfg.model_dump(mode="json"), run, bad_records)
     train()  # checks shards, manifest and options now, in the driver, with a readable error
     datasets = {"train": train}
     if cfg.eval.every_kimg is not None:
         d = cfg.data
-        datasets["test"] = build_dataset(d.path, d.eval_split, hflip=False, shuffle=False, **_dataset_options(cfg))
+        datasets["test"] = build_dataset(d.path, d.eval_split, hflip=False, shuffle=False, bad_records=bad_records,
+                                         **_dataset_options(cfg))
     return datasets
 
 
@@ -180,6 +184,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             load_inception(cfg.eval.inception_weights, cfg.eval.fallback_features)
         build_attribute_metric(cfg)  # trains and caches the attribute reader once, before any worker needs it
     init_ray(cfg)
+    bad_records = start_tally()  # every decode task reports undecodable records to it; the loop reads it
     t = cfg.trainer
     request = WorkerRequest.of(t.num_workers, t.use_gpu, t.resources_per_worker, t.placement,
                                timeout_s=t.placement_timeout_s)
@@ -189,7 +194,8 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
                            "trace_dir": str(trace_dir) if trace_dir else None,
                            "epochs_per_pass": epochs_per_pass(cfg), "resumption": asdict(resumption),
-                           "score": score, "train_rows": split_rows(Path(cfg.data.path), cfg.data.train_split)},
+                           "score": score, "train_rows": split_rows(Path(cfg.data.path), cfg.data.train_split),
+                           "bad_records": bad_records},
         scaling_config=ScalingConfig(
             num_workers=cfg.trainer.num_workers,
             use_gpu=cfg.trainer.use_gpu,
@@ -207,7 +213,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
             failure_config=failure_config(request, cfg.trainer.max_failures),
             callbacks=list(callbacks or []),
         ),
-        datasets=build_datasets(cfg, storage),
+        datasets=build_datasets(cfg, storage, bad_records),
         dataset_config=data_config(cfg),
     )
     with placement_timeout(request):
@@ -224,4 +230,6 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     for written_by_rank0 in (METRICS_FILE, "tensorboard"):  # into the driver's mirror (rank 0 may be elsewhere)
         storage.pull(written_by_rank0)
     log.info("run %s finished; EMA model exported to %s", run_name(cfg), f"{storage.uri}/{EXPORT_DIR}")
+    if (skipped := ray.get(bad_records.summary.remote()))["count"]:
+        log.warning("%s: skipped (ids in %s)", describe(skipped), f"{storage.uri}/logs/rank0.log")
     return out

@@ -19,6 +19,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from facediff.data.stream.bad_records import bad_record, keep_rows, report
+
 MAX_FACES = 8
 MAX_PERSON_BOXES = 16
 CAPTION_BYTES = 256
@@ -72,26 +74,33 @@ def draw_captions(ids: np.ndarray, captions, *, seed: int, epochs: np.ndarray) -
 
 
 def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: bool, seed: int, epochs: np.ndarray,
-                      flip_decisions) -> dict[str, np.ndarray]:
+                      flip_decisions, bad_records=None) -> dict[str, np.ndarray]:
     """Decode one batch of COCO people rows at `image_size` (see the module docstring for the columns);
-    `epochs` (B,) int64: each row's data epoch."""
+    `epochs` (B,) int64: each row's data epoch. A row that does not decode is left out, logged and counted
+    (`bad_records.py`)."""
     ids = np.array(batch["id"], dtype=np.int64)
     n, s = len(ids), image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
     persons = np.empty((n, s, s), dtype=np.uint8)
     scale = np.ones(n, dtype=np.float32)
+    keep, bad = np.ones(n, dtype=bool), []
     for row, (image_bytes, persons_bytes) in enumerate(zip(batch["image"], batch["persons"])):
-        image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-        label = Image.open(io.BytesIO(persons_bytes))
-        if label.mode not in ("L", "P"):
-            raise ValueError(f"record {ids[row]}: persons must be a single-channel label PNG, got mode {label.mode!r}")
-        scale[row] = s / image.width
-        if image.size != (s, s):
-            resample = Image.Resampling.LANCZOS if image.width > s else Image.Resampling.BICUBIC
-            image = image.resize((s, s), resample)
-        if label.size != (s, s):
-            label = label.resize((s, s), Image.Resampling.NEAREST)  # never blend labels
-        images[row], persons[row] = np.asarray(image), np.asarray(label)
+        try:
+            image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+            label = Image.open(io.BytesIO(persons_bytes))
+            if label.mode not in ("L", "P"):
+                raise ValueError(f"persons must be a single-channel label PNG, got mode {label.mode!r}")
+            scale[row] = s / image.width
+            if image.size != (s, s):
+                resample = Image.Resampling.LANCZOS if image.width > s else Image.Resampling.BICUBIC
+                image = image.resize((s, s), resample)
+            if label.size != (s, s):
+                label = label.resize((s, s), Image.Resampling.NEAREST)  # never blend labels
+            images[row], persons[row] = np.asarray(image), np.asarray(label)
+        except Exception as err:  # noqa: BLE001 - whatever a corrupt record raises, the record is skipped
+            keep[row] = False
+            bad.append(bad_record(batch, row, ids, err))
+    report(bad, bad_records)
     person_boxes, person_valid = _boxes(batch["person_boxes"], MAX_PERSON_BOXES)
     face_boxes, face_valid = _boxes(batch["face_boxes"], MAX_FACES)
     face_scores = _scores(batch["face_scores"], MAX_FACES)
@@ -106,7 +115,7 @@ def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: b
             mirrored = boxes[flip].copy()
             mirrored[..., 0], mirrored[..., 2] = s - boxes[flip][..., 2], s - boxes[flip][..., 0]
             boxes[flip] = mirrored * valid[flip][..., None]  # padding stays all-zero
-    return {
+    return keep_rows({
         "id": ids,
         "epoch": epochs,
         "flipped": flip.astype(np.uint8),
@@ -118,4 +127,4 @@ def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: b
         "face_valid": face_valid,
         "face_scores": face_scores,
         "caption": encode_captions(draw_captions(ids, batch["captions"], seed=seed, epochs=epochs)),
-    }
+    }, keep)

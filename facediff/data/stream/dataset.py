@@ -29,6 +29,7 @@ from PIL import Image
 from ray.data import FileShuffleConfig
 from ray.data.collate_fn import DefaultCollateFn
 
+from facediff.data.stream.bad_records import bad_record, keep_rows, report
 from facediff.data.celebamask import NUM_ATTRIBUTES, NUM_PART_CLASSES
 from facediff.data.hashing import splitmix64
 from facediff.data.stream.coco import COCO_KIND, decode_coco_batch
@@ -129,8 +130,12 @@ def decode_batch(
     seed: int,
     epoch: int | None,
     latent_shape: tuple[int, int, int] | None = None,
+    bad_records=None,
 ) -> dict[str, np.ndarray]:
     """Decode one batch of shard rows (numpy format); the function `map_batches` runs.
+
+    A row whose image or label map does not decode is left out of the output, logged with its id and shard file
+    and added to the run's `bad_records` tally (`bad_records.py`; None: logged only).
 
     `epoch=None` takes each row's data epoch from its "epoch" column (`passes.ShardPasses` writes it), so every
     epoch of a pass flips differently while flips stay a function of (seed, epoch, id).
@@ -146,12 +151,18 @@ def decode_batch(
         if latent_shape is not None:
             raise ValueError("COCO people shards have no cached latents: set data.use_latents to false")
         return decode_coco_batch(batch, image_size=image_size, hflip=hflip, seed=seed, epochs=epochs,
-                                 flip_decisions=flip_decisions)
+                                 flip_decisions=flip_decisions, bad_records=bad_records)
     images = np.empty((n, s, s, 3), dtype=np.uint8)
-    parts = np.empty((n, s, s), dtype=np.uint8)
+    parts = np.zeros((n, s, s), dtype=np.uint8)  # zeros: a failed row's labels must not trip the check below
+    keep, bad = np.ones(n, dtype=bool), []
     for row, (image_bytes, parts_bytes) in enumerate(zip(batch["image"], batch["parts"])):
-        images[row] = _decode_image(image_bytes, s)
-        parts[row] = _decode_parts(parts_bytes, s)
+        try:
+            images[row] = _decode_image(image_bytes, s)
+            parts[row] = _decode_parts(parts_bytes, s)
+        except Exception as err:  # noqa: BLE001 - whatever a corrupt record raises, the record is skipped
+            keep[row] = False
+            bad.append(bad_record(batch, row, ids, err))
+    report(bad, bad_records)
     if parts.max(initial=0) >= NUM_PART_CLASSES:
         raise ValueError(f"parts hold label {parts.max()}, the label map has {NUM_PART_CLASSES} classes")
 
@@ -178,7 +189,7 @@ def decode_batch(
     }
     if latent_shape is not None:
         out["latents"] = _decode_latents(batch, tuple(latent_shape), flip if hflip else None)
-    return out
+    return keep_rows(out, keep)
 
 
 def _default_read_parallelism(dataset: Path, split: str, num_files: int, per_cpu: bool = True,
@@ -235,6 +246,7 @@ def build_dataset(
     first_epoch: int = 0,
     epochs_per_pass: int = 1,
     skip_ids: dict[int, set[int]] | None = None,
+    bad_records=None,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset of decoded rows of one split (see `decode_batch` for the columns).
 
@@ -256,6 +268,9 @@ def build_dataset(
     use_latents=True adds the cached "latents" column (shards written by `facediff prepare latents`, encoded at
     `image_size`; with `hflip` they must hold the mirrored images' latents too). Without it the latent columns
     are not even read.
+
+    `bad_records`: the run's tally of records that do not decode (`bad_records.start_tally`); they are skipped
+    either way.
     """
     if image_size <= 0:
         raise ValueError(f"image_size must be > 0, got {image_size}")
@@ -280,7 +295,7 @@ def build_dataset(
                          epochs_per_pass=epochs_per_pass, advance=epoch is None, skip=skip_ids)
     # as many blocks as read tasks: more would make Ray split every task's output
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks())
-    kwargs = dict(image_size=image_size, hflip=hflip, seed=seed, epoch=None)
+    kwargs = dict(image_size=image_size, hflip=hflip, seed=seed, epoch=None, bad_records=bad_records)
     if latent_shape is not None:
         kwargs["latent_shape"] = latent_shape
     return ds.map_batches(decode_batch, batch_size=DECODE_BATCH_ROWS, batch_format="numpy", fn_kwargs=kwargs)

@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from facediff.data.stream.bad_records import SHARD_FILE_COLUMN
+
 EPOCH_COLUMN = "epoch"
 
 
@@ -41,7 +43,11 @@ def _read_row_groups(path: str, groups: list[int], columns: list[str] | None, ep
     table = pq.ParquetFile(path).read_row_groups(groups, columns=columns)
     if skip is not None and len(skip):
         table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(skip, type=pa.int64()))))
-    yield table.append_column(EPOCH_COLUMN, pa.array(np.full(table.num_rows, epoch, dtype=np.int64)))
+    table = table.append_column(EPOCH_COLUMN, pa.array(np.full(table.num_rows, epoch, dtype=np.int64)))
+    # which file each row came from, for the decode step to name a record that does not decode (`bad_records`);
+    # dictionary-encoded: one string per read task, not per row
+    files = pa.DictionaryArray.from_arrays(pa.array(np.zeros(table.num_rows, dtype=np.int32)), pa.array([path]))
+    yield table.append_column(SHARD_FILE_COLUMN, files)
 
 
 class ShardPasses(Datasource):
@@ -62,7 +68,10 @@ class ShardPasses(Datasource):
         self.tasks_per_file = [self._plan_file(path, max(1, rows_per_task)) for path in self.paths]
 
     def _plan_file(self, path: str, rows_per_task: int) -> list[tuple[list[int], int, int]]:
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowException) as err:  # pyarrow's message does not say which file
+            raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
         tasks, groups, rows, size = [], [], 0, 0
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
