@@ -144,6 +144,7 @@ def test_each_test_record_is_evaluated_by_exactly_one_rank(tiny_config, num_samp
     """Two ranks read the split in different orders (as Ray Data hands it out): dealt by id, the records they
     evaluate partition the split (dealt by position, 1,093 of 3,000 were skipped and 827 doubled)."""
     from facediff.eval.evaluate import evaluate_task
+    from facediff.train.distributed import owned_by
 
     cfg = tiny_config([f"eval.num_samples={num_samples if num_samples else 'null'}"])
     ids = np.random.default_rng(0).choice(30_000, size=100, replace=False)
@@ -158,7 +159,5 @@ def test_each_test_record_is_evaluated_by_exactly_one_rank(tiny_config, num_samp
     else:
         assert len(made) == num_samples and set(tasks[0].ids).isdisjoint(tasks[1].ids)
         assert abs(len(tasks[0].ids) - len(tasks[1].ids)) <= 1
-    from facediff.train.distributed import owned_by
-
     owners = owned_by(ids, 0, 2)
     assert 30 < int(owners.sum()) < 70  # dealt roughly evenly
