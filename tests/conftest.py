@@ -1,8 +1,11 @@
-"""Shared pytest fixtures. Add new fixtures below; keep each one independent of the others."""
+"""Shared pytest fixtures: the local Ray cluster, the tiny config, and every dataset or export more than one test
+file reads (built once per session here, never again in a test file)."""
 
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout; tests import it from here (`from conftest import REPO`)
 
 # Declare more logical CPUs than this 2-core machine has: with num_cpus=2, two Train workers at 1 CPU each
 # leave Ray Data no CPU and training waits forever without an error (measured: see the shared notes on Ray here).
@@ -37,8 +40,6 @@ def ray_session(ray_cluster):
     return ray_cluster
 
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def tiny_config():
@@ -51,17 +52,83 @@ def tiny_config():
     return make
 
 
+# ------------------------------------------------------------------------------------------ shared data
+# Built once per session and read-only by convention: a test that changes one copies it to its tmp_path first.
+CELEBAMASK_TREE = {"n": 48, "size": 64, "seed": 0}  # the default synthetic CelebAMask-HQ tree (train 44, test 4)
+COCO_TREE = {"n": 16, "size": 320, "seed": 1, "val_fraction": 0.25}  # the default synthetic COCO tree
+
+
+def _tree_factory(tmp_path_factory, name, write, defaults):
+    """A session factory: `build(**kw)` writes a tree with `write` (`defaults` updated by `kw`) the first time those
+    arguments are asked for and returns the same folder every later time."""
+    made = {}
+
+    def build(**kw):
+        kw = defaults | kw
+        key = tuple(sorted(kw.items()))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp(name) / "raw"
+            write(made[key], workers=2, progress=False, **kw)
+        return made[key]
+
+    return build
+
+
 @pytest.fixture(scope="session")
-def synthetic_shards(tmp_path_factory):
-    """48 synthetic faces prepared into shards at 32 px (train 44, test 4), shared by the training tests."""
-    from facediff.data.prepare.celebamask import prepare_celebamask
+def synthetic_celebamask(tmp_path_factory):
+    """Factory: a synthetic tree in CelebAMask-HQ's release layout, `CELEBAMASK_TREE` unless told otherwise."""
     from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_celebamask(root / "raw", n=48, size=64, seed=0, workers=2, progress=False)
-    prepare_celebamask(root / "raw", root / "shards", image_size=32, mask_size=32, rows_per_shard=8, workers=2,
+    return _tree_factory(tmp_path_factory, "celebamask", write_synthetic_celebamask, CELEBAMASK_TREE)
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(synthetic_celebamask, tmp_path_factory):
+    """The default synthetic faces prepared into shards at 32 px (train 44, test 4), shared by the training tests."""
+    from facediff.data.prepare.celebamask import prepare_celebamask
+
+    out = tmp_path_factory.mktemp("synthetic") / "shards"
+    prepare_celebamask(synthetic_celebamask(), out, image_size=32, mask_size=32, rows_per_shard=8, workers=2,
                        progress=False)
-    return root / "shards"
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_coco(tmp_path_factory):
+    """Factory: a synthetic tree of people scenes in COCO's layout, `COCO_TREE` unless told otherwise."""
+    from facediff.data.synthetic.coco import write_synthetic_coco
+
+    return _tree_factory(tmp_path_factory, "coco", write_synthetic_coco, COCO_TREE)
+
+
+@pytest.fixture(scope="session")
+def coco_shards(synthetic_coco, tmp_path_factory):
+    """The default people scenes prepared at 64 px, the tiny ControlNet's size."""
+    from facediff.data.prepare.coco import prepare_coco
+
+    out = tmp_path_factory.mktemp("coco") / "shards"
+    prepare_coco(synthetic_coco(), out, image_size=64, rows_per_shard=6, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(synthetic_shards, tmp_path_factory):
+    """The tiny UNet with weights no fresh build has (so a round trip cannot pass by chance), exported as training
+    exports it, reading `synthetic_shards`; `expected.pt` beside the folder holds its state dict."""
+    import torch
+
+    from facediff.config import load_config
+    from facediff.tasks import build_task
+
+    cfg = load_config(REPO / "configs/experiments/tiny/tiny_unet.yaml", [f"data.path={synthetic_shards}", "eval.steps=2"])
+    out = tmp_path_factory.mktemp("export") / "model"
+    task = build_task(cfg)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+    task.export(out)
+    torch.save(task.state_dict(), out.parent / "expected.pt")
+    return out
 
 
 def two_trial_grid(total_kimg: float) -> str:

@@ -17,16 +17,14 @@ STEPS, WIDTH = 300, 16  # measured: see the report in test_real_faces_read_back_
 
 
 @pytest.fixture(scope="session")
-def attribute_data(tmp_path_factory):
+def attribute_data(synthetic_celebamask, tmp_path_factory):
     """A prepared set of synthetic faces at 32 px, a reader trained on its train split, and fresh faces
     (another seed, so none was trained on) rendered at 64 px and shrunk as `prepare` does."""
     from facediff.data.prepare.celebamask import prepare_celebamask
-    from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 
     root = tmp_path_factory.mktemp("attributes")
-    write_synthetic_celebamask(root / "raw", n=N_DATASET, size=64, seed=0, workers=2, progress=False)
-    prepare_celebamask(root / "raw", root / "shards", image_size=SIZE, mask_size=SIZE, rows_per_shard=256,
-                       workers=2, progress=False)
+    prepare_celebamask(synthetic_celebamask(n=N_DATASET, size=64), root / "shards", image_size=SIZE, mask_size=SIZE,
+                       rows_per_shard=256, workers=2, progress=False)
     reader = load_or_train_attribute_reader(root / "shards", SIZE, steps=STEPS, seed=0, width=WIDTH,
                                             progress=False)
     faces = [render_face(i, 64, seed=1) for i in range(N_EVAL)]

@@ -1,6 +1,5 @@
 """facediff.models.autoencoder: presets, the frozen codec, scaling, and loading real weights offline."""
 
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, VQModel
@@ -11,8 +10,9 @@ from facediff.config.schema import AutoencoderConfig
 from facediff.models.autoencoder import LatentCodec, latent_shape, scaling_factor
 from facediff.models.pretrained import WeightsNotFound, from_config, preset_config
 
+from conftest import REPO
+
 TINY = {"vq": "tiny_vq", "kl": "tiny_kl"}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def codec(kind, **kw):

@@ -18,12 +18,11 @@ from facediff.config import dump_config, load_config
 from facediff.data import celebamask
 from facediff.data.prepare.celebamask import assign_splits
 from facediff.data.shards import read_manifest, shard_paths
-from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 from facediff.runs.load import load_model
 from facediff.tasks import build_task
 from facediff.train.checkpoint import EMA_FILE, STATE_FILE, TrainState
 
-from conftest import REPO
+from conftest import CELEBAMASK_TREE, REPO
 
 TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
 runner = CliRunner()
@@ -57,6 +56,21 @@ def test_config_that_is_not_utf8(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("description: caf\xe9\n".encode("latin-1"))
     user_error(invoke("config", path), path, "UTF-8")
+
+
+# ---------------------------------------------------------------------------------------------- train
+def test_a_config_of_one_regime_on_the_other_dataset_is_refused_before_training(synthetic_shards, tmp_path):
+    from facediff.train.run import check_inputs
+
+    cfg = load_config(TINY, [f"data.path={synthetic_shards}", "data.train_records=2700"])
+    with pytest.raises(ValueError, match=r"data.train_records: the config trains on 2700 records, but .*"
+                                         r"manifest.json holds 44 in split 'train'"):
+        check_inputs(cfg)
+    check_inputs(load_config(TINY, [f"data.path={synthetic_shards}", "data.train_records=44"]))
+    result = runner.invoke(app, ["train", str(TINY), f"data.path={synthetic_shards}",
+                                "data.train_records=2700", f"trainer.storage_path={tmp_path / 'runs'}"])
+    assert result.exit_code == 2 and "--train-size 2700" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
 # ------------------------------------------------------------------------------------- runs and exports
@@ -144,17 +158,10 @@ def test_ema_weights_of_another_architecture(tmp_path, tiny, weights):
     user_error(invoke("evaluate", run), run / "checkpoint_000000001" / EMA_FILE, "do not fit", "config.yaml")
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "model"
-    build_task(load_config(TINY)).export(out)
-    return out
-
-
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])
-def test_export_with_damaged_weights(tmp_path, export, damage, never_sample):
+def test_export_with_damaged_weights(tmp_path, tiny_export, damage, never_sample):
     model = tmp_path / "model"
-    shutil.copytree(export, model)
+    shutil.copytree(tiny_export, model)
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:1000])
@@ -173,22 +180,29 @@ def test_export_with_damaged_weights(tmp_path, export, damage, never_sample):
     (["--attributes", ""], "--attributes ''"),
     (["--attributes", " , "], "--attributes"),
 ])
-def test_sample_options_checked_before_sampling(tmp_path, export, args, option, never_sample):
-    user_error(invoke("sample", export, "--out", tmp_path / "x.png", *args), option)
+def test_sample_options_checked_before_sampling(tmp_path, tiny_export, args, option, never_sample):
+    user_error(invoke("sample", tiny_export, "--out", tmp_path / "x.png", *args), option)
     assert not (tmp_path / "x.png").exists()
 
 
-def test_sample_output_path_checked_before_sampling(tmp_path, export, never_sample):
-    user_error(invoke("sample", export, "--out", tmp_path / "x.txt"), "--out", "x.txt", ".png")
+def test_sample_output_path_checked_before_sampling(tmp_path, tiny_export, never_sample):
+    user_error(invoke("sample", tiny_export, "--out", tmp_path / "x.txt"), "--out", "x.txt", ".png")
     (tmp_path / "file").write_text("")
-    user_error(invoke("sample", export, "--out", tmp_path / "file" / "x.png"), "--out", tmp_path / "file")
-    user_error(invoke("sample", export, "--individual", tmp_path / "file" / "each"), "--individual")
+    user_error(invoke("sample", tiny_export, "--out", tmp_path / "file" / "x.png"), "--out", tmp_path / "file")
+    user_error(invoke("sample", tiny_export, "--individual", tmp_path / "file" / "each"), "--individual")
     assert not (tmp_path / "x.txt").exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_device_option_errors_are_one_line(command, tmp_path):
+    result = runner.invoke(app, [command, str(tmp_path), "--device", "cuda" if not torch.cuda.is_available()
+                                 else "gpu0"])
+    assert result.exit_code == 2 and "--device" in result.output and "Traceback" not in result.output
 
 
 # -------------------------------------------------------------------------------------------- evaluate
 @pytest.mark.parametrize("records", [0, 1])
-def test_evaluate_needs_two_test_records(tmp_path, export, synthetic_shards, records):
+def test_evaluate_needs_two_test_records(tmp_path, tiny_export, synthetic_shards, records):
     data = tmp_path / "data"
     shutil.copytree(synthetic_shards, data)
     manifest = read_manifest(data)
@@ -196,19 +210,17 @@ def test_evaluate_needs_two_test_records(tmp_path, export, synthetic_shards, rec
     pq.write_table(pq.read_table(path).slice(0, 1), path)
     manifest["shards"]["test"] = manifest["shards"]["test"][:1] if records else []
     (data / "manifest.json").write_text(json.dumps(manifest))
-    line = user_error(invoke("evaluate", export, "--set", f"data.path={data}"), data / "manifest.json", "'test'")
+    line = user_error(invoke("evaluate", tiny_export, "--set", f"data.path={data}"), data / "manifest.json", "'test'")
     assert f"holds {records} record" in line and "at least 2" in line
 
 
 # --------------------------------------------------------------------------------------------- prepare
-N = 24
+N = CELEBAMASK_TREE["n"]
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("celebamask") / "raw"
-    write_synthetic_celebamask(root, n=N, size=32, seed=0, workers=1, progress=False)
-    return root
+@pytest.fixture
+def tree(synthetic_celebamask):
+    return synthetic_celebamask()
 
 
 def prepare(tree, out, *args):
@@ -226,7 +238,7 @@ def test_failed_overwrite_keeps_the_old_dataset(tree, tmp_path):
 
     result = prepare(tree, out, "--overwrite", "--train-size", 5)  # a good overwrite replaces it
     assert result.exit_code == 0, result.output
-    assert read_manifest(out)["counts"] == {"train": 5, "test": 2}
+    assert read_manifest(out)["counts"] == {"train": 5, "test": 4}
     assert sum(1 for _ in (out / "train").glob("part-*.parquet")) == 1 and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -260,13 +272,12 @@ def test_dataset_without_records_is_an_error(tree, tmp_path, lost):
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]  # nothing written, no staging folder left
 
 
-def test_prepare_coco_split_left_empty_is_an_error(tmp_path):
-    raw = tmp_path / "coco"
-    assert invoke("prepare", "synthetic-coco", raw, "--n", 8, "--size", 128, "--workers", 1).exit_code == 0
+def test_prepare_coco_split_left_empty_is_an_error(synthetic_coco, tmp_path):
+    raw = synthetic_coco()
     line = user_error(invoke("prepare", "coco", raw, tmp_path / "out", "--no-faces", "--image-size", 32,
                              "--min-person-area", 0.99, "--workers", 1), raw, "--min-person-area", "no record")
     assert "0.1" in line  # the threshold table a user picks a working threshold from
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, option", [

@@ -13,7 +13,9 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+from conftest import REPO
+
+CLUSTER = REPO / "cluster.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,18 @@ from facediff.data import shards
 from facediff.data.prepare.coco import (COCO_SHARD_SCHEMA, DEFAULT_MIN_PERSON_AREA, CocoAnnotationError, captions_path,
                                 image_path, instances_path, prepare_coco)
 from facediff.data.prepare.celebamask import DatasetLayoutError
-from facediff.data.synthetic.coco import (PEOPLE_MIN_AREA, SMALL_MAX_AREA, read_truth, render_scene,
-                                          write_synthetic_coco)
+from facediff.data.synthetic.coco import PEOPLE_MIN_AREA, SMALL_MAX_AREA, read_truth, render_scene
 
-N, SIZE, SEED, VAL_FRACTION, S = 16, 320, 1, 0.25, 128
+from conftest import COCO_TREE
+
+SIZE, SEED, VAL_FRACTION = COCO_TREE["size"], COCO_TREE["seed"], COCO_TREE["val_fraction"]
+S = 128
 FACE_SHARE = 0.7  # claimed share of kept images with >= 1 face box (measured 11/12 at this size, 48/48 at 640)
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
-    write_synthetic_coco(root, n=N, size=SIZE, seed=SEED, val_fraction=VAL_FRACTION, workers=2, progress=False)
-    return root
+def tree(synthetic_coco):
+    return synthetic_coco()
 
 
 @pytest.fixture(scope="module")

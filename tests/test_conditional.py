@@ -1,6 +1,5 @@
 """Latent conditional UNets: exact Table VII counts, the condition encoder, guidance, the task end to end."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,9 @@ from facediff.models.conditional import ConditionEncoder
 from facediff.models.info import count_parameters
 from facediff.tasks.latent import guidance_terms
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+from conftest import REPO
+
+EXPERIMENTS = REPO / "configs" / "experiments"
 
 # The seed paper's Table VII: UNet parameters of each conditional architecture.
 TABLE_VII = {

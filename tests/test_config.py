@@ -7,7 +7,8 @@ import pytest
 from facediff.config import ConfigError, dump_config, load_config, load_grid
 from facediff.config.schema import DataConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TINY_UNET = """
 data:
   image_size: 32

@@ -2,13 +2,13 @@
 of a config is made absolute before it is shipped to Ray."""
 
 import os
-from pathlib import Path
 
 import pytest
 
 from facediff.config import ConfigError, load_config, resolve_paths
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TINY_UNET = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
 TINY_LC = REPO / "configs" / "experiments" / "tiny" / "tiny_lc_unet.yaml"
 
@@ -18,6 +18,11 @@ def test_clip_sample_defaults_per_family_and_is_refused_for_latents():
     assert load_config(TINY_LC, ["diffusion.clip_sample=null"]).diffusion.clip_sample is False
     with pytest.raises(ConfigError, match=r"diffusion\.clip_sample: .*latents, which are not bounded"):
         load_config(TINY_LC, ["diffusion.clip_sample=true"])
+
+
+def test_no_norm_is_refused_for_latent_families():
+    with pytest.raises(ConfigError, match="data.normalize"):
+        load_config(TINY_LC, ["data.normalize=false"])
 
 
 def test_pixel_model_size_must_match_the_data():

@@ -12,7 +12,8 @@ from facediff.cli.main import app
 from facediff.config import ConfigError, load_config, load_grid
 from facediff.config.load import DELETE, parse_override
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 UNET_R3 = REPO / "configs" / "experiments" / "celebamask" / "unet_r3.yaml"
 PIXEL_BASE = REPO / "configs" / "base" / "pixel_128.yaml"  # sets resources_per_worker {GPU: 1, CPU: 4}
 TINY_UNET = """

@@ -15,7 +15,8 @@ from facediff.models.perceptual import FaceFeatures, PerceptualLPIPS
 from facediff.models.pretrained import WeightsNotFound
 from facediff.tasks import build_task
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 EXPERIMENTS = REPO / "configs" / "experiments"
 TINY = EXPERIMENTS / "tiny" / "tiny_controlnet.yaml"
 
@@ -160,6 +161,25 @@ def test_gradients_reach_only_the_controlnet_and_the_perceptual_terms_add_to_the
     plain = grads(["loss.masked_lpips_weight=0", "loss.face_feature_weight=0"])
     perceptual = grads([])
     assert plain.abs().sum() > 0 and not torch.allclose(plain, perceptual, rtol=1e-3)
+
+
+def deepspeed_cast(task, dtype=torch.bfloat16):
+    """What DeepSpeed 0.19's bf16 engine does to its module: parameters cast in place, buffers kept, then .to()."""
+    for p in task.parameters():
+        p.data = p.data.to(dtype)
+    return task.to("cpu")
+
+
+def test_controlnet_trains_in_bf16_with_its_frozen_networks_in_their_chosen_precision():
+    cfg = load_config(TINY, ["loss.perceptual_timestep_threshold=1000", "trainer.precision=bf16"])
+    task = deepspeed_cast(build_task(cfg))
+    assert {name.split(".")[0] for name, _ in task.named_parameters()} == {"controlnet"}  # only what trains
+    loss = task(tiny_batch(4), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and task.loss_terms["loss_lpips"] > 0 and task.loss_terms["loss_face"] > 0
+    assert task.backbone.unet.dtype == task.backbone.vae.dtype == torch.bfloat16  # the ControlNet's precision
+    assert next(task.lpips.parameters()).dtype == next(task.face_features.parameters()).dtype == torch.float32
+    assert all(p.grad is not None for p in task.controlnet.parameters() if p.requires_grad)
 
 
 def test_info_counts_for_the_full_size_configs():

@@ -20,7 +20,8 @@ from facediff.config.load import load_config, load_grid
 from facediff.train.segformer import load_segformer_config
 from facediff.tune.space import split_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 DOCS = sorted((REPO / "docs").glob("*.md"))
 PAGES = [REPO / "README.md", REPO / "ARCHITECTURE.md", *DOCS]
 # Config files a page shows how to write (not shipped); upper-case stems (X.yaml, GRID.yaml) are placeholders too.

@@ -141,12 +141,10 @@ PRODUCTION = {
 
 
 @pytest.fixture(scope="module")
-def production_data(tmp_path_factory):
+def production_data(synthetic_celebamask, synthetic_coco, tmp_path_factory):
     """Small prepared datasets at each family's image size, made with the project's own `prepare` tools."""
     from facediff.data.prepare.coco import prepare_coco
     from facediff.data.prepare.celebamask import prepare_celebamask
-    from facediff.data.synthetic.celebamask import write_synthetic_celebamask
-    from facediff.data.synthetic.coco import write_synthetic_coco
 
     root = tmp_path_factory.mktemp("production-data")
     made = {}
@@ -155,12 +153,11 @@ def production_data(tmp_path_factory):
         out = root / f"{kind}{size}"
         if out not in made:
             if kind == "celebamask":  # 24 faces: 22 train, 2 test
-                write_synthetic_celebamask(root / f"raw{size}", n=24, size=size, workers=2, progress=False)
-                prepare_celebamask(root / f"raw{size}", out, image_size=size, mask_size=size, workers=2,
-                                   progress=False)
+                prepare_celebamask(synthetic_celebamask(n=24, size=size), out, image_size=size, mask_size=size,
+                                   workers=2, progress=False)
             else:  # people scenes with captions; the ones without a person large enough are left out
-                write_synthetic_coco(root / "rawcoco", n=12, size=size, val_fraction=0.5, workers=2, progress=False)
-                prepare_coco(root / "rawcoco", out, image_size=size, workers=2, progress=False)
+                prepare_coco(synthetic_coco(n=12, size=size, seed=0, val_fraction=0.5), out, image_size=size,
+                             workers=2, progress=False)
             made[out] = out
         return out
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 sys.path.insert(0, str(REPO))  # the check's modules: tools.gpu_check.*
 
 from tools.gpu_check import plan, steps  # noqa: E402

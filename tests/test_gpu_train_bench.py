@@ -3,14 +3,14 @@ so `make gpu-check`'s trainer / benchmark ratio compares the same step (no Ray: 
 
 import importlib.util
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 
 from facediff.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 EXPERIMENTS = REPO / "configs" / "experiments"
 
 

@@ -1,7 +1,6 @@
 """facediff.data.prepare.latents (`prepare latents`) and streaming cached latents with data.use_latents."""
 
 import json
-from pathlib import Path
 import shutil
 
 import numpy as np
@@ -15,6 +14,8 @@ from facediff.data.shards import SHARD_SCHEMA, ShardWriter, latent_schema, read_
 from facediff.data.stream.batch import finish_batch, images_to_float
 from facediff.data.stream.dataset import build_dataset, decode_batch, flip_decisions, iter_train_batches
 from facediff.models.autoencoder import LatentCodec
+
+from conftest import REPO
 
 AE = AutoencoderConfig(kind="vq", preset="tiny_vq")
 SHAPE = (3, 8, 8)  # tiny_vq at 32 px
@@ -171,10 +172,10 @@ def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monk
     assert result.exit_code == 0, result.output
     assert calls[-1][0] == AutoencoderConfig(kind="vq", preset="tiny_vq", scaling_factor=0.3)  # option overrides
 
-    tiny_unet = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny" / "tiny_unet.yaml")
+    tiny_unet = str(REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml")
     result = run(app, ["prepare", "latents", "in", "out", "--config", tiny_unet])
     assert result.exit_code == 2 and "its model denoises pixels and has no autoencoder" in result.output
-    sd_lora = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml")
+    sd_lora = str(REPO / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml")
     result = run(app, ["prepare", "latents", "in", "out", "--config", sd_lora])
     assert result.exit_code == 0, result.output
     assert calls[-1][0] == AutoencoderConfig(kind="kl", preset="tiny_sd/vae")  # the pipeline's own VAE
@@ -211,7 +212,7 @@ def test_sd_lora_trains_on_latents_cached_with_its_pipelines_vae(ray_session, sy
     from facediff.data.prepare.latents import check_cached_latents, prepare_latents
     from facediff.tasks import build_task
 
-    config = Path(__file__).resolve().parents[1] / "configs/experiments/tiny/tiny_sd_lora.yaml"
+    config = REPO / "configs/experiments/tiny/tiny_sd_lora.yaml"
     cfg = load_config(config, ["model.prompt_dropout=0"])
     autoencoder = model_autoencoder(cfg.model)
     assert (autoencoder.kind, autoencoder.preset, autoencoder.subfolder) == ("kl", "tiny_sd/vae", None)

@@ -1,7 +1,6 @@
 """Networks built from config: exact parameter counts of the paper's architectures, and real tiny forwards."""
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,9 @@ from facediff.config import load_config
 from facediff.models import build_network, model_output
 from facediff.models.info import count_parameters, describe
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+from conftest import REPO
+
+EXPERIMENTS = REPO / "configs" / "experiments"
 
 # Trainable parameters of each shipped architecture. r3, r5, r6 are the seed paper's Appendix A-A UNets (it
 # prints no counts); DiT-Small/Large (and the tiny presets) were measured on diffusers 0.42.
@@ -84,7 +85,7 @@ def test_info_cli_prints_counts_and_json():
 
     from facediff.cli.main import app
 
-    path = str(Path(__file__).resolve().parents[1] / "configs" / "experiments" / "celebamask" / "unet_r5.yaml")
+    path = str(REPO / "configs" / "experiments" / "celebamask" / "unet_r5.yaml")
     text = CliRunner().invoke(app, ["info", path])
     assert text.exit_code == 0 and "118,793,987" in text.output
     as_json = CliRunner().invoke(app, ["info", path, "--json"])

@@ -22,8 +22,9 @@ from facediff.train.run_log import read_metrics
 from facediff.train.run import train
 from facediff.tune import run_tune
 
+from conftest import REPO
+
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"  # the environment's own Ray CLI (and python, in the job's entrypoint)
 STEPS = 6  # 2 workers x batch 4 = 8 images a step; a checkpoint every 2 steps
 

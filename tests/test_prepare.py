@@ -17,16 +17,16 @@ from facediff.data.prepare.annotations import AnnotationError
 from facediff.data.celebamask import PART_LABELS, mask_path, paint_label_map
 from facediff.data.prepare.celebamask import DatasetLayoutError, assign_splits, load_label_map, prepare_celebamask
 from facediff.data.shards import read_manifest, shard_paths
-from facediff.data.synthetic.celebamask import render_face, write_synthetic_celebamask
+from facediff.data.synthetic.celebamask import render_face
 
-N, SIZE, SEED = 40, 64, 3
+from conftest import CELEBAMASK_TREE, REPO
+
+N, SIZE, SEED = CELEBAMASK_TREE["n"], CELEBAMASK_TREE["size"], CELEBAMASK_TREE["seed"]
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("celebamask")
-    write_synthetic_celebamask(root, n=N, size=SIZE, seed=SEED, workers=2, progress=False)
-    return root
+@pytest.fixture
+def tree(synthetic_celebamask):
+    return synthetic_celebamask()
 
 
 def read_split(dataset, split):
@@ -95,9 +95,8 @@ def test_splits_fixed_nested_and_disjoint():
         assign_splits(ids, None, 300, 5000, seed=0)
 
 
-def test_official_partition_is_used_when_present(tmp_path):
-    root = tmp_path / "tree"
-    write_synthetic_celebamask(root, n=30, size=32, seed=0, with_partition=True, workers=1, progress=False)
+def test_official_partition_is_used_when_present(synthetic_celebamask, tmp_path):
+    root = synthetic_celebamask(n=30, size=32, with_partition=True)
     manifest = prepare(root, tmp_path / "out", image_size=32, mask_size=16)
     assert manifest["split_method"] == "official"
     mapping = dict(line.split()[::2] for line in (root / celebamask.MAPPING_FILE).read_text().splitlines()[1:])
@@ -180,9 +179,8 @@ def test_ray_job_entry_point_runs_the_same_preparation(tmp_path):
     """`ray job submit ... -- python ray_jobs/prepare.py ...` runs the CLI's code as a plain script."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "ray_jobs" / "prepare.py"
+    script = REPO / "ray_jobs" / "prepare.py"
     run = lambda *args: subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)  # noqa: E731
     made = run("synthetic", str(tmp_path / "raw"), "--n", "12", "--size", "32", "--workers", "1")
     assert made.returncode == 0, made.stderr

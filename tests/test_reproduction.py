@@ -4,18 +4,14 @@ that changes exactly its row's factor from the row's base, and every grid carrie
 The paper's numbers are transcribed here from its text (`../shared/papers/000_*.txt`), independently of the
 configs, so a config or grid that drifts from the paper fails."""
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import pytest
-import torch
 import yaml
-from typer.testing import CliRunner
 
-from facediff.config import ConfigError, load_config, load_grid
+from facediff.config import load_config, load_grid
 from facediff.models.info import describe
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 EXPERIMENTS = REPO / "configs" / "experiments"
 GRIDS = REPO / "configs" / "tune"
 
@@ -141,29 +137,6 @@ def test_table_vi_rows_change_one_factor_each():
     assert load("dit_small_2k7").model.num_layers == 6 and load("dit_large_2k7").model.num_layers == 12
 
 
-def test_no_norm_denoises_pixels_in_zero_one(tiny_config, monkeypatch):
-    from facediff.tasks import build_task
-
-    task = build_task(tiny_config(["data.normalize=false"]))
-    seen = {}
-
-    def capture(denoise, x0, generator, **kwargs):
-        seen["x0"] = x0
-        return torch.zeros(len(x0)), None
-
-    monkeypatch.setattr(task, "loss_fn", capture)
-    task({"image": torch.full((2, 3, 32, 32), -1.0)})  # black faces, as the stream delivers them
-    assert torch.equal(seen["x0"], torch.zeros(2, 3, 32, 32))  # black in [0, 1]
-    monkeypatch.setattr("facediff.diffusion.sample", lambda *a, **k: torch.full((2, 3, 32, 32), 0.75))
-    images = task.sample(2, torch.Generator().manual_seed(0), "ddim", 2)
-    assert torch.allclose(images, torch.full_like(images, 0.5))  # 0.75 in [0, 1] is 0.5 in [-1, 1]
-
-
-def test_no_norm_is_refused_for_latent_families():
-    with pytest.raises(ConfigError, match="data.normalize"):
-        load("tiny_lc_unet", ["data.normalize=false"])
-
-
 # -------------------------------------------------------------------------------- grids and paper numbers
 PAPER_FID = {  # grid: {row label: FID}, as printed in Tables I, II and VI (and paper 2's Table 1)
     "unet_architecture": {"unet_r3, 2e-4 / 3000, EMA": 72.6211, "unet_r5, 2e-4 / 3000, EMA": 76.0807,
@@ -214,57 +187,6 @@ def test_table_i_ablation_grids_run_on_r5_with_the_papers_values():
     assert ema.overrides["optimizer.warmup_steps"] == 500
     assert ema.paper_row({"trainer.ema.enabled": False}).fid == 92.8969
     assert ema.paper_row({"trainer.ema.enabled": True}) is None  # not a row of the paper
-
-
-def test_paper_row_must_be_a_grid_point(tmp_path):
-    (tmp_path / "g.yaml").write_text(
-        f"train_config: {EXPERIMENTS / 'tiny' / 'tiny_unet.yaml'}\nmetric: loss\n"
-        "search_space:\n  optimizer.lr: {grid: [1.0e-4, 2.0e-4]}\n"
-        "paper_rows:\n  - {row: r, point: {optimizer.lr: 3.0e-4}, fid: 70.0}\n")
-    with pytest.raises(ConfigError, match=r"paper_rows: 'r': optimizer.lr=0.0003 is not in its grid"):
-        load_grid(tmp_path / "g.yaml")
-
-
-def test_results_table_prints_the_papers_fid_beside_ours(tmp_path):
-    import pandas as pd
-
-    from facediff.storage import RunStorage
-    from facediff.tune.results import trial_rows, write_table
-
-    grid, _ = load_grid(GRIDS / "infonce.yaml")
-    exp = SimpleNamespace(grid=grid, metric="fd_mtcnn_onet", total_kimg=1.0, dir=tmp_path, name="infonce",
-                          grid_path=GRIDS / "infonce.yaml",
-                          trial_run=lambda trial: RunStorage(str(tmp_path / trial), "train"))
-    results = []
-    for i, (name, values) in enumerate([("lc_unet_3", [0.9, 0.7]), ("lc_unet_3_no_infonce", [0.8])]):
-        (tmp_path / f"trial_{i}").mkdir()
-        history = pd.DataFrame({"kimg": [0.5, 1.0][:len(values)], "fd_mtcnn_onet": values})
-        results.append(SimpleNamespace(path=str(tmp_path / f"trial_{i}"), metrics_dataframe=history, error=None,
-                                       config={"train_config": f"../experiments/celebamask/{name}.yaml"}))
-    rows = trial_rows(results, exp)
-    assert [(r["paper_row"], r["best_fd_mtcnn_onet"], r["paper_fid"]) for r in rows] == [
-        ("LC_UNet_3, InfoNCE", 0.7, 70.9824), ("LC_UNet_3, no InfoNCE", 0.8, 74.0719)]
-    _, md = write_table(rows, exp)
-    text = md.read_text()
-    header = next(line for line in text.splitlines() if line.startswith("| trial"))
-    assert header.index("best_fd_mtcnn_onet") < header.index("paper_fid")
-    assert "| LC_UNet_3, InfoNCE | 0.7 | 70.98 |" in text and "not comparable" in text
-
-
-# ------------------------------------------------------------------------------------- data regime check
-def test_a_config_of_one_regime_on_the_other_dataset_is_refused_before_training(synthetic_shards, tmp_path):
-    from facediff.cli.main import app
-    from facediff.train.run import check_inputs
-
-    cfg = load("tiny_unet", [f"data.path={synthetic_shards}", "data.train_records=2700"])
-    with pytest.raises(ValueError, match=r"data.train_records: the config trains on 2700 records, but .*"
-                                         r"manifest.json holds 44 in split 'train'"):
-        check_inputs(cfg)
-    check_inputs(load("tiny_unet", [f"data.path={synthetic_shards}", "data.train_records=44"]))
-    result = CliRunner().invoke(app, ["train", str(EXPERIMENTS / "tiny" / "tiny_unet.yaml"), f"data.path={synthetic_shards}",
-                                      "data.train_records=2700", f"trainer.storage_path={tmp_path / 'runs'}"])
-    assert result.exit_code == 2 and "--train-size 2700" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
 # ------------------------------------------------------------------------------------------------ docs

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from facediff.config import ConfigError, load_config
 from facediff.models.info import describe
 from facediff.tasks import build_task
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml"
 SETUP1 = REPO / "configs" / "experiments" / "celebamask" / "sd2_lora.yaml"
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMPipeline, DiTTransformer2DModel
 from safetensors.torch import load_file
 
-from conftest import report_recorder
+from conftest import REPO, report_recorder
 
 from facediff.config import load_config
 from facediff.tasks import build_task
@@ -167,7 +167,7 @@ def test_killed_train_command_resumes_when_run_again(synthetic_shards, tmp_path,
     # the test session's cluster: a second local Ray instance on this machine would fight over its ports
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     run = tmp_path / "runs" / "run"
-    first = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env,
+    first = subprocess.Popen(command, cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         give_up = time.monotonic() + 600
@@ -186,7 +186,7 @@ def test_killed_train_command_resumes_when_run_again(synthetic_shards, tmp_path,
     killed_at = read_metrics(run)[-1]["step"]
     assert registered and 3 <= killed_at < steps, (registered, killed_at)  # killed mid-run, after a checkpoint
 
-    again = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = [int(s) for s in re.findall(r"resumed from the checkpoint of step (\d+)",

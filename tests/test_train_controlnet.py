@@ -3,26 +3,15 @@ the validation captions, and an export that plain diffusers loads into StableDif
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from facediff.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_controlnet.yaml"
-
-
-@pytest.fixture(scope="module")
-def coco_shards(tmp_path_factory):
-    from facediff.data.prepare.coco import prepare_coco
-    from facediff.data.synthetic.coco import write_synthetic_coco
-
-    root = tmp_path_factory.mktemp("coco")
-    write_synthetic_coco(root / "raw", n=24, size=160, seed=0, workers=2, progress=False)
-    prepare_coco(root / "raw", root / "shards", image_size=64, rows_per_shard=6, workers=2, progress=False)
-    return root / "shards"
 
 
 @pytest.mark.ray

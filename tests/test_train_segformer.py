@@ -1,7 +1,6 @@
 """`facediff train-segformer`: a tiny fine-tuning run on synthetic faces, and the IoU bookkeeping."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +11,11 @@ from facediff.train.segformer import (
     IoUCounter, build_segmenter, evaluate_segmenter, group_lookup, load_segformer_config, train_segformer,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+from test_distributed import ReduceCalled, fake_process_group
 
 
-def test_iou_counts_accumulate_over_batches():
+def test_iou_counts_accumulate_over_batches_and_are_reduced_on_the_workers_device(monkeypatch):
     counter = IoUCounter(3)
     counter.update(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]))
     counter.update(torch.tensor([1, 1]), torch.tensor([1, 0]))
@@ -24,6 +24,11 @@ def test_iou_counts_accumulate_over_batches():
     assert result["iou"]["a"] == pytest.approx(2 / 4) and result["iou"]["b"] == pytest.approx(1 / 2)
     assert result["miou"] == pytest.approx((0.5 + 0.5) / 2)
     assert IoUCounter(3).result(["background", "a", "b"])["iou"]["a"] is None  # absent everywhere: not a zero
+    devices = []  # under NCCL the counts must travel on the worker's device ("meta" stands in for the GPU)
+    fake_process_group(monkeypatch, devices)
+    with pytest.raises(ReduceCalled):
+        counter.all_reduce(torch.device("meta"))
+    assert devices == ["meta"]
 
 
 def test_group_lookup_later_group_wins_and_config_errors():

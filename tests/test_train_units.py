@@ -1,4 +1,5 @@
-"""Training pieces without Ray: LR schedule, EMA maths, DeepSpeed config, the denoising loss and samplers."""
+"""Training pieces without Ray: LR schedule, EMA maths, DeepSpeed config, the denoising loss and samplers (in fp32
+under bf16), checkpointed RNG and data positions."""
 
 import math
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from facediff import diffusion
 from facediff.config.schema import DiffusionConfig, EMAConfig
+from facediff.train import checkpoint
 from facediff.models.weights import copy_weights
 from facediff.train.ema import EMA
 from facediff.train.engine import GpuStep, build_optimizer, deepspeed_config, lr_factor, total_steps
@@ -59,6 +61,19 @@ def test_ema_warmup_and_state_round_trip():
     assert EMA(net, EMAConfig(enabled=False)).decay(100) == 0.0  # disabled: the "average" is the weights
 
 
+def test_ema_restores_onto_the_live_parameters_device():
+    """A checkpoint's EMA is read to the CPU; it must land where the live averages are (the GPU; "meta" here),
+    or the first update after a resume fails with a device mismatch."""
+    net = nn.Linear(4, 2).to("meta")
+    ema = EMA(net, EMAConfig(warmup=False, decay=0.5))
+    state = {"ema.weight": torch.ones(2, 4), "ema.bias": torch.ones(2), "ema_step": torch.tensor(7)}
+    ema.load_state_dict(state)
+    assert {t.device.type for t in ema.shadow} == {"meta"} and ema.step == 7
+    ema.update(net)  # would raise on a CPU shadow beside meta parameters
+    with pytest.raises(ValueError, match="other shapes"):
+        ema.load_state_dict({"ema.weight": torch.ones(3, 4), "ema.bias": torch.ones(2), "ema_step": torch.tensor(1)})
+
+
 def test_deepspeed_config_follows_trainer(tiny_config):
     cfg = tiny_config(["trainer.zero_stage=3", "trainer.precision=bf16", "trainer.grad_accum=4",
                        "optimizer.grad_clip=0.5", "trainer.deepspeed={zero_optimization: {overlap_comm: true}}"])
@@ -103,16 +118,19 @@ def test_noise_and_timesteps_are_drawn_on_the_generators_device():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_denoising_loss_targets_and_x0_inversion(prediction_type):
+    """From bf16 images too, the noised input, the target and the x0 estimate are fp32 and exact at every t (in
+    bf16 the small-t estimates were off by whole units)."""
     scheduler = diffusion.build_noise_scheduler(DiffusionConfig(prediction_type=prediction_type))
     loss = diffusion.DenoisingLoss(scheduler)
-    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    x0 = torch.rand(64, 3, 8, 8, dtype=torch.bfloat16) * 2 - 1
     g = torch.Generator().manual_seed(0)
     x_t, t, noise = loss.noise(x0, g)
     target = loss.target(x0, noise, t)
+    assert x_t.dtype == target.dtype == torch.float32
     # the exact target makes a perfect model: zero loss and an exact one-step x0
     per_sample, extra = loss(lambda x, tt: target, x0, torch.Generator().manual_seed(0))
-    assert per_sample.shape == (4,) and torch.allclose(per_sample, torch.zeros(4), atol=1e-10)
-    assert torch.allclose(loss.predict_x0(x_t, t, target), x0, atol=1e-4)
+    assert per_sample.shape == (64,) and torch.allclose(per_sample, torch.zeros(64), atol=1e-10)
+    assert torch.allclose(loss.predict_x0(x_t, t, target), x0.float(), atol=1e-4)
     wrong, _ = loss(lambda x, tt: torch.zeros_like(x), x0, torch.Generator().manual_seed(0))
     assert (wrong > 0.01).all()
 
@@ -136,6 +154,22 @@ def test_samplers_run_from_noise_with_the_training_schedule(name):
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="unknown sampler"):
         diffusion.build_sampler("euler", train_scheduler)
+
+
+def test_sampling_keeps_its_state_in_fp32():
+    """The reverse process accumulates in fp32 even when the network runs in bf16."""
+    scheduler = diffusion.build_sampler("ddim", diffusion.build_noise_scheduler(DiffusionConfig()))
+    inputs = []
+
+    def model_fn(x, t):
+        inputs.append(x.dtype)
+        return torch.zeros_like(x)
+
+    out = diffusion.sample(model_fn, scheduler, (2, 3, 8, 8), 4, torch.Generator().manual_seed(0),
+                           dtype=torch.bfloat16, clip=None)
+    assert out.dtype == torch.float32 and set(inputs) == {torch.bfloat16}
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        diffusion.sample(model_fn, scheduler, (2, 3, 8, 8), 0, torch.Generator())
 
 
 class _RunsCodeWhenUnpickled:
@@ -199,6 +233,18 @@ def test_read_blocks_hold_more_rows_of_smaller_images(synthetic_shards, monkeypa
     blocks = {size: _default_read_parallelism(synthetic_shards, "train", 8, per_cpu=False, image_size=size)
               for size in (32, 64, 128, 256, 512)}
     assert blocks == {32: 16, 64: 16, 128: 32, 256: 64, 512: 64}  # 512 rows a block at most, 128 at least
+
+
+def test_checkpoint_saves_and_restores_the_cuda_rng(monkeypatch):
+    state = {"now": torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a: state.update(now=s.clone()))
+    saved = checkpoint.rng_state(torch.Generator().manual_seed(3))
+    assert torch.equal(saved["cuda"], torch.arange(16, dtype=torch.uint8))
+    state["now"] = torch.zeros(16, dtype=torch.uint8)  # training moved the CUDA generator on
+    checkpoint.restore_rng(saved, torch.Generator())
+    assert torch.equal(state["now"], torch.arange(16, dtype=torch.uint8))
 
 
 def test_data_position_keeps_epoch_and_id_per_rank_and_reads_files_from_before_passes(tmp_path):

@@ -5,14 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import two_trial_grid
+from conftest import REPO, two_trial_grid
 from PIL import Image
 
 from facediff.train.run_log import read_metrics
 from facediff.tune import run_tune
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("tune_ray")]
-REPO = Path(__file__).resolve().parents[1]
 BAD_LR = 1e-8  # barely moves the weights: its loss stays at the initial one while the others fall
 
 GRID = f"""

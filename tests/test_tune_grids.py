@@ -1,17 +1,19 @@
 """Tune grid files and the pieces of `facediff tune` that need no Ray cluster: loading, metric resolution,
-param space, per-trial configs, report forwarding, the results table."""
+param space, per-trial configs, report forwarding, paper rows, the results table."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from facediff.config import ConfigError
+from facediff.config import ConfigError, load_grid
 from facediff.config.load import GRID_CONFIG_KEY
 from facediff.tune import load_experiment, param_space
 from facediff.tune.space import resolve_metric, split_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 GRIDS = sorted((REPO / "configs" / "tune").glob("*.yaml"))
 
 
@@ -212,6 +214,41 @@ def test_tune_command_fails_when_trials_errored(monkeypatch):
     monkeypatch.setattr(facediff.tune, "run_tune", lambda grid, overrides: {**summary, "errors": 0,
                                                                            "reported_metric": 4, "first_error": None})
     assert CliRunner().invoke(app, ["tune", "grid.yaml"]).exit_code == 0
+
+
+def test_paper_row_must_be_a_grid_point(tmp_path):
+    (tmp_path / "g.yaml").write_text(
+        f"train_config: {REPO / 'configs' / 'experiments' / 'tiny_unet.yaml'}\nmetric: loss\n"
+        "search_space:\n  optimizer.lr: {grid: [1.0e-4, 2.0e-4]}\n"
+        "paper_rows:\n  - {row: r, point: {optimizer.lr: 3.0e-4}, fid: 70.0}\n")
+    with pytest.raises(ConfigError, match=r"paper_rows: 'r': optimizer.lr=0.0003 is not in its grid"):
+        load_grid(tmp_path / "g.yaml")
+
+
+def test_results_table_prints_the_papers_fid_beside_ours(tmp_path):
+    import pandas as pd
+
+    from facediff.storage import RunStorage
+    from facediff.tune.results import trial_rows, write_table
+
+    grid, _ = load_grid(REPO / "configs" / "tune" / "infonce.yaml")
+    exp = SimpleNamespace(grid=grid, metric="fd_mtcnn_onet", total_kimg=1.0, dir=tmp_path, name="infonce",
+                          grid_path=REPO / "configs" / "tune" / "infonce.yaml",
+                          trial_run=lambda trial: RunStorage(str(tmp_path / trial), "train"))
+    results = []
+    for i, (name, values) in enumerate([("lc_unet_3", [0.9, 0.7]), ("lc_unet_3_no_infonce", [0.8])]):
+        (tmp_path / f"trial_{i}").mkdir()
+        history = pd.DataFrame({"kimg": [0.5, 1.0][:len(values)], "fd_mtcnn_onet": values})
+        results.append(SimpleNamespace(path=str(tmp_path / f"trial_{i}"), metrics_dataframe=history, error=None,
+                                       config={"train_config": f"../experiments/{name}.yaml"}))
+    rows = trial_rows(results, exp)
+    assert [(r["paper_row"], r["best_fd_mtcnn_onet"], r["paper_fid"]) for r in rows] == [
+        ("LC_UNet_3, InfoNCE", 0.7, 70.9824), ("LC_UNet_3, no InfoNCE", 0.8, 74.0719)]
+    _, md = write_table(rows, exp)
+    text = md.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| trial"))
+    assert header.index("best_fd_mtcnn_onet") < header.index("paper_fid")
+    assert "| LC_UNet_3, InfoNCE | 0.7 | 70.98 |" in text and "not comparable" in text
 
 
 def test_best_is_one_report_with_its_checkpoint(tmp_path, no_inception):

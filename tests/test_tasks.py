@@ -1,16 +1,15 @@
-"""Defects of the GPU path a CPU can show: seeded builds that reseed every GPU, frozen networks cast by the
-engine, host syncs inside the training step."""
-
-from pathlib import Path
+"""facediff.tasks, every family alike: seeded builds that leave the GPU generators alone, noising in fp32 under
+bf16, pixels in [0, 1] without normalisation, and a training step that reads nothing back from the device."""
 
 import pytest
 import torch
 
 from facediff.config import load_config
 from facediff.tasks import build_task
+
+from conftest import REPO
 from test_controlnet import tiny_batch
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "experiments" / "tiny"
 
 
@@ -32,23 +31,41 @@ def test_seeded_builds_leave_the_cuda_generators_and_the_callers_stream_alone(na
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
 
 
-def deepspeed_cast(task, dtype=torch.bfloat16):
-    """What DeepSpeed 0.19's bf16 engine does to its module: parameters cast in place, buffers kept, then .to()."""
-    for p in task.parameters():
-        p.data = p.data.to(dtype)
-    return task.to("cpu")
+def test_bf16_task_noises_in_fp32_at_every_timestep(tiny_config, monkeypatch):
+    """x0 = 0 makes x_t = sigma_t * noise: its per-sample std must be sigma_t for every t, small t included
+    (in bf16 alpha_bar rounds to 1 for t < 10, which made x_t = 0, and t = 10-17 shared one level)."""
+    task = build_task(tiny_config()).to(torch.bfloat16)
+    seen = {}
+
+    def capture(x, t):
+        seen["x"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(task, "_denoise", capture)
+    n = 4000
+    task({"image": torch.zeros(n, 3, 32, 32, dtype=torch.bfloat16)}, torch.Generator().manual_seed(0))
+    x, t = seen["x"], seen["t"]
+    assert x.dtype == torch.bfloat16  # only the network input is cast
+    sigma = (1 - task.scheduler.alphas_cumprod.double()[t]).sqrt()
+    ratio = x.double().flatten(1).std(dim=1) / sigma
+    assert (t < 10).sum() > 10, "the draw must cover the smallest timesteps"
+    assert ratio.min() > 0.9 and ratio.max() < 1.1, (ratio.min(), ratio.max(), t[ratio.argmin()])
 
 
-def test_controlnet_trains_in_bf16_with_its_frozen_networks_in_their_chosen_precision():
-    cfg = tiny("controlnet", ["loss.perceptual_timestep_threshold=1000", "trainer.precision=bf16"])
-    task = deepspeed_cast(build_task(cfg))
-    assert {name.split(".")[0] for name, _ in task.named_parameters()} == {"controlnet"}  # only what trains
-    loss = task(tiny_batch(4), torch.Generator().manual_seed(0))
-    loss.backward()
-    assert torch.isfinite(loss) and task.loss_terms["loss_lpips"] > 0 and task.loss_terms["loss_face"] > 0
-    assert task.backbone.unet.dtype == task.backbone.vae.dtype == torch.bfloat16  # the ControlNet's precision
-    assert next(task.lpips.parameters()).dtype == next(task.face_features.parameters()).dtype == torch.float32
-    assert all(p.grad is not None for p in task.controlnet.parameters() if p.requires_grad)
+def test_no_norm_denoises_pixels_in_zero_one(tiny_config, monkeypatch):
+    task = build_task(tiny_config(["data.normalize=false"]))
+    seen = {}
+
+    def capture(denoise, x0, generator, **kwargs):
+        seen["x0"] = x0
+        return torch.zeros(len(x0)), None
+
+    monkeypatch.setattr(task, "loss_fn", capture)
+    task({"image": torch.full((2, 3, 32, 32), -1.0)})  # black faces, as the stream delivers them
+    assert torch.equal(seen["x0"], torch.zeros(2, 3, 32, 32))  # black in [0, 1]
+    monkeypatch.setattr("facediff.diffusion.sample", lambda *a, **k: torch.full((2, 3, 32, 32), 0.75))
+    images = task.sample(2, torch.Generator().manual_seed(0), "ddim", 2)
+    assert torch.allclose(images, torch.full_like(images, 0.5))  # 0.75 in [0, 1] is 0.5 in [-1, 1]
 
 
 class SyncCounter:
