@@ -76,11 +76,11 @@ def test_truncated_shard_is_named_before_ray_starts(synthetic_shards, tmp_path, 
                path, "not a whole Parquet file")
 
 
-def test_output_folder_under_a_file(synthetic_shards, tmp_path):
+def test_output_folder_under_a_file(synthetic_celebamask, synthetic_shards, tmp_path):
     blocker = tmp_path / "some_file"
     blocker.write_text("")
     out = blocker / "out"
-    for args in (("prepare", "celebamask", synthetic_shards.parent / "raw", out), ("prepare", "coco", tmp_path, out),
+    for args in (("prepare", "celebamask", synthetic_celebamask(), out), ("prepare", "coco", tmp_path, out),
                  ("prepare", "latents", synthetic_shards, out / "deeper", "--preset", "tiny_vq"),
                  ("prepare", "synthetic", out),
                  ("train", TINY, f"data.path={synthetic_shards}", f"trainer.storage_path={out}")):
