@@ -97,7 +97,7 @@ def test_loss_means_are_reduced_on_the_workers_device(monkeypatch):
 
 
 def test_segformer_iou_counts_are_reduced_on_the_workers_device(monkeypatch):
-    from facediff.train.segformer import IoUCounter
+    from facediff.train.segmentation import IoUCounter
 
     devices = []
     _fake_group(monkeypatch, devices)
