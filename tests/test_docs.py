@@ -17,7 +17,7 @@ import typer
 
 from facediff.cli.main import app
 from facediff.config.load import load_config, load_grid
-from facediff.train.segformer import load_segformer_config
+from facediff.train.segformer_config import load_segformer_config
 from facediff.tune.space import split_overrides
 
 from conftest import REPO

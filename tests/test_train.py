@@ -23,7 +23,8 @@ from facediff.train.engine import lr_factor, safe_checkpoint_engine
 from facediff.train.run_log import read_metrics
 from facediff.storage import RunStorage
 from facediff.train.identity import RunConfigChanged, read_history
-from facediff.train.run import resume_point, train
+from facediff.train.driver import resume_point
+from facediff.train.run import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 STEPS = 8  # 44 train rows, 2 workers x batch 4: 5 steps per epoch, so the run crosses an epoch boundary

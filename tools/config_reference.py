@@ -98,7 +98,7 @@ def sections() -> list[tuple[str, type[BaseModel], str]]:
     from facediff.config import models as m
     from facediff.config.grid import GridConfig
     from facediff.config.schema import ExperimentConfig
-    from facediff.train.segformer import SegformerTrainConfig
+    from facediff.train.segformer_config import SegformerTrainConfig
 
     out = [(f"`{name}`", field.annotation, f"{name}.")
            for name, field in ExperimentConfig.model_fields.items()

@@ -168,7 +168,9 @@ def train_segformer(
 ) -> None:
     """Fine-tune SegFormer to segment the part groups (Ray Train, DDP); report test mIoU, save the checkpoint."""
     from facediff.train.placement import PlacementTimeout
-    from facediff.train.segformer import load_segformer_config, train_segformer as run
+    from facediff.storage import is_remote
+    from facediff.train.segformer import train_segformer as run
+    from facediff.train.segformer_config import load_segformer_config
 
     try:
         cfg = load_segformer_config(path, overrides or [])
@@ -176,8 +178,10 @@ def train_segformer(
     except (ConfigError, FileNotFoundError, ValueError, PlacementTimeout) as err:
         _fail(str(err))
     metrics = json.loads((out / "metrics.json").read_text())
-    typer.echo(f"test mIoU {metrics['miou']:.4f}; wrote {out} (load it as a mask encoder with "
-               f"pretrained: {out / 'segformer'})")
+    store = cfg.trainer.storage_path
+    uri = f"{store.rstrip('/')}/{cfg.run_name()}" if is_remote(store) else str(out)  # out: the local mirror
+    typer.echo(f"test mIoU {metrics['miou']:.4f}; wrote {uri} (load it as a mask encoder with "
+               f"pretrained: {uri}/segformer)")
 
 
 @app.command()

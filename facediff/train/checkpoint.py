@@ -74,7 +74,7 @@ def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.
 
 def save_position(directory: Path, state: TrainState, rank: int, consumed: Iterable[tuple[int, int]]) -> None:
     """The data position (every rank the (epoch, id) of the records it consumed in the pass in progress, rank 0
-    the trainer state): what `run.resume_point` reads to build a resumed run's data pipeline."""
+    the trainer state): what `driver.resume_point` reads to build a resumed run's data pipeline."""
     pairs = torch.tensor(sorted(consumed), dtype=torch.int64).reshape(-1, 2)
     save_file({"consumed_epochs": pairs[:, 0].contiguous(), "consumed_ids": pairs[:, 1].contiguous()},
               str(Path(directory) / DATA_FILE.format(rank=rank)))
@@ -83,7 +83,7 @@ def save_position(directory: Path, state: TrainState, rank: int, consumed: Itera
 
 
 def check_resumed_data(batch, state: TrainState, skipped: set[tuple[int, int]], epochs_per_pass: int = 1) -> None:
-    """The data pipeline must continue where the checkpoint left off (see `run.resume_point`): the first batch
+    """The data pipeline must continue where the checkpoint left off (see `driver.resume_point`): the first batch
     of a pass belongs to the pass's epochs and holds none of the records consumed before the checkpoint."""
     epochs = batch["epoch"].tolist()
     expected = range(state.epoch, state.epoch + epochs_per_pass)

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +30,6 @@ import torch
 from facediff.config.schema import ExperimentConfig
 from facediff.console import hold_log
 from facediff.data.stream.bad_records import BadRecordWatch
-from facediff.data.stream.dataset import iter_train_batches
 from facediff.eval.evaluate import Evaluator
 from facediff.tasks import build_task
 from facediff.train import checkpoint, identity
@@ -39,11 +37,10 @@ from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
 from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
+from facediff.train.harness import ResumablePasses, maybe_crash, report
 from facediff.train.run_log import CHECKPOINT_ONLY, RunLog, epochs_seen, planned_kimg
 
 log = logging.getLogger("facediff.train")
-
-SHUFFLE_BUFFER = 256
 
 
 def _every(kimg: float | None, ips: int) -> int | None:
@@ -68,21 +65,6 @@ class DataTrace:
                    "flipped": batch["flipped"].tolist()}
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
-
-
-def maybe_crash(step: int, fault: dict | None) -> None:
-    """Fault injection for tests of resume and FailureConfig: `crash_at_step` raises once at that step;
-    `step_delay` (seconds) slows every step, a window for a test that kills a worker process from outside."""
-    if not fault:
-        return
-    if fault.get("step_delay"):
-        time.sleep(fault["step_delay"])
-    if step != fault.get("crash_at_step"):
-        return
-    marker = Path(fault["marker"])
-    if not marker.exists():
-        marker.touch()
-        raise RuntimeError(f"injected worker crash at step {step}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -134,7 +116,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("resumed from the checkpoint of step %d (pass from epoch %d)", state.step, state.epoch)
     _record_the_run(loop_config, storage, state.step, rank, device)
     open_log()
-    skipped = set(consumed)  # the data pipeline drops these from the resumed pass (`run.resume_point`)
+    passes = ResumablePasses(state, consumed, epochs_per_pass)  # the factory drops `consumed` from the resumed pass
     trace = DataTrace(loop_config.get("trace_dir"), rank)
 
     score = loop_config.get("score")  # (metric, mode) Ray Train keeps checkpoints by (a Tune trial's), or None
@@ -149,86 +131,72 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
-    while state.step < total:
-        batches = iter_train_batches(
-            shard, cfg.trainer.batch_size, device=device, part_groups=cfg.data.resolved_part_groups(),
-            local_shuffle_buffer_size=SHUFFLE_BUFFER,
-            local_shuffle_seed=cfg.trainer.seed * 10_007 + state.epoch,  # a different, seeded order each pass
-        )
-        for index, batch in enumerate(batches):
-            if index == 0:
-                checkpoint.check_resumed_data(batch, state, skipped, epochs_per_pass)
-            engine.module.training_progress = state.step / total  # a function of the step: resumes in phase
-            trace.write(state.step + 1, batch, engine.module.training_progress)
-            consumed.update(zip(batch["epoch"].tolist(), batch["id"].tolist()))
-            with gpu_step.forward():
-                loss = engine(gpu_step.batch(batch), generator)
-            loss, poison_at = _maybe_poison(loss, state.step + 1, rank, poison_at)
-            if watch is not None:
-                watch.note(loss, state.step + 1)
-            elif nonfinite_anywhere(loss, device):  # every rank takes the same branch: collectives stay matched
-                skipped_nonfinite += 1
-                log.warning("step %d: non-finite loss on at least one rank; batch skipped (%d so far)",
-                            state.step + 1, skipped_nonfinite)
-                continue
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
-            engine.step()
-            state.batches_in_epoch += 1
-            # summed on the device: no host sync per step (read once per report)
-            window_loss, window_n = window_loss + loss.detach().float(), window_n + 1
-            for name, value in getattr(engine.module, "loss_terms", {}).items():  # e.g. loss_mse, loss_infonce
-                window_terms[name] = window_terms.get(name, 0.0) + value.detach().float()
-            if not boundary:
-                continue
-            state.step += 1
-            decay = ema.update(engine.module)
-            maybe_crash(state.step, loop_config.get("fault"))
+    for batch in passes.batches(shard, total, batch_size=cfg.trainer.batch_size, device=device, seed=cfg.trainer.seed,
+                                part_groups=cfg.data.resolved_part_groups()):
+        engine.module.training_progress = state.step / total  # a function of the step: resumes in phase
+        trace.write(state.step + 1, batch, engine.module.training_progress)
+        with gpu_step.forward():
+            loss = engine(gpu_step.batch(batch), generator)
+        loss, poison_at = _maybe_poison(loss, state.step + 1, rank, poison_at)
+        if watch is not None:
+            watch.note(loss, state.step + 1)
+        elif nonfinite_anywhere(loss, device):  # every rank takes the same branch: collectives stay matched
+            skipped_nonfinite += 1
+            log.warning("step %d: non-finite loss on at least one rank; batch skipped (%d so far)",
+                        state.step + 1, skipped_nonfinite)
+            continue
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        lr = engine.get_lr()[0]  # the rate this step uses; engine.step() advances the schedule
+        engine.step()
+        # summed on the device: no host sync per step (read once per report)
+        window_loss, window_n = window_loss + loss.detach().float(), window_n + 1
+        for name, value in getattr(engine.module, "loss_terms", {}).items():  # e.g. loss_mse, loss_infonce
+            window_terms[name] = window_terms.get(name, 0.0) + value.detach().float()
+        if not boundary:
+            continue
+        state.step += 1
+        decay = ema.update(engine.module)
+        maybe_crash(state.step, loop_config.get("fault"))
 
-            done = state.step >= total
-            eval_now = evaluator is not None and (done or state.step % eval_every == 0)
-            # a Tune trial: every evaluation also writes a checkpoint, which Ray Train scores by it (`train.score`)
-            save_now = done or state.step % checkpoint_every == 0 or (eval_now and score is not None)
-            if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
-                continue
-            if watch is not None and (bad := watch.first()) is not None:  # before this step is logged or saved
-                raise NonFiniteLoss(f"step {bad}: the loss is not finite on at least one rank (found at step "
-                                    f"{state.step}'s log; nothing after it was saved); trainer.on_nonfinite_loss=skip "
-                                    "skips such steps")
-            bad = bad_records.count(device)  # before anything is logged: a run past the limit stops here
-            means = mean_across_ranks(
-                {"loss": float(window_loss) / max(1, window_n),
-                 **{name: float(total) / max(1, window_n) for name, total in sorted(window_terms.items())}},
-                device)  # one collective, on the device the process group serves (NCCL: the GPU)
-            metrics = {
-                "step": state.step,
-                "time": time.time(),
-                "kimg": state.step * ips / 1000,
-                "epoch": epochs_seen(state.step * ips, train_rows),
-                **means,
-                "lr": lr,
-                "ema_decay": decay,
-                "images_per_s": window_n * cfg.trainer.batch_size * world / (time.time() - window_start),
-                "skipped_nonfinite": skipped_nonfinite,
-                "bad_records": bad,
-            }
-            if eval_now:
-                metrics.update(evaluator.evaluate(ema, engine.module, state.step))
-            if run_log is not None:
-                run_log.write(metrics, sync=save_now or bad > cfg.data.max_bad_records)
-            bad_records.check(bad)  # after the log: metrics.jsonl shows the count the run stopped at
-            if save_now or eval_now:
-                _report(_scored(metrics, score if save_now else None), engine, ema, state, generator, rank, save_now,
-                        consumed)
-            if save_now:
-                storage.push(rank_log)
-            window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
-            if done:
-                break
-        else:
-            state.epoch, state.batches_in_epoch = state.epoch + epochs_per_pass, 0
-            consumed, skipped = set(), set()
+        done = state.step >= total
+        eval_now = evaluator is not None and (done or state.step % eval_every == 0)
+        # a Tune trial: every evaluation also writes a checkpoint, which Ray Train scores by it (`train.score`)
+        save_now = done or state.step % checkpoint_every == 0 or (eval_now and score is not None)
+        if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
+            continue
+        if watch is not None and (bad := watch.first()) is not None:  # before this step is logged or saved
+            raise NonFiniteLoss(f"step {bad}: the loss is not finite on at least one rank (found at step "
+                                f"{state.step}'s log; nothing after it was saved); trainer.on_nonfinite_loss=skip "
+                                "skips such steps")
+        bad = bad_records.count(device)  # before anything is logged: a run past the limit stops here
+        means = mean_across_ranks(
+            {"loss": float(window_loss) / max(1, window_n),
+             **{name: float(total) / max(1, window_n) for name, total in sorted(window_terms.items())}},
+            device)  # one collective, on the device the process group serves (NCCL: the GPU)
+        metrics = {
+            "step": state.step,
+            "time": time.time(),
+            "kimg": state.step * ips / 1000,
+            "epoch": epochs_seen(state.step * ips, train_rows),
+            **means,
+            "lr": lr,
+            "ema_decay": decay,
+            "images_per_s": window_n * cfg.trainer.batch_size * world / (time.time() - window_start),
+            "skipped_nonfinite": skipped_nonfinite,
+            "bad_records": bad,
+        }
+        if eval_now:
+            metrics.update(evaluator.evaluate(ema, engine.module, state.step))
+        if run_log is not None:
+            run_log.write(metrics, sync=save_now or bad > cfg.data.max_bad_records)
+        bad_records.check(bad)  # after the log: metrics.jsonl shows the count the run stopped at
+        if save_now or eval_now:
+            save = (lambda folder: checkpoint.save(folder, engine, ema, state, generator, rank, passes.consumed))
+            report(_scored(metrics, score if save_now else None), state.step, save if save_now else None)
+        if save_now:
+            storage.push(rank_log)
+        window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
     if run_log is not None:
         run_log.close()
 
@@ -253,17 +221,3 @@ def _scored(metrics: dict[str, Any], score: tuple[str, str] | None) -> dict[str,
         return metrics
     worst = sys.float_info.max if score[1] == "min" else -sys.float_info.max
     return {**metrics, score[0]: worst, CHECKPOINT_ONLY: True}
-
-
-def _report(metrics, engine, ema, state, generator, rank, with_checkpoint: bool,
-            consumed: set[tuple[int, int]]) -> None:
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="facediff-ckpt-") as folder:
-        checkpoint.save(Path(folder), engine, ema, state, generator, rank, consumed)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=f"checkpoint_{state.step:09d}",
-        )

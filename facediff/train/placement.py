@@ -40,7 +40,7 @@ class WorkerRequest:
     num_workers: int
     bundle: dict[str, float]  # one worker's resources, as Ray asks for them
     strategy: str  # Ray's placement strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
-    key: str  # where the request is configured, for messages: "trainer" or the segformer config's top level
+    key: str  # where the request is configured, for messages: "trainer" (both training commands), "" for top-level keys
     timeout_s: float | None = None
 
     @classmethod

@@ -9,16 +9,12 @@ schedule, EMA and data position from there. The run folder's recorded config dec
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import posixpath
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import ray
-import ray.train
-from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import DataConfig
 
 from facediff.config import resolve_paths
 from facediff.config.schema import ExperimentConfig, model_autoencoder
@@ -33,8 +29,9 @@ from facediff.eval.metrics import load_inception
 from facediff.runs.checkpoints import EXPORT_DIR, load_task_with_ema
 from facediff.storage import RunStorage
 from facediff.train import checkpoint, identity
+from facediff.train.driver import fit, resumable_dataset, start_workers_ray
 from facediff.train.loop import train_loop_per_worker
-from facediff.train.placement import WorkerRequest, check_cluster, failure_config, placement_timeout
+from facediff.train.placement import WorkerRequest
 from facediff.train.run_log import METRICS_FILE, planned_kimg, rounding_note
 
 log = logging.getLogger("facediff.train")
@@ -49,36 +46,6 @@ def run_storage(cfg: ExperimentConfig) -> RunStorage:
     return RunStorage(cfg.trainer.storage_path, run_name(cfg))
 
 
-# Ray Train V2 keeps the run's registered checkpoints in this file of the run folder (ray.train.v2 constants)
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-@dataclass
-class ResumePoint:
-    """Where the data of a resumed run continues: the pass in progress and the records used in it."""
-
-    checkpoint: str | None = None  # folder name of the checkpoint Ray Train resumes from
-    epoch: int = 0  # first data epoch of the pass in progress
-    consumed: set[tuple[int, int]] = field(default_factory=set)  # (epoch, id) consumed in the pass in progress
-
-
-def resume_point(run: Path | RunStorage) -> ResumePoint:
-    """The checkpoint Ray Train will hand to the workers (the latest registered one in its snapshot, never a
-    folder whose upload did not finish) and the data position it holds. Only the checkpoint's small files are
-    read (copied into the local mirror first when the run is in remote storage)."""
-    storage = run if isinstance(run, RunStorage) else RunStorage(str(Path(run).parent), Path(run).name)
-    if not storage.exists(RAY_CHECKPOINT_SNAPSHOT):
-        return ResumePoint()
-    latest = json.loads(storage.read_bytes(RAY_CHECKPOINT_SNAPSHOT)).get("latest_checkpoint_result") or {}
-    name = latest.get("checkpoint_dir_name")
-    if not name or not storage.exists(f"{name}/{checkpoint.STATE_FILE}"):
-        return ResumePoint()
-    for file in checkpoint.position_files(storage.listing(name)):
-        storage.pull(f"{name}/{file}")
-    folder = storage.local / name
-    return ResumePoint(name, checkpoint.read_state(folder).epoch, checkpoint.consumed_records(folder))
-
-
 def _dataset_options(cfg: ExperimentConfig) -> dict:
     d = cfg.data
     return dict(image_size=d.image_size, read_parallelism=d.read_parallelism,
@@ -88,25 +55,6 @@ def _dataset_options(cfg: ExperimentConfig) -> dict:
 def epochs_per_pass(cfg: ExperimentConfig) -> int:
     """Data epochs in one streaming execution of the training split (`data.epochs_per_pass`, or by its size)."""
     return passes.epochs_per_pass(cfg.data.epochs_per_pass, split_rows(Path(cfg.data.path), cfg.data.train_split))
-
-
-def train_dataset(experiment: dict, run: RunStorage, bad_records=None) -> ray.data.Dataset:
-    """The training split as the run continues from its latest checkpoint: passes (flips, file order) counted
-    from the checkpoint's pass, and the records already consumed in it left out of the first one.
-
-    Ray Train calls this (a dataset factory) each time it starts the workers, in a new `fit()` and after a
-    worker failure alike, so the pipeline is built for the checkpoint the workers are about to restore.
-    `bad_records`: the run's tally of records that do not decode (`data.bad_records`)."""
-    cfg = ExperimentConfig.model_validate(experiment)
-    point = resume_point(run)
-    if point.checkpoint:
-        log.info("data resumes in the pass from epoch %d at %s, %d records of it already consumed",
-                 point.epoch, point.checkpoint, len(point.consumed))
-    d = cfg.data
-    return build_dataset(d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle, seed=cfg.trainer.seed, epoch=None,
-                         first_epoch=point.epoch, epochs_per_pass=epochs_per_pass(cfg),
-                         skip_ids=checkpoint.by_epoch(point.consumed), bad_records=bad_records,
-                         **_dataset_options(cfg))
 
 
 def data_config(cfg: ExperimentConfig) -> DataConfig:
@@ -136,23 +84,22 @@ def check_inputs(cfg: ExperimentConfig) -> None:
 
 
 def build_datasets(cfg: ExperimentConfig, run: RunStorage, bad_records=None) -> dict:
-    train = functools.partial(train_dataset, cfg.model_dump(mode="json"), run, bad_records)
-    train()  # checks shards, manifest and options now, in the driver, with a readable error
-    datasets = {"train": train}
+    """The training split as the run continues from its latest checkpoint (`driver.resumable_dataset`: checked
+    now, in the driver), and the test split when the run evaluates. `bad_records`: the run's tally of records
+    that do not decode (`data.max_bad_records`)."""
+    d = cfg.data
+    split = functools.partial(build_dataset, d.path, d.train_split, hflip=d.hflip, shuffle=d.shuffle,
+                              seed=cfg.trainer.seed, epoch=None, epochs_per_pass=epochs_per_pass(cfg),
+                              bad_records=bad_records, **_dataset_options(cfg))
+    datasets = {"train": resumable_dataset(split, run)}
     if cfg.eval.every_kimg is not None:
-        d = cfg.data
         datasets["test"] = build_dataset(d.path, d.eval_split, hflip=False, shuffle=False, bad_records=bad_records,
                                          **_dataset_options(cfg))
     return datasets
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
-    """Join the running cluster, or start a local instance that leaves Ray Data a CPU beside the workers.
-
-    With as many logical CPUs as cores, workers of one CPU each can take them all; Ray Data then never gets
-    one and training waits forever without an error.
-    """
-    start_ray(cfg.trainer.num_workers * cfg.trainer.resources_per_worker.get("CPU", 1.0) + 1)
+    start_workers_ray(cfg.trainer.num_workers, cfg.trainer.resources_per_worker)
 
 
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
@@ -188,42 +135,19 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     t = cfg.trainer
     request = WorkerRequest.of(t.num_workers, t.use_gpu, t.resources_per_worker, t.placement,
                                timeout_s=t.placement_timeout_s)
-    check_cluster(request)  # a request no node can hold would wait forever
-    trainer = TorchTrainer(
+    world = t.num_workers
+    result = fit(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
-                           "trace_dir": str(trace_dir) if trace_dir else None,
-                           "epochs_per_pass": epochs_per_pass(cfg), "resumption": asdict(resumption),
-                           "score": score, "train_rows": split_rows(Path(cfg.data.path), cfg.data.train_split),
-                           "bad_records": bad_records},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.trainer.num_workers,
-            use_gpu=cfg.trainer.use_gpu,
-            resources_per_worker=dict(cfg.trainer.resources_per_worker),
-            placement_strategy=cfg.trainer.placement.upper(),
-        ),
-        run_config=RunConfig(
-            name=run_name(cfg),
-            # remote: the filesystem travels with its endpoint and options (Ray then wants the path without scheme)
-            storage_path=posixpath.dirname(storage.root) if storage.remote else str(out.parent),
-            storage_filesystem=storage.fs if storage.remote else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_last,
-                                               **({"checkpoint_score_attribute": score[0],
-                                                   "checkpoint_score_order": score[1]} if score else {})),
-            failure_config=failure_config(request, cfg.trainer.max_failures),
-            callbacks=list(callbacks or []),
-        ),
-        datasets=build_datasets(cfg, storage, bad_records),
-        dataset_config=data_config(cfg),
-    )
-    with placement_timeout(request):
-        if progress:
-            world = cfg.trainer.num_workers
-            with RunProgressLine(f"train {run_name(cfg)}", storage.file(METRICS_FILE), planned_kimg(cfg, world),
-                             note=rounding_note(cfg, world)):
-                result = trainer.fit()
-        else:
-            result = trainer.fit()
+        {"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
+         "trace_dir": str(trace_dir) if trace_dir else None, "epochs_per_pass": epochs_per_pass(cfg),
+         "resumption": asdict(resumption), "score": score,
+         "train_rows": split_rows(Path(cfg.data.path), cfg.data.train_split), "bad_records": bad_records},
+        request=request, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker, storage=storage,
+        datasets=build_datasets(cfg, storage, bad_records), dataset_config=data_config(cfg),
+        max_failures=t.max_failures,
+        keep=t.keep_last, score=score, callbacks=callbacks,
+        progress=(lambda: RunProgressLine(f"train {run_name(cfg)}", storage.file(METRICS_FILE),
+                                      planned_kimg(cfg, world), note=rounding_note(cfg, world))) if progress else None)
     with result.checkpoint.as_directory() as folder:
         load_task_with_ema(cfg, Path(folder)).export(out / EXPORT_DIR)
     storage.push(EXPORT_DIR)
