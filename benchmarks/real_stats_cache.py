@@ -26,10 +26,11 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from eval_cost import TINY_PRESET, temporary_dataset  # noqa: E402
-from facediff.eval.evaluate import evaluate_task, local_test_batches  # noqa: E402
+from facediff.data.stream.local_batches import local_test_batches  # noqa: E402
+from facediff.eval.evaluate import evaluate_task  # noqa: E402
 from facediff.eval.metrics import build_image_distance  # noqa: E402
 from facediff.eval.real_stats import CACHE_DIR, use_real_cache  # noqa: E402
-from facediff.sampling import load_model  # noqa: E402
+from facediff.runs.load import load_model  # noqa: E402
 
 
 def one_evaluation(task, cfg, cached: bool) -> tuple[float, dict]:

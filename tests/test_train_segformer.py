@@ -8,7 +8,7 @@ import torch
 
 from facediff.config.schema import MaskEncoderConfig
 from facediff.data.celebamask import PART_LABELS
-from facediff.train.progress import read_metrics
+from facediff.train.run_log import read_metrics
 from facediff.train.segformer import train_segformer
 from facediff.train.segformer_config import load_segformer_config
 from facediff.train.segmentation import IoUCounter, build_segmenter, evaluate_segmenter, group_lookup
