@@ -126,7 +126,9 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, tiny,
     finally:
         torch.set_num_threads(facediff.threads.DEFAULT_THREADS)
     assert result.exit_code == 0, result.output
-    assert list(json.loads(result.stdout.strip().splitlines()[-1])) == ["fd_mtcnn_onet"]
+    # the labelled fallback (not fid) and its kernel distance, each with a bootstrap interval
+    assert set(json.loads(result.stdout.strip().splitlines()[-1])) == {
+        f"{k}{end}" for k in ("fd_mtcnn_onet", "kd_mtcnn_onet") for end in ("", "_lo", "_hi")}
     # the protocol names the checkpoint that was scored (the damaged newer one skipped), printed and saved
     assert f"model: EMA weights of {run}/checkpoint_000000001 (step 1)" in result.stdout.splitlines()
     assert json.loads((run / "evaluation.json").read_text())["protocol"]["model"] == {

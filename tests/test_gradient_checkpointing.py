@@ -12,7 +12,7 @@ from facediff.tasks import build_task
 
 from conftest import REPO
 
-EXPERIMENTS = REPO / "configs" / "experiments"
+EXPERIMENTS = REPO / "configs" / "experiments" / "tiny"
 # family -> (tiny preset, overrides that keep the step deterministic and the batch simple)
 FAMILIES = {
     "unet": ("tiny_unet", []),

@@ -15,8 +15,8 @@ from facediff.config.schema import DiffusionConfig
 
 from conftest import REPO
 
-TINY_UNET = REPO / "configs" / "experiments" / "tiny_unet.yaml"
-TINY_SD_LORA = REPO / "configs" / "experiments" / "tiny_sd_lora.yaml"
+TINY_UNET = REPO / "configs" / "experiments" / "tiny" / "tiny_unet.yaml"
+TINY_SD_LORA = REPO / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml"
 X0 = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
 
 

@@ -240,7 +240,7 @@ def test_results_table_prints_the_papers_fid_beside_ours(tmp_path):
         (tmp_path / f"trial_{i}").mkdir()
         history = pd.DataFrame({"kimg": [0.5, 1.0][:len(values)], "fd_mtcnn_onet": values})
         results.append(SimpleNamespace(path=str(tmp_path / f"trial_{i}"), metrics_dataframe=history, error=None,
-                                       config={"train_config": f"../experiments/{name}.yaml"}))
+                                       config={"train_config": f"../experiments/celebamask/{name}.yaml"}))
     rows = trial_rows(results, exp)
     assert [(r["paper_row"], r["best_fd_mtcnn_onet"], r["paper_fid"]) for r in rows] == [
         ("LC_UNet_3, InfoNCE", 0.7, 70.9824), ("LC_UNet_3, no InfoNCE", 0.8, 74.0719)]

@@ -56,8 +56,9 @@ def trial_rows(results, exp: Experiment) -> list[dict[str, Any]]:
             **{key: (result.config or {}).get(key) for key in exp.grid.search_space},
             **({"paper_row": paper.row if paper else ""} if exp.grid.paper_rows else {}),
             f"best_{exp.metric}": best and best[1],
-            **_interval_columns(best, exp.metric),
+            # the paper's number right beside ours; the intervals and the kernel distance after it
             **({"paper_fid": paper.fid if paper else None} if exp.grid.paper_rows else {}),
+            **_interval_columns(best, exp.metric),
             "best_kimg": best and best[0],
             "kimg": round(kimg, 6),
             "stopped_early": outcome == "stopped early",
