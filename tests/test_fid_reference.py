@@ -117,6 +117,13 @@ def test_bootstrap_intervals_separate_distant_sets_and_overlap_close_ones():
         assert iv["near"][key][0] < iv["same"][key][1]  # rows a reader must not rank
 
 
+def test_a_tiny_set_has_finite_intervals_though_some_resamples_repeat_one_vector():
+    # 3 generated vectors: 1 resample in 9 draws one vector three times, which has no pair for the unbiased KID
+    iv = bootstrap_intervals(_features(3, 8, 0.5, 5), _features(6, 8, 0.0, 6), 200, seed=0)
+    for key in ("fd", "kd"):
+        assert all(torch.isfinite(torch.tensor(iv[key]))) and iv[key][0] < iv[key][1]
+
+
 def test_compute_all_reports_intervals_around_labelled_fallback_values(tmp_path):
     real, fake = _features(40, 3 * 16 * 16, 0, 0).float().clamp(-1, 1), _features(20, 768, 0, 1)
     metric = ImageDistance(None, fallback="mtcnn_onet")

@@ -40,6 +40,8 @@ def _fid_resample(fake: Tensor, idx: Tensor, real_mean: Tensor, real_trace: Tens
 
 def _kid_resample(idx: Tensor, rr_term: Tensor, k_ff: Tensor, k_rf: Tensor) -> float:
     distinct = idx[:, None] != idx[None, :]  # a vector and its own duplicate are not a pair
+    if not distinct.any():  # a small set resampled as one vector n times has no pair: no estimate (left out)
+        return float("nan")
     return float(rr_term + k_ff[idx][:, idx][distinct].mean() - 2 * k_rf[:, idx].mean())
 
 
@@ -64,5 +66,5 @@ def bootstrap_intervals(fake: Tensor, real: Tensor, resamples: int, seed: int) -
         fds.append(_fid_resample(fake, idx, real_mean, real_trace, k_fake, sqrt_real))
         kds.append(_kid_resample(idx, rr_term, k_ff, k_rf))
     q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    return {name: tuple(float(v) for v in torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+    return {name: tuple(float(v) for v in torch.nanquantile(torch.tensor(values, dtype=torch.float64), q))
             for name, values in (("fd", fds), ("kd", kds))}
