@@ -28,7 +28,7 @@ from facediff.eval.build import build_attribute_metric
 from facediff.eval.metrics import load_inception
 from facediff.runs.checkpoints import EXPORT_DIR, load_task_with_ema
 from facediff.storage import RunStorage
-from facediff.train import checkpoint, identity
+from facediff.train import identity
 from facediff.train.driver import fit, resumable_dataset, start_workers_ray
 from facediff.train.loop import train_loop_per_worker
 from facediff.train.placement import WorkerRequest
