@@ -66,19 +66,32 @@ def test_evaluate_cli_prints_its_protocol_and_saves_it_with_the_value(tiny_expor
 
     exported = shutil.copytree(tiny_export, tmp_path / "model")  # evaluate writes evaluation.json into it
     result = CliRunner().invoke(app, ["evaluate", str(exported), "--set", "eval.num_samples=6",
-                                      "--set", "eval.sampler=dpm++"])
+                                      "--set", "eval.sampler=dpm++", "--memorisation",
+                                      "--set", "eval.memorisation_train_cap=8"])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     metrics = json.loads(lines[-1])
+    memorised = {k: metrics.pop(k) for k in list(metrics) if k.startswith("memorisation_")}
     # the labelled fallback (not fid), its kernel distance beside it, each with a bootstrap interval
     assert set(metrics) == {f"{k}{end}" for k in ("fd_mtcnn_onet", "kd_mtcnn_onet") for end in ("", "_lo", "_hi")}
+    # the memorisation audit of the same 6 samples: an untrained model copies no training face
+    assert memorised["memorisation_fraction"] == 0.0 and memorised["memorisation_threshold"] > 0
+    memorisation_line = next(line for line in lines if line.startswith("memorisation "))
+    assert memorisation_line.startswith("memorisation 0 (of 6 samples, the share closer to one of 8 training faces")
+    assert "fallback features: random-init InceptionResnetV1" in memorisation_line
+    assert f"closest pairs in {exported / 'memorisation_pairs.png'}" in memorisation_line
     assert metrics["fd_mtcnn_onet"] > 0 and metrics["fd_mtcnn_onet_lo"] < metrics["fd_mtcnn_onet_hi"]
     assert metrics["kd_mtcnn_onet_lo"] < metrics["kd_mtcnn_onet_hi"]
     saved = json.loads((exported / "evaluation.json").read_text())
     assert saved["metric"] == "fd_mtcnn_onet" and saved["value"] == metrics["fd_mtcnn_onet"]
     value_line = (f"fd_mtcnn_onet {saved['value']:.6g} [{metrics['fd_mtcnn_onet_lo']:.6g}, "
                   f"{metrics['fd_mtcnn_onet_hi']:.6g}] (95%)")
-    assert saved["results"] == metrics and value_line in lines
+    assert saved["results"] == metrics | memorised and value_line in lines
+    assert saved["memorisation"] == {"features": "random_init", "train_faces": 8, "train_cap": 8, "heldout_faces": 4,
+                                     "samples": 6, "heldout_percentile": 1.0, "face_size": 160,
+                                     "pairs_png": str(exported / "memorisation_pairs.png")}
+    width, height = Image.open(exported / "memorisation_pairs.png").size
+    assert height > 2 * width  # 6 pairs, one a row
     assert f"kd_mtcnn_onet {metrics['kd_mtcnn_onet']:.6g} [" in result.output
     assert f"saved in {exported / 'evaluation.json'}" in lines
     test_records = json.loads((synthetic_shards / "manifest.json").read_text())["counts"]["test"]
@@ -92,7 +105,7 @@ def test_evaluate_cli_prints_its_protocol_and_saves_it_with_the_value(tiny_expor
     assert (synthetic_shards / "real_features" / "test-mtcnn_onet-32px.safetensors").is_file()
     assert protocol["model"] == {"kind": "export", "path": str(exported),
                                  "weights": "ema (exported at the end of training)"}
-    assert saved["overrides"] == ["eval.num_samples=6", "eval.sampler=dpm++"]
+    assert saved["overrides"] == ["eval.num_samples=6", "eval.sampler=dpm++", "eval.memorisation_train_cap=8"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert saved["facediff_commit"] == head and datetime.fromisoformat(saved["date"]).tzinfo is not None
     assert f"model: exported EMA weights in {exported}" in lines

@@ -254,10 +254,14 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="where to write the evaluation JSON; default "
                                                      "MODEL/evaluation.json (a run or export folder)")] = None,
+    memorisation: Annotated[bool, typer.Option(help="also the memorisation audit: the share of samples closer to "
+                                                    "a training face than held-out faces are "
+                                                    "(docs/evaluation.md#memorisation)")] = False,
 ) -> None:
     """FID (or the labelled fallback distance) of a model's samples against a held-out split: the protocol, then
     the value; both saved in evaluation.json. The last line is the results as JSON."""
     from facediff.eval import protocol
+    from facediff.eval.memorisation import memorisation_line
     from facediff.runs.evaluate import evaluate_run
 
     def announce(described: dict, metric: str) -> None:
@@ -267,11 +271,14 @@ def evaluate(
     try:
         protocol.check_out(out)
         _cpu_threads(device)
-        evaluation = evaluate_run(model, split, overrides or [], device, announce=announce)
+        evaluation = evaluate_run(model, split, overrides or [], device, announce=announce,
+                                  memorisation=memorisation, out=out)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
     for line in protocol.result_lines(evaluation):  # before the save: hours of samples
         typer.echo(line)
+    if "memorisation" in evaluation:
+        typer.echo(memorisation_line(evaluation))
     try:
         saved = protocol.save(evaluation, out)
     except OSError as err:

@@ -316,6 +316,12 @@ class EvalConfig(Strict):
     # Bootstrap resamples of the generated features for the 95% intervals of FID and KID (`fid_lo`, `fid_hi`,
     # `kid_lo`, `kid_hi`); 0 = no intervals. Resamples features, not images: seconds at the papers' sizes.
     bootstrap: Annotated[int, Field(ge=0)] = 200
+    # The memorisation audit (`facediff evaluate --memorisation`, docs/evaluation.md#memorisation): InceptionResnetV1
+    # weights, a local state_dict file or `random`; None = facenet-pytorch's VGGFace2 file in the torch hub cache,
+    # else a random-init network, labelled `random_init` in the output.
+    face_embedding_weights: str | None = None
+    # The audit embeds the training split's first N records (file order); None = all of them.
+    memorisation_train_cap: PositiveInt | None = 5000
 
 
 class ExperimentConfig(Strict):
