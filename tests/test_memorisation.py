@@ -73,3 +73,14 @@ def test_the_held_out_split_cannot_be_the_training_split(audited):
     cfg, _ = audited
     with pytest.raises(ValueError, match="held-out split 'train' is the training split"):
         build_audit(cfg, "train", "cpu")
+
+
+def test_named_embedding_weights_must_be_an_inception_resnet_state_dict(tmp_path):
+    from facediff.eval.memorisation import FaceEmbedder
+
+    with pytest.raises(FileNotFoundError, match=f"eval.face_embedding_weights .*looked at {tmp_path / 'none.pt'}"):
+        FaceEmbedder(str(tmp_path / "none.pt"))
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=f"eval.face_embedding_weights={tmp_path / 'other.pt'}: not an "
+                                         "InceptionResnetV1 state_dict"):
+        FaceEmbedder(str(tmp_path / "other.pt"))

@@ -51,20 +51,26 @@ class FaceEmbedder(torch.nn.Module):
         super().__init__()
         from facenet_pytorch import InceptionResnetV1
 
-        with seeded_build(RANDOM_INIT_SEED):
-            self.net = InceptionResnetV1(pretrained=None, classify=False, num_classes=VGGFACE2_CLASSES)
-        self.features = "random_init"
         if weights is None and _hub_file(VGGFACE2_FILE).is_file():
             weights = "vggface2"
         elif weights is None:
             log.warning("memorisation audit: no VGGFace2 weights at %s; %s", _hub_file(VGGFACE2_FILE),
                         FALLBACK_CAVEAT)
-        if weights not in (None, "random"):
+        state, self.features = None, "random_init"
+        if weights not in (None, "random"):  # read first: a wrong path fails before the network is built
             published = weights == "vggface2"
             path = _hub_file(VGGFACE2_FILE) if published else Path(weights).expanduser()
-            self.net.load_state_dict(_read_state_dict(path, "eval.face_embedding_weights (InceptionResnetV1)",
-                                                      "facenet-pytorch VGGFace2" if published else None))
+            state = _read_state_dict(path, "eval.face_embedding_weights (InceptionResnetV1)",
+                                     "facenet-pytorch VGGFace2" if published else None)
             self.features = "vggface2" if published else str(path)
+        with seeded_build(RANDOM_INIT_SEED):
+            self.net = InceptionResnetV1(pretrained=None, classify=False, num_classes=VGGFACE2_CLASSES)
+        if state is not None:
+            try:
+                self.net.load_state_dict(state)
+            except RuntimeError as err:  # another network's weights: one line, not a traceback
+                raise ValueError(f"eval.face_embedding_weights={weights}: not an InceptionResnetV1 state_dict "
+                                 f"({str(err).splitlines()[0]}); name facenet-pytorch's VGGFace2 file") from None
         self.net.requires_grad_(False).eval()
 
     @torch.no_grad()
