@@ -91,7 +91,8 @@ def main() -> None:
     rate = {c: args.steps / s for c, s in seconds.items()}
     print(f"{args.config.name} on {device}, batch {args.batch}, {args.steps} steps each")
     for variant in variants:
-        print(f"  {variant:12s} {rate[variant]:8.2f} steps/s   ratio to on the fly {rate[variant] / rate['on the fly']:.2f}")
+        print(f"  {variant:12s} {rate[variant]:8.2f} steps/s  {1 / rate[variant]:8.2f} s/step   "
+              f"ratio to on the fly {rate[variant] / rate['on the fly']:.2f}")
 
 
 if __name__ == "__main__":
