@@ -206,9 +206,10 @@ def test_missing_perceptual_weights_name_where_they_were_looked_for(tmp_path):
 def test_config_refusals():
     with pytest.raises(ConfigError, match=r"masked_lpips_weight \(.*\) \+ loss\.face_feature_weight \(.*\) = 1\.2 exceeds 1"):
         load_config(TINY, ["loss.masked_lpips_weight=0.7"])
+    assert load_config(TINY, ["data.use_latents=true"]).data.use_latents  # SD-VAE latents (test_latents.py)
     with pytest.raises(ConfigError, match=r"command line: data\.use_latents: needs a family that trains on cached "
-                                          r"latents"):
-        load_config(TINY, ["data.use_latents=true"])
+                                          r"latents \(lc_unet, sd_lora, controlnet\), but model\.family .*is 'unet'"):
+        load_config(EXPERIMENTS / "tiny" / "tiny_unet.yaml", ["data.use_latents=true"])
 
 
 def test_training_steps_change_the_controlnet_and_leave_the_base_bit_identical():

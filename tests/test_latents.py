@@ -176,9 +176,12 @@ def test_cli_prepare_latents_options_and_config(synthetic_shards, tmp_path, monk
     result = run(app, ["prepare", "latents", "in", "out", "--config", tiny_unet])
     assert result.exit_code == 2 and "its model denoises pixels and has no autoencoder" in result.output
     sd_lora = str(REPO / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml")
-    result = run(app, ["prepare", "latents", "in", "out", "--config", sd_lora])
+    result = run(app, ["prepare", "latents", "in", "out", "--config", sd_lora, "--no-prompt-embeddings"])
     assert result.exit_code == 0, result.output
     assert calls[-1][0] == AutoencoderConfig(kind="kl", preset="tiny_sd/vae")  # the pipeline's own VAE
+    controlnet = str(REPO / "configs" / "experiments" / "tiny" / "tiny_controlnet.yaml")
+    result = run(app, ["prepare", "prompt-embeddings", str(synthetic_shards), "--config", controlnet])
+    assert result.exit_code == 2 and "cached prompt embeddings are for sd_lora's attribute prompts" in result.output
     result = run(app, ["prepare", "latents", "in", "out"])
     assert result.exit_code == 2 and "give a `preset`" in result.output
     assert len(calls) == 3
@@ -235,3 +238,49 @@ def test_sd_lora_trains_on_latents_cached_with_its_pipelines_vae(ray_session, sy
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-2)
     no_images = {"attributes": batch["attributes"], "latents": batch["latents"]}
     assert cached(no_images, torch.Generator().manual_seed(3)).item() == pytest.approx(losses[1])
+
+    # the prompts' text embeddings cached beside the latents: the step reads them and never runs the text encoder
+    from facediff.data.prompt_embeddings import check_prompt_embeddings, write_prompt_embeddings
+
+    manifest = write_prompt_embeddings(out, cached_cfg.model, dtype="float32")
+    distinct = {"", cfg.model.placeholder_prompt, *cached.prompts(torch.tensor(np.stack(rows(out, "train")["attributes"])))}
+    assert manifest["prompt_embeddings"]["prompts"] >= len(distinct) > 2
+    with_text = build_task(cached_cfg)
+    with_text.backbone._encode_uncached = None  # calling the text encoder would raise
+    assert with_text(no_images, torch.Generator().manual_seed(3)).item() == pytest.approx(losses[0], rel=1e-2)
+    prompts = cached.prompts(batch["attributes"]) + [""]
+    assert torch.allclose(with_text.prompt_context(prompts), on_the_fly.backbone.encode_prompts(prompts), atol=1e-5)
+    reworded = load_config(config, [f"data.path={out}", "data.use_latents=true", "model.prompt_template=A face with {attributes}"])
+    with pytest.raises(ValueError, match=r"prompt_embeddings\.safetensors: the prompt embeddings were made for "
+                                         r"model\.prompt_template=.*run `facediff prepare prompt-embeddings"):
+        check_prompt_embeddings(out, reworded.model)
+
+
+@pytest.mark.ray
+def test_controlnet_trains_on_cached_latents_of_people_scenes(ray_session, coco_shards, tmp_path):
+    """COCO people shards get the pipeline VAE's latents (and the mirrored images'); a ControlNet step on them
+    equals one encoding the images, which the batch still carries for the perceptual losses and the person map."""
+    from facediff.config import load_config
+    from facediff.config.schema import model_autoencoder
+    from facediff.data.prepare.latents import prepare_latents
+    from facediff.tasks import build_task
+
+    config = REPO / "configs/experiments/tiny/tiny_controlnet.yaml"
+    overrides = ["model.prompt_dropout=0", "loss.perceptual_timestep_threshold=1000"]
+    cfg = load_config(config, overrides)
+    out = tmp_path / "coco-sd"
+    prepare_latents(coco_shards, out, model_autoencoder(cfg.model), batch_size=8, dtype="float32", progress=False)
+    manifest = read_manifest(out)
+    assert manifest["kind"] == "coco_people" and manifest["latents"]["shape"] == [4, 16, 16]
+    picked = {k: v[:4] for k, v in rows(out, "train").items()}
+    seed = next(s for s in range(64) if 0 < flip_decisions(picked["id"], seed=s, epoch=0).sum() < 4)
+    decoded = decode_batch(picked, image_size=64, hflip=True, seed=seed, epoch=0, latent_shape=(4, 16, 16))
+    assert 0 < decoded["flipped"].sum() < 4 and {"persons", "face_boxes", "caption"} <= set(decoded)
+    batch = finish_batch({k: torch.from_numpy(v) for k, v in decoded.items()})
+    on_the_fly = build_task(cfg)
+    cached = build_task(load_config(config, [*overrides, f"data.path={out}", "data.use_latents=true"]))
+    expected = on_the_fly.backbone.encode_images(batch["image"])  # flipped rows: the mirrored image's latents
+    assert torch.allclose(batch["latents"], expected, atol=1e-4 * expected.abs().max().item())
+    losses = [task(batch, torch.Generator().manual_seed(5)).item() for task in (on_the_fly, cached)]
+    assert cached.loss_terms["loss_lpips"] > 0  # the perceptual terms ran on the cached run's pixels
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)

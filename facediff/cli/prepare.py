@@ -138,6 +138,8 @@ def prepare_latents(
     flipped: Annotated[bool, typer.Option(help="also cache the latents of mirrored images (for data.hflip)")] = True,
     rows_per_shard: Annotated[Optional[int], typer.Option(help="default: the largest input shard")] = None,
     overwrite: bool = False,
+    prompt_embeddings: Annotated[bool, typer.Option(help="with an sd_lora --config: also cache its prompts' text "
+                                                          "embeddings (see `prepare prompt-embeddings`)")] = True,
 ) -> None:
     """Encode every image once with the frozen autoencoder into shards with a `latents` column."""
     from pydantic import ValidationError
@@ -145,11 +147,12 @@ def prepare_latents(
     from facediff.config.schema import AutoencoderConfig
     from facediff.data.prepare.latents import prepare_latents as run
 
-    fields = {}
+    fields, model = {}, None
     if config is not None:
         from facediff.config.schema import model_autoencoder
 
-        autoencoder = model_autoencoder(_load(config, []).model)
+        model = _load(config, []).model
+        autoencoder = model_autoencoder(model)
         if autoencoder is None:
             _fail(f"{config}: its model denoises pixels and has no autoencoder (latent families: lc_unet, sd_lora, "
                   "controlnet)")
@@ -171,3 +174,31 @@ def prepare_latents(
     info = manifest["latents"]
     typer.echo(f"wrote {manifest['counts']} records with {'x'.join(map(str, info['shape']))} {info['dtype']} "
                f"latents to {out} in {info['seconds']} s")
+    if model is not None and model.family == "sd_lora" and prompt_embeddings:
+        _write_prompt_embeddings(out, model, dtype, batch_size, gpu)
+
+
+def _write_prompt_embeddings(dataset: Path, model, dtype: str, batch_size: int, gpu: bool) -> None:
+    from facediff.data.prompt_embeddings import write_prompt_embeddings
+
+    try:
+        info = write_prompt_embeddings(dataset, model, dtype=dtype, batch_size=batch_size, use_gpu=gpu)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    entry = info["prompt_embeddings"]
+    typer.echo(f"wrote the text embeddings of {entry['prompts']} prompts to {dataset / entry['file']}")
+
+
+@prepare_app.command("prompt-embeddings")
+def prepare_prompt_embeddings(
+    dataset: Annotated[Path, typer.Argument(help="a prepared dataset folder (holds manifest.json); the file is "
+                                                 "written into it")],
+    config: Annotated[Path, typer.Option(help="an sd_lora experiment config: its pipeline's text encoder and "
+                                              "prompt wording")],
+    dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
+    batch_size: int = 64,
+    gpu: Annotated[bool, typer.Option("--gpu", help="encode on this machine's GPU")] = False,
+) -> None:
+    """Encode the dataset's finite set of sd_lora prompts once into prompt_embeddings.safetensors, read by
+    training with data.use_latents instead of running the text encoder."""
+    _write_prompt_embeddings(dataset, _load(config, []).model, dtype, batch_size, gpu)

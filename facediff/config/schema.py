@@ -46,7 +46,7 @@ class DataConfig(Strict):
     # the next one (the local shuffle buffer mixes them); each row keeps its own epoch's flips and captions.
     # None = enough epochs for 65,536 rows a pass, at most 8 (8 for 2,700 faces, 3 for 27,000).
     epochs_per_pass: PositiveInt | None = None
-    use_latents: bool = False  # read the cached `latents` column written by `facediff prepare latents`
+    use_latents: bool = False  # read the cached `latents` column written by `facediff prepare latents` (and sd_lora's cached prompt embeddings, when the dataset has them)
     # The training split must hold exactly this many records (checked against the manifest when a run starts):
     # the paper's data regimes (2,700 or 27,000 faces) are prepared datasets, and this catches a config of one
     # regime pointed at the other. None = whatever the dataset holds.
@@ -381,9 +381,9 @@ class ExperimentConfig(Strict):
                                   f"{self.loss.masked_lpips_weight + self.loss.face_feature_weight:g} exceeds 1: the "
                                   "denoising loss gets weight 1 - λ1 - λ2 below the threshold (paper Eq. 3)",
                                   keys=[("loss", "masked_lpips_weight"), ("loss", "face_feature_weight")])
-        if self.data.use_latents and (model_autoencoder(model) is None or model.family == "controlnet"):
+        if self.data.use_latents and model_autoencoder(model) is None:
             raise ConflictingKeys(f"data.use_latents: needs a family that trains on cached latents (lc_unet, "
-                                  f"sd_lora), but model.family is {model.family!r}",
+                                  f"sd_lora, controlnet), but model.family is {model.family!r}",
                                   keys=[("data", "use_latents"), ("model", "family")])
         return self
 

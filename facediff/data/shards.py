@@ -52,12 +52,13 @@ LATENTS_FLIPPED = "latents_flipped"
 LATENT_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
-def latent_schema(width: int, dtype: str = "float16", flipped: bool = False) -> pa.Schema:
-    """The shard schema plus the latent column(s) of `width` = C*h*w values each."""
+def latent_schema(width: int, dtype: str = "float16", flipped: bool = False, base: pa.Schema = SHARD_SCHEMA) -> pa.Schema:
+    """The shard schema (`base`: CelebAMask's, or COCO people's) plus the latent column(s) of `width` = C*h*w
+    values each."""
     if dtype not in LATENT_DTYPES:
         raise ValueError(f"latent dtype must be one of {sorted(LATENT_DTYPES)}, got {dtype!r}")
     columns = [LATENTS, LATENTS_FLIPPED] if flipped else [LATENTS]
-    schema = SHARD_SCHEMA
+    schema = base
     for name in columns:
         schema = schema.append(pa.field(name, pa.list_(LATENT_DTYPES[dtype], width)))
     return schema

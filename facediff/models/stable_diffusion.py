@@ -90,11 +90,16 @@ def _check_tiny_tokenizer(tokenizer: CLIPTokenizer, text_config: dict[str, Any],
 class StableDiffusionBackbone(nn.Module):
     """The networks of a Stable Diffusion pipeline, with the encode/decode helpers its tasks need."""
 
-    def __init__(self, ref, load_weights: bool, prompt_cache_size: int = PROMPT_CACHE_SIZE):
+    def __init__(self, ref, load_weights: bool, prompt_cache_size: int = PROMPT_CACHE_SIZE,
+                 components: tuple[str, ...] = tuple(NETWORKS)):
+        """`components`: the networks to build (default all); a job that needs one (`prepare prompt-embeddings`:
+        the text encoder) skips loading the rest. Each keeps its own seed, so it is the same network either way."""
         super().__init__()
         preset = preset_config(ref.preset) if ref.preset else None
         if load_weights and ref.pretrained:
             for name, cls in NETWORKS.items():
+                if name not in components:
+                    continue
                 model = _load(cls, ref, name)
                 if preset is not None:
                     _check_fits_preset(name, model, preset[name], ref)
@@ -106,6 +111,8 @@ class StableDiffusionBackbone(nn.Module):
                 raise ValueError(f"{ref.pretrained}: no pipeline `preset` given, so the networks cannot be built "
                                  "without loading weights; add one (e.g. sd2_base, sd15, tiny_sd)")
             for i, (name, cls) in enumerate(NETWORKS.items()):
+                if name not in components:
+                    continue
                 with seeded_build(RANDOM_INIT_SEED + i):  # leaves the caller's RNG streams untouched
                     setattr(self, name, from_config(cls, preset[name]))
             if preset["tokenizer"] == "tiny":
@@ -188,10 +195,12 @@ class StableDiffusionBackbone(nn.Module):
     # ---------------------------------------------------------------------------------------- utilities
     def freeze(self) -> "StableDiffusionBackbone":
         """No gradient for any network (a task unfreezes, or adds adapters to, what it trains)."""
-        for net in (self.vae, self.text_encoder, self.unet):
-            net.requires_grad_(False)
-        self.vae.eval()
-        self.text_encoder.eval()
+        for name in NETWORKS:
+            if hasattr(self, name):
+                getattr(self, name).requires_grad_(False)
+        for name in ("vae", "text_encoder"):
+            if hasattr(self, name):
+                getattr(self, name).eval()
         return self
 
     def pipeline(self) -> StableDiffusionPipeline:

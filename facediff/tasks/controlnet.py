@@ -113,6 +113,14 @@ class ControlNetPeople(DiffusionTask):
         return self.unet(z, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
 
+    def _latents(self, batch, images: torch.Tensor) -> torch.Tensor:
+        """The clean latents in fp32 (noised in fp32): cached ones with `data.use_latents` (`prepare latents
+        --config` with this pipeline's VAE), else the VAE's encoding of the images. The images are read either
+        way: the perceptual losses compare the decoded estimate with them, and the person map comes with them."""
+        if self.cfg.data.use_latents:
+            return batch["latents"].to(device=self.device, dtype=torch.float32)
+        return self.backbone.encode_images(images).float()
+
     # -------------------------------------------------------------------------------------------- loss
     def forward(self, batch, generator=None):
         self.place_frozen()
@@ -125,7 +133,7 @@ class ControlNetPeople(DiffusionTask):
         below_host = below.cpu() if perceptual else None
         context = self.backbone.encode_prompts(self.prompts(batch, generator)).to(self.dtype)
         cond = self.conditioning(batch, len(images))
-        z0 = self.backbone.encode_images(images).float()  # noised in fp32
+        z0 = self._latents(batch, images)
         ldm, aux = self.loss_fn(lambda z, t: self.denoise(z, t, context, cond), z0, generator,
                                 input_dtype=self.dtype, progress=self.training_progress, timesteps=t)
         lpips_term, face_term = torch.zeros_like(ldm), torch.zeros_like(ldm)

@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 
 from facediff import diffusion
 from facediff.config.schema import ExperimentConfig
+from facediff.data.prompt_embeddings import PromptEmbeddings, check_prompt_embeddings
 from facediff.data.prompts import attribute_prompts, drop_prompts
 from facediff.models.stable_diffusion import StableDiffusionBackbone, export_random_base, exported_base_ref
 from facediff.tasks.base import DiffusionTask
@@ -43,6 +44,7 @@ class StableDiffusionLoRA(DiffusionTask):
         self.scheduler = diffusion.pipeline_noise_scheduler(self.backbone.noise_scheduler, cfg.diffusion)
         self.loss_fn = diffusion.build_loss(self.scheduler, cfg.diffusion)
         self.hold_vae_and_text_encoder()
+        self._prompt_store: PromptEmbeddings | None | bool = False  # False: not looked for yet
 
     def hold_vae_and_text_encoder(self) -> None:
         """The VAE and text encoder stay out of the engine (`DiffusionTask.hold_frozen`), in the UNet's precision;
@@ -68,7 +70,7 @@ class StableDiffusionLoRA(DiffusionTask):
         self.place_frozen()
         prompts = drop_prompts(self.prompts(batch["attributes"]), self.cfg.model.prompt_dropout,
                                self.cfg.trainer.seed, batch.get("id"), batch.get("epoch"))
-        context = self.backbone.encode_prompts(prompts).to(self.dtype)
+        context = self.prompt_context(prompts)
         if self.cfg.data.use_latents:  # cached by `prepare latents --config` with this pipeline's VAE
             z0 = batch["latents"].to(device=self.device, dtype=torch.float32)
         else:
@@ -76,6 +78,17 @@ class StableDiffusionLoRA(DiffusionTask):
         per_sample, _ = self.loss_fn(lambda z, t: self.unet(z, t, encoder_hidden_states=context).sample, z0,
                                      generator, input_dtype=self.dtype, progress=self.training_progress)
         return per_sample.mean()
+
+    def prompt_context(self, prompts: list[str]) -> torch.Tensor:
+        """The prompts' text embeddings in the task's precision: with `data.use_latents`, read from the dataset's
+        cached prompt embeddings when it has them (`data/prompt_embeddings.py`; the text encoder does not run),
+        else encoded (cached in memory per prompt)."""
+        if self._prompt_store is False:  # looked up on the first training step: sampling copies never need it
+            cached = self.cfg.data.use_latents and check_prompt_embeddings(self.cfg.data.path, self.cfg.model)
+            self._prompt_store = PromptEmbeddings(self.cfg.data.path) if cached else None
+        if self._prompt_store is not None:
+            return self._prompt_store.lookup(prompts).to(device=self.device, dtype=self.dtype)
+        return self.backbone.encode_prompts(prompts).to(self.dtype)
 
     def guided_model_fn(self, prompts: list[str]):
         scale = self.cfg.model.guidance_scale

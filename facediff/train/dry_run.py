@@ -42,9 +42,9 @@ import pyarrow.parquet as pq
 import torch
 
 from facediff.config import resolve_paths
-from facediff.config.schema import PIPELINE_FAMILIES, ExperimentConfig, model_autoencoder
+from facediff.config.schema import PIPELINE_FAMILIES, ExperimentConfig
 from facediff.data.stream.batch import finish_batch
-from facediff.data.prepare.latents import check_cached_latents
+from facediff.data.prepare.latents import check_cached_inputs
 from facediff.data.shards import MANIFEST, shard_paths, split_rows
 from facediff.data.stream.dataset import _cached_latent_shape, decode_batch
 from facediff.models.pretrained import WeightsNotFound
@@ -126,7 +126,7 @@ def check_data(cfg: ExperimentConfig) -> list[str]:
     shard_paths(d.path, d.train_split)
     shard_paths(d.path, d.eval_split)
     if d.use_latents:
-        check_cached_latents(d.path, model_autoencoder(cfg.model))
+        check_cached_inputs(d.path, cfg.model)
     found = split_rows(d.path, d.train_split)
     if d.train_records is not None and found != d.train_records:
         return [f"data.train_records is {d.train_records} but {Path(d.path) / MANIFEST} holds {found} training "

@@ -17,9 +17,9 @@ import ray
 from ray.train import DataConfig
 
 from facediff.config import resolve_paths
-from facediff.config.schema import ExperimentConfig, model_autoencoder
+from facediff.config.schema import ExperimentConfig
 from facediff.console import RunProgressLine
-from facediff.data.prepare.latents import check_cached_latents
+from facediff.data.prepare.latents import check_cached_inputs
 from facediff.data.stream import passes
 from facediff.data.stream.bad_records import check_parquet_files, describe, start_tally
 from facediff.data.shards import check_train_records, shard_paths, split_rows
@@ -80,7 +80,7 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         check_parquet_files(shard_paths(d.path, d.eval_split))
     check_train_records(d.path, d.train_split, d.train_records)
     if d.use_latents:
-        check_cached_latents(d.path, model_autoencoder(cfg.model))
+        check_cached_inputs(d.path, cfg.model)
 
 
 def build_datasets(cfg: ExperimentConfig, run: RunStorage, bad_records=None) -> dict:

@@ -6,7 +6,7 @@ Each split is read with Ray Data (the V1 Parquet reader of `stream.py`), images 
 decodes them (`stream.decode_batch`, no flips) and encoded in `map_batches` by a pool of actors that each hold
 one `LatentCodec` (one GPU per actor when `use_gpu`, else a fraction of a CPU so Ray Data's read tasks always get
 one). The driver writes the rows, in input order, into new shards with every original column (id, image, parts,
-attributes, split) plus `latents` and, by default, `latents_flipped`: the latents of the mirrored image, so
+attributes, split) (or a COCO people dataset's: id, image, captions, persons, boxes, split) plus `latents` and, by default, `latents_flipped`: the latents of the mirrored image, so
 training with `data.hflip` flips exactly (a mirrored latent is only approximately the mirrored image's latent).
 See `shards.py` for the columns and the manifest's `latents` entry.
 """
@@ -34,6 +34,8 @@ from facediff.data.shards import (
 )
 from facediff.data.staging import check_at_least, refuse_existing, staged_output
 from facediff.data.stream.batch import images_to_float
+from facediff.data.prepare.coco import COCO_SHARD_SCHEMA
+from facediff.data.stream.coco import COCO_KIND
 from facediff.data.stream.dataset import _read_shards, decode_batch
 
 log = logging.getLogger("facediff.latents")
@@ -59,7 +61,8 @@ class EncodeLatents:
         return pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), int(np.prod(z.shape[1:])))
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        columns = {name: table[name].to_numpy(zero_copy_only=False) for name in ("id", "image", "parts", "attributes")}
+        # every source column but Ray's "path": decode_batch tells CelebAMask and COCO people rows apart by them
+        columns = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names if name != "path"}
         decoded = decode_batch(columns, image_size=self.image_size, hflip=False, seed=0, epoch=0)
         images = images_to_float(torch.from_numpy(decoded["image"]).to(self.device))
         table = table.append_column(LATENTS, self._latent_column(images))
@@ -113,6 +116,17 @@ def check_cached_latents(dataset: str | Path, autoencoder: AutoencoderConfig) ->
                          "or set the same scaling_factor")
 
 
+def check_cached_inputs(dataset: str | Path, model) -> None:
+    """What `data.use_latents` reads, checked before a run: the latents (made with the model's autoencoder) and,
+    for sd_lora, the cached prompt embeddings if the dataset has them (made with its pipeline and wording)."""
+    from facediff.config.schema import model_autoencoder
+    from facediff.data.prompt_embeddings import check_prompt_embeddings
+
+    check_cached_latents(dataset, model_autoencoder(model))
+    if model.family == "sd_lora":
+        check_prompt_embeddings(dataset, model)
+
+
 def prepare_latents(
     shards_in: str | Path,
     out: str | Path,
@@ -164,7 +178,8 @@ def prepare_latents(
     _ensure_ray(actors, cpus_per_actor)
     actors = _actors(use_gpu, num_actors)
 
-    schema = latent_schema(int(np.prod(shape)), dtype, flipped)
+    base = COCO_SHARD_SCHEMA if manifest_in.get("kind") == COCO_KIND else SHARD_SCHEMA
+    schema = latent_schema(int(np.prod(shape)), dtype, flipped, base)
     with staged_output(out, (*splits, MANIFEST)) as staging:  # `out` keeps its old dataset until this is done
         shards = _encode(
             shards_in, staging, splits, schema, rows_per_shard, progress,
@@ -210,7 +225,8 @@ def _encode(shards_in: Path, out: Path, splits: list[str], schema: pa.Schema, ro
     writers = {split: ShardWriter(out, split, rows_per_shard, schema=schema) for split in splits}
     start = time.time()
     if split_of:
-        ds = _read_shards(list(split_of), len(split_of), None, columns=list(SHARD_SCHEMA.names), include_paths=True)
+        source_columns = [name for name in schema.names if name not in (LATENTS, LATENTS_FLIPPED)]
+        ds = _read_shards(list(split_of), len(split_of), None, columns=source_columns, include_paths=True)
         ds = ds.map_batches(EncodeLatents, batch_format="pyarrow", fn_constructor_kwargs=udf_args, **map_args)
         ds.context.execution_options.preserve_order = True  # shards keep the source's row order
         with tqdm(total=total, desc="prepare latents", unit="img", disable=not progress) as bar:

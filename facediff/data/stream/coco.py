@@ -74,10 +74,11 @@ def draw_captions(ids: np.ndarray, captions, *, seed: int, epochs: np.ndarray) -
 
 
 def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: bool, seed: int, epochs: np.ndarray,
-                      flip_decisions, bad_records=None) -> dict[str, np.ndarray]:
+                      flip_decisions, bad_records=None, latents: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Decode one batch of COCO people rows at `image_size` (see the module docstring for the columns);
     `epochs` (B,) int64: each row's data epoch. A row that does not decode is left out, logged and counted
-    (`bad_records.py`)."""
+    (`bad_records.py`). `latents` (B, C, h, w): the rows' cached latents (flipped rows' already the mirrored
+    image's), returned as "latents" beside the pixels (`data.use_latents`)."""
     ids = np.array(batch["id"], dtype=np.int64)
     n, s = len(ids), image_size
     images = np.empty((n, s, s, 3), dtype=np.uint8)
@@ -115,7 +116,7 @@ def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: b
             mirrored = boxes[flip].copy()
             mirrored[..., 0], mirrored[..., 2] = s - boxes[flip][..., 2], s - boxes[flip][..., 0]
             boxes[flip] = mirrored * valid[flip][..., None]  # padding stays all-zero
-    return keep_rows({
+    out = {
         "id": ids,
         "epoch": epochs,
         "flipped": flip.astype(np.uint8),
@@ -127,4 +128,7 @@ def decode_coco_batch(batch: dict[str, np.ndarray], *, image_size: int, hflip: b
         "face_valid": face_valid,
         "face_scores": face_scores,
         "caption": encode_captions(draw_captions(ids, batch["captions"], seed=seed, epochs=epochs)),
-    }, keep)
+    }
+    if latents is not None:
+        out["latents"] = latents
+    return keep_rows(out, keep)

@@ -148,10 +148,12 @@ def decode_batch(
         raise ValueError(f"epoch=None needs an {EPOCH_COLUMN!r} column (rows read by passes.ShardPasses)")
     epochs = np.array(batch[EPOCH_COLUMN] if epoch is None else np.full(n, epoch), dtype=np.int64)
     if "persons" in batch:  # a COCO people dataset (`prepare coco`): its own columns
-        if latent_shape is not None:
-            raise ValueError("COCO people shards have no cached latents: set data.use_latents to false")
+        latents = None
+        if latent_shape is not None:  # the same flips as the images', a function of (seed, epoch, id)
+            flip = flip_decisions(ids, seed=seed, epoch=epochs) if hflip else None
+            latents = _decode_latents(batch, tuple(latent_shape), flip)
         return decode_coco_batch(batch, image_size=image_size, hflip=hflip, seed=seed, epochs=epochs,
-                                 flip_decisions=flip_decisions, bad_records=bad_records)
+                                 flip_decisions=flip_decisions, bad_records=bad_records, latents=latents)
     images = np.empty((n, s, s, 3), dtype=np.uint8)
     parts = np.zeros((n, s, s), dtype=np.uint8)  # zeros: a failed row's labels must not trip the check below
     keep, bad = np.ones(n, dtype=bool), []
