@@ -23,21 +23,47 @@ def start_ray(wanted_cpus: float | None = None) -> None:
     (workers plus one for Ray Data), never fewer than the cores.
     """
     import ray
-    import ray.data
 
     if ray.is_initialized():
         return
     loud = verbose()
+    kwargs = _quiet_before_init(loud)
+    try:
+        init_local_ray(max(os.cpu_count() or 1, math.ceil(wanted_cpus or 0)), **kwargs)
+    except ValueError:  # a cluster is already running (`ray start`, `ray job submit`): use it as it is
+        ray.init(**kwargs)
+    _quiet_after_init(loud)
+
+
+def join_cluster(address: str = "auto") -> None:
+    """Join a running cluster (fail if there is none), with Ray's output kept as `start_ray` keeps it.
+
+    A `ray job submit` job's output is its driver's stdout and stderr: with Ray's default `log_to_driver` every
+    Train worker's and Ray actor's output (DeepSpeed's and CUDA's warnings of each rank, the controller's
+    reports, Ray Data's progress bars) was printed there, 288 lines for an 8-step run. Quiet, the job prints what
+    `facediff train` prints; the rest stays in Ray's session logs and the run's `logs/`."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    loud = verbose()
+    ray.init(address=address, **_quiet_before_init(loud))
+    _quiet_after_init(loud)
+
+
+def _quiet_before_init(loud: bool) -> dict:
+    """What to set before `ray.init`, and its arguments: Ray's output on the terminal only when `loud`."""
+    import ray.data
+
     ray.data.DataContext.get_current().enable_progress_bars = loud
     if not loud:
         # Under `uv run`, Ray starts each worker with `uv run` too, and uv draws its install progress on the
         # terminal the processes inherit; Ray's processes inherit this environment.
         os.environ.setdefault("UV_NO_PROGRESS", "1")
-    kwargs = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
-    try:
-        init_local_ray(max(os.cpu_count() or 1, math.ceil(wanted_cpus or 0)), **kwargs)
-    except ValueError:  # a cluster is already running (`ray start`, `ray job submit`): use it as it is
-        ray.init(**kwargs)
+    return {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
+
+
+def _quiet_after_init(loud: bool) -> None:
     if not loud:
         quiet_ray_loggers()
         keep_raylet_notes_off_the_terminal()

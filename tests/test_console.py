@@ -74,7 +74,9 @@ def test_progress_ends_at_the_kimg_trained_and_epochs_are_images_over_the_split(
 
 
 @pytest.mark.parametrize("loud", [False, True])
-def test_start_ray_keeps_workers_output_off_the_terminal_unless_verbose(monkeypatch, loud):
+@pytest.mark.parametrize("start", ["start_ray", "join_cluster"])
+def test_start_ray_and_a_jobs_driver_keep_workers_output_off_the_terminal_unless_verbose(monkeypatch, loud, start):
+    """`join_cluster` is `ray_jobs/*.py`'s: a job's output is its driver's, kept as quiet as the CLI's terminal."""
     import ray
     import ray.data
 
@@ -87,11 +89,28 @@ def test_start_ray_keeps_workers_output_off_the_terminal_unless_verbose(monkeypa
     monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_progress_bars", True)
     console.set_verbose(loud)
     try:
-        ray_start.start_ray(3.5)
+        ray_start.start_ray(3.5) if start == "start_ray" else ray_start.join_cluster()
     finally:
         console.set_verbose(False)
-    assert calls[0]["log_to_driver"] is loud and calls[0]["num_cpus"] >= 4
+    assert calls[0]["log_to_driver"] is loud and calls[0]["logging_level"] == (20 if loud else 40)
+    assert calls[0]["num_cpus"] >= 4 if start == "start_ray" else calls[0]["address"] == "auto"
     assert ray.data.DataContext.get_current().enable_progress_bars is loud
+
+
+def test_a_jobs_verbose_flag_or_environment_becomes_the_clis_flag(monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "ray_jobs"))
+    from _connect import cli_args
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    assert cli_args("train", ["c.yaml", "a=1"]) == ["train", "c.yaml", "a=1"] and not console.verbose()
+    assert cli_args("train", ["c.yaml", "--verbose", "a=1"]) == ["--verbose", "train", "c.yaml", "a=1"]
+    assert console.verbose()  # join_cluster, before the CLI, reads it
+    console.set_verbose(False)
+    assert cli_args("tune", ["-v", "g.yaml"]) == ["--verbose", "tune", "g.yaml"]
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")  # `ray job submit --runtime-env-json` env_vars
+    assert cli_args("tune", ["g.yaml"]) == ["--verbose", "tune", "g.yaml"]
 
 
 def test_raylet_startup_notes_stay_off_the_terminal_but_its_errors_do_not(monkeypatch):

@@ -181,19 +181,11 @@ def test_tune_trials_run_at_once_on_different_nodes(two_node_cluster, synthetic_
     assert trial_nodes == worker_nodes
 
 
-@pytest.mark.timeout(900)
-def test_ray_job_submit_to_the_heads_job_api_trains_across_the_nodes(two_node_cluster, synthetic_shards, tmp_path):
-    _, worker_nodes, address = two_node_cluster
-    env = _env()
-    runs, job = tmp_path / "runs", f"facediff-nodes-{uuid.uuid4().hex[:8]}"
-    submit = [
-        "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job, "--no-wait",
-        "--", sys.executable, "ray_jobs/train.py", "configs/experiments/tiny/tiny_unet.yaml",
-        f"data.path={synthetic_shards}", f"trainer.storage_path={runs}", "trainer.run_name=job",
-        "trainer.placement=strict_spread", "trainer.resources_per_worker={CPU: 1, worker_slot: 1}",
-        "trainer.batch_size=4", "trainer.total_kimg=0.016", "trainer.checkpoint_every_kimg=0.016",
-        "trainer.log_every_steps=1",
-    ]
+def submit_job(address: str, args: list[str], env: dict, runtime_env: dict | None = None) -> tuple[str, str]:
+    """`ray job submit --no-wait` of `args` (entrypoint included), waited for: the job's status and output."""
+    job = f"facediff-nodes-{uuid.uuid4().hex[:8]}"
+    submit = ["job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job,
+              "--no-wait", *(["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []), "--", *args]
     # a fresh head answers before its job agent is up ("No available agent ... try again later") and may drop the
     # first package upload: submit again, within a bound
     give_up = time.monotonic() + 180
@@ -210,11 +202,36 @@ def test_ray_job_submit_to_the_heads_job_api_trains_across_the_nodes(two_node_cl
         if re.search(r"\b(succeeded|failed|stopped)\b", status.lower()):
             break
         time.sleep(2)
-    logs = _ray(["job", "logs", job, "--address", address], env, timeout=60).stdout
+    return status, _ray(["job", "logs", job, "--address", address], env, timeout=60).stdout
+
+
+@pytest.mark.timeout(1500)
+def test_ray_job_submit_to_the_heads_job_api_trains_across_the_nodes_and_prints_what_the_cli_prints(
+        two_node_cluster, synthetic_shards, tmp_path):
+    _, worker_nodes, address = two_node_cluster
+    env, runs = _env(), tmp_path / "runs"
+    job_train = lambda name, kimg: [  # noqa: E731
+        sys.executable, "ray_jobs/train.py", "configs/experiments/tiny/tiny_unet.yaml",
+        f"data.path={synthetic_shards}", f"trainer.storage_path={runs}", f"trainer.run_name={name}",
+        "trainer.placement=strict_spread", "trainer.resources_per_worker={CPU: 1, worker_slot: 1}",
+        "trainer.batch_size=4", f"trainer.total_kimg={kimg}", "trainer.checkpoint_every_kimg=0.016",
+        "trainer.log_every_steps=1"]
+    status, logs = submit_job(address, job_train("job", 0.016), env)
     assert "succeeded" in status.lower(), status + logs[-4000:]
-    assert "run folder:" in logs  # the CLI's own last line, printed by the job's driver
     run = runs / "job"
     assert [r["step"] for r in read_metrics(run)] == [1, 2]  # 16 images / (2 workers x 4)
     nodes = rank_nodes(run)
     assert {nodes[0][0], nodes[1][0]} == worker_nodes  # the job's workers sat one on each worker node
     assert (run / "checkpoint_000000002" / "ema.safetensors").is_file()
+    # the job's output is what `facediff train` prints: the progress line (to its end) and the run folder; the
+    # workers' and Ray's own output (each line "(ActorName pid=N) ...") stays in Ray's and the run's logs
+    lines = logs.splitlines()
+    assert any(line.startswith("train job [####################] 0.016/0.016 kimg") for line in lines), logs
+    assert f"run folder: {run}" in logs
+    assert "pid=" not in logs and "TrainingReport(" not in logs, logs
+    assert len(lines) <= 30, logs
+
+    # `FACEDIFF_VERBOSE=1` in the job's environment (or `--verbose` among its arguments) brings Ray's back
+    status, logs = submit_job(address, job_train("loud", 0.008), env, {"env_vars": {"FACEDIFF_VERBOSE": "1"}})
+    assert "succeeded" in status.lower(), status + logs[-4000:]
+    assert re.search(r"\(RayTrainWorker pid=\d+\)", logs), logs[-4000:]  # (in colour: after an escape code)
