@@ -181,11 +181,11 @@ def test_tune_trials_run_at_once_on_different_nodes(two_node_cluster, synthetic_
     assert trial_nodes == worker_nodes
 
 
-def submit_job(address: str, args: list[str], env: dict, runtime_env: dict | None = None) -> tuple[str, str]:
+def submit_job(address: str, args: list[str], env: dict) -> tuple[str, str]:
     """`ray job submit --no-wait` of `args` (entrypoint included), waited for: the job's status and output."""
     job = f"facediff-nodes-{uuid.uuid4().hex[:8]}"
     submit = ["job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job,
-              "--no-wait", *(["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []), "--", *args]
+              "--no-wait", "--", *args]
     # a fresh head answers before its job agent is up ("No available agent ... try again later") and may drop the
     # first package upload: submit again, within a bound
     give_up = time.monotonic() + 180
@@ -231,7 +231,5 @@ def test_ray_job_submit_to_the_heads_job_api_trains_across_the_nodes_and_prints_
     assert "pid=" not in logs and "TrainingReport(" not in logs, logs
     assert len(lines) <= 30, logs
 
-    # `FACEDIFF_VERBOSE=1` in the job's environment (or `--verbose` among its arguments) brings Ray's back
-    status, logs = submit_job(address, job_train("loud", 0.008), env, {"env_vars": {"FACEDIFF_VERBOSE": "1"}})
-    assert "succeeded" in status.lower(), status + logs[-4000:]
-    assert re.search(r"\(RayTrainWorker pid=\d+\)", logs), logs[-4000:]  # (in colour: after an escape code)
+    # `FACEDIFF_VERBOSE=1` / `--verbose` bringing Ray's output back is checked without a second job
+    # (tests/test_console.py: the job's flag and env var become the CLI's --verbose; join_cluster follows it)
