@@ -274,6 +274,8 @@ def test_elastic_run_shrinks_when_a_node_leaves_grows_when_one_joins_and_keeps_t
         "trainer.batch_size=2", f"trainer.total_kimg={steps * 4 / 1000}", "trainer.checkpoint_every_kimg=0.004",
         "trainer.log_every_steps=1", "trainer.zero_stage=2", "trainer.max_failures=2", "trainer.keep_last=3",
         "trainer.elastic_resize_interval_s=5", "data.epochs_per_pass=1", "optimizer.schedule=cosine",
+        # right after the node left, Ray Train still counts it and asks for 2 workers: retried after this
+        "trainer.placement_timeout_s=30",
     ])
     run, traces, pause = tmp_path / "runs" / name, tmp_path / "trace", tmp_path / "pause"
     errors = []
@@ -282,7 +284,7 @@ def test_elastic_run_shrinks_when_a_node_leaves_grows_when_one_joins_and_keeps_t
         try:
             _wait("step 3", lambda: any(r["step"] >= 3 for r in read_metrics(run)))
             cluster.remove_node(next(iter(cluster.worker_nodes)))  # each worker node holds one of the two workers
-            _wait("two steps on one worker", lambda: any(w == 1 and n >= 2 for _, w, n in _trace_worlds(traces)))
+            _wait("two steps on one worker", lambda: any(w == 1 and n >= 4 for _, w, n in _trace_worlds(traces)))
             pause.touch()  # hold the one-worker run until the grown group has started
             cluster.add_node(num_cpus=2, resources={"worker_slot": 1})
             shrunk = max(t for t, w, _ in _trace_worlds(traces) if w == 1)

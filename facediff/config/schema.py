@@ -222,6 +222,7 @@ class TrainerConfig(Strict):
     placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
     # Seconds the run waits for Ray to place its workers (a busy cluster, nodes still starting) before it ends
     # with an error naming what was asked and what the cluster has; null waits without end (Ray's own default).
+    # An elastic run retries instead, at the size the cluster holds then.
     placement_timeout_s: PositiveFloat | None = 600.0
     batch_size: PositiveInt = 16  # per worker, per micro-step
     grad_accum: PositiveInt = 1

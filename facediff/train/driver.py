@@ -116,7 +116,10 @@ def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], *, request: W
             checkpoint_config=CheckpointConfig(num_to_keep=keep,
                                                **({"checkpoint_score_attribute": score[0],
                                                    "checkpoint_score_order": score[1]} if score else {})),
-            failure_config=failure_config(request, max_failures),
+            # elastic: a group that cannot be placed in time is retried, at the size the cluster holds then (right
+            # after a node left, Ray Train may still count it and ask for a group the cluster cannot place)
+            failure_config=failure_config(request if min_workers is None else
+                                          dataclasses.replace(request, timeout_s=None), max_failures),
             callbacks=list(callbacks or []),
         ),
         datasets=datasets,
