@@ -60,7 +60,8 @@ def _commands_in(block: str) -> list[list[str]]:
                 tokens = shlex.split(part)
             except ValueError:
                 tokens = part.split()
-            tokens = [t.strip("[]") for t in tokens]
+            # `[--option]` usage brackets; a value ending in a YAML list (`key=[2,4]`) keeps its own
+            tokens = [t if re.fullmatch(r"[~\w.]+:?=.*", t) else t.strip("[]") for t in tokens]
             for i, token in enumerate(tokens):
                 if token == "facediff" and (i == 0 or tokens[i - 1] in ("run", "--frozen")):
                     found.append(tokens[i + 1:])

@@ -233,3 +233,109 @@ def test_ray_job_submit_to_the_heads_job_api_trains_across_the_nodes_and_prints_
 
     # `FACEDIFF_VERBOSE=1` / `--verbose` bringing Ray's output back is checked without a second job
     # (tests/test_console.py: the job's flag and env var become the CLI's --verbose; join_cluster follows it)
+
+
+def _valid_trace_rows(trace_dir: Path) -> list[dict]:
+    """The trace rows that count: a worker start's rows up to the step the next start (of any size) resumed from;
+    the rows a later start redid replace them."""
+    files = [[json.loads(line) for line in p.read_text().splitlines()] for p in trace_dir.glob("rank*.jsonl")]
+    files = [rows for rows in files if rows]
+    starts = sorted({(rows[0]["started"], rows[0]["step"]) for rows in files})
+    valid = []
+    for rows in files:
+        # the ranks of one start begin within seconds; a group restarts tens of seconds after the last one
+        later = [step for started, step in starts if started > rows[0]["started"] + 8.0]
+        valid += [r for r in rows if r["step"] < min(later, default=float("inf"))]
+    return valid
+
+
+def _wait(what: str, ready, timeout: float = 420) -> None:
+    give_up = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"waited {timeout:g} s for {what}")
+        time.sleep(0.5)
+
+
+def _trace_worlds(trace_dir: Path) -> list[tuple[float, int, int]]:
+    """(start time, world size, rows so far) of each worker start's trace."""
+    out = []
+    for path in trace_dir.glob("rank*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            out.append((rows[0]["started"], rows[0]["world"], len(rows)))
+    return out
+
+
+@pytest.mark.timeout(1200)
+def test_elastic_run_shrinks_when_a_node_leaves_grows_when_one_joins_and_keeps_the_global_batch(
+        two_node_cluster, synthetic_shards, tmp_path):
+    """`trainer.num_workers: [1, 2]`, one worker per node: a node removed at step >= 3 → the run goes on with one
+    worker from its last checkpoint; a node added → it grows back to two. 44 rows, global batch 4 (2 workers x 2,
+    or 1 worker x 2 micro-batches of 2): 11 steps, one epoch, a checkpoint every step. Runs last in the module: it
+    replaces one of the fixture's worker nodes."""
+    import threading
+
+    from pyarrow import parquet as pq
+
+    from facediff.data.shards import shard_paths
+    from facediff.train.engine import lr_factor
+
+    cluster, _, _ = two_node_cluster
+    steps, name = 11, "elastic"
+    cfg = load_config("configs/experiments/tiny/tiny_unet.yaml", [
+        f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", f"trainer.run_name={name}",
+        "trainer.num_workers=[1, 2]", "trainer.placement=spread", "trainer.resources_per_worker={CPU: 1, worker_slot: 1}",
+        "trainer.batch_size=2", f"trainer.total_kimg={steps * 4 / 1000}", "trainer.checkpoint_every_kimg=0.004",
+        "trainer.log_every_steps=1", "trainer.zero_stage=2", "trainer.max_failures=2", "trainer.keep_last=3",
+        "trainer.elastic_resize_interval_s=5", "data.epochs_per_pass=1", "optimizer.schedule=cosine",
+        # right after the node left, Ray Train still counts it and asks for 2 workers: retried after this
+        "trainer.placement_timeout_s=30",
+    ])
+    run, traces, pause = tmp_path / "runs" / name, tmp_path / "trace", tmp_path / "pause"
+    errors = []
+
+    def change_the_cluster():
+        try:
+            _wait("step 3", lambda: any(r["step"] >= 3 for r in read_metrics(run)))
+            cluster.remove_node(next(iter(cluster.worker_nodes)))  # each worker node holds one of the two workers
+            _wait("two steps on one worker", lambda: any(w == 1 and n >= 4 for _, w, n in _trace_worlds(traces)))
+            pause.touch()  # hold the one-worker run until the grown group has started
+            cluster.add_node(num_cpus=2, resources={"worker_slot": 1})
+            shrunk = max(t for t, w, _ in _trace_worlds(traces) if w == 1)
+            _wait("two workers again", lambda: any(w == 2 and t > shrunk for t, w, _ in _trace_worlds(traces)))
+        except Exception as err:  # noqa: BLE001 (reported by the test below)
+            errors.append(err)
+        finally:
+            pause.unlink(missing_ok=True)
+
+    changer = threading.Thread(target=change_the_cluster, daemon=True)
+    changer.start()
+    train(cfg, trace_dir=traces, fault={"pause_file": str(pause)})
+    changer.join(timeout=60)
+    assert not errors, errors
+
+    metrics = read_metrics(run)
+    assert [r["step"] for r in metrics] == list(range(1, steps + 1))  # each step once, none lost or doubled
+    worlds = [r["world_size"] for r in metrics]
+    assert [w for k, w in enumerate(worlds) if k == 0 or worlds[k - 1] != w] == [2, 1, 2], worlds
+    resumed = [int(s) for s in re.findall(r"resumed from the checkpoint of step (\d+)",
+                                          (run / "logs" / "rank0.log").read_text())]
+    assert len(resumed) >= 2 and resumed == sorted(resumed)  # each new group went on from the last checkpoint
+    o = cfg.optimizer
+    for r in metrics:  # the schedule follows optimizer steps, whatever the size
+        assert r["lr"] == pytest.approx(o.lr * lr_factor(r["step"] - 1, o.warmup_steps, steps, o.schedule,
+                                                        o.min_lr_ratio)), r["step"]
+
+    rows = _valid_trace_rows(traces)
+    per_step = {}
+    for row in rows:
+        per_step.setdefault(row["step"], []).append(row)
+    assert sorted(per_step) == list(range(1, steps + 1))
+    for step, batches in per_step.items():  # 4 images a step at every size: 2 x 2, or 1 worker x 2 x 2
+        assert sum(len(b["id"]) for b in batches) == 4, (step, [(b["world"], len(b["id"])) for b in batches])
+        assert {b["world"] for b in batches} == {worlds[step - 1]}
+    trained = sorted(i for row in rows for e, i in zip(row["epoch"], row["id"]) if e == 0)
+    epoch_ids = sorted(i for path in shard_paths(synthetic_shards, cfg.data.train_split)
+                       for i in pq.read_table(path, columns=["id"])["id"].to_pylist())
+    assert trained == epoch_ids  # the epoch's records, each exactly once, across the three worker groups

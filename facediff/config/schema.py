@@ -19,6 +19,7 @@ from facediff.config.models import (  # noqa: F401  (re-exported: the model sect
     LatentConditionalModelConfig, LoRAConfig, MaskEncoderConfig, ModelConfig, PerceptualLossConfig, PretrainedRef,
     StableDiffusionLoRAModelConfig, UNetModelConfig, check_unet_blocks,
 )
+from facediff.config.elastic import NoExactSplit, check_elastic
 from facediff.config.schedule_checks import refuse_zero_snr_without_v
 from facediff.config.trainer_checks import owned_deepspeed_keys, refuse_misspelt_resources
 from facediff.config.types import ConflictingKeys, PositiveFloat, PositiveInt, Strict, UnitFloat  # noqa: F401
@@ -200,7 +201,14 @@ class GpuStepConfig(Strict):
 class TrainerConfig(Strict):
     run_name: str | None = None  # None = the experiment's name; re-using a name resumes that run
     storage_path: str = "runs"  # local path here; s3://, gs:// or an NFS mount on a cluster
+    # An int: a fixed worker count. `[min, max]` in a file or on the command line: an elastic run (docs/cluster.md,
+    # "Preemptible nodes"), stored as min_workers + num_workers (= max): Ray Train runs on as many workers as the
+    # cluster can hold in that range, restarting from the last checkpoint when nodes leave or join, with the global
+    # batch of max workers kept at every size (config/elastic.py).
     num_workers: PositiveInt = 2
+    min_workers: PositiveInt | None = None  # None: a fixed-size run
+    # how often Ray Train looks for room to grow an elastic run (its elastic_resize_monitor_interval_s)
+    elastic_resize_interval_s: Annotated[float, Field(ge=0)] = 60.0
     use_gpu: bool = False
     # Ray's resources per worker (keys case-sensitive). With use_gpu, Ray adds GPU: 1 where no GPU is given.
     # A misspelt Ray name is refused at load; a name the cluster does not have, or a worker no node can hold,
@@ -214,6 +222,7 @@ class TrainerConfig(Strict):
     placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
     # Seconds the run waits for Ray to place its workers (a busy cluster, nodes still starting) before it ends
     # with an error naming what was asked and what the cluster has; null waits without end (Ray's own default).
+    # An elastic run retries instead, at the size the cluster holds then.
     placement_timeout_s: PositiveFloat | None = 600.0
     batch_size: PositiveInt = 16  # per worker, per micro-step
     grad_accum: PositiveInt = 1
@@ -237,6 +246,37 @@ class TrainerConfig(Strict):
     # merged last into the generated DeepSpeed config (expert escape hatch); the keys facediff sets from its own
     # (batch sizes, accumulation, clipping, ZeRO stage, precision, optimizer, schedule) are refused
     deepspeed: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_range(cls, data):
+        workers = data.get("num_workers") if isinstance(data, dict) else None
+        if isinstance(workers, (list, tuple)):
+            if len(workers) != 2 or not all(isinstance(w, int) and w > 0 for w in workers) or workers[0] > workers[1]:
+                raise ConflictingKeys(f"trainer.num_workers {list(workers)}: a worker count or [min, max] with "
+                                      "0 < min <= max", keys=[("num_workers",)])
+            # [n, n] is a fixed size
+            data = {**data, "min_workers": workers[0] if workers[0] < workers[1] else None, "num_workers": workers[1]}
+        return data
+
+    @model_validator(mode="after")
+    def _elastic_global_batch(self):
+        if self.min_workers is None:
+            return self
+        if self.min_workers > self.num_workers:
+            raise ConflictingKeys(f"trainer.min_workers {self.min_workers} is above trainer.num_workers "
+                                  f"{self.num_workers}: write trainer.num_workers=[min, max]",
+                                  keys=[("min_workers",), ("num_workers",)])
+        try:
+            check_elastic(self.min_workers, self.num_workers, self.batch_size, self.grad_accum)
+        except NoExactSplit as err:
+            raise ConflictingKeys(str(err), keys=[("num_workers",), ("batch_size",), ("grad_accum",)]) from None
+        if self.zero_stage == 3:  # DeepSpeed loads ZeRO-3 partitions only into as many workers as saved them
+            raise ConflictingKeys("trainer.num_workers is a range (an elastic run), but trainer.zero_stage is 3, "
+                                  "whose checkpoints load only on the worker count that saved them: use "
+                                  "trainer.zero_stage 0-2 or a fixed trainer.num_workers",
+                                  keys=[("num_workers",), ("zero_stage",)])
+        return self
 
     @model_validator(mode="after")
     def _one_mixed_precision(self):

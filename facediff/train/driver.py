@@ -11,6 +11,7 @@ checkpoint's data position (`resume_point`) each time Ray starts the workers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from facediff.ray_start import start_ray
 from facediff.storage import RunStorage
 from facediff.train import checkpoint
+from facediff.train.elastic import scaling_workers
 from facediff.train.placement import WorkerRequest, check_cluster, failure_config, placement_timeout
 
 log = logging.getLogger("facediff.train")
@@ -87,20 +89,23 @@ def resumable_dataset(build: Callable[..., Any], run: RunStorage) -> Callable[[]
 def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], *, request: WorkerRequest, use_gpu: bool,
         resources_per_worker: dict[str, float], storage: RunStorage, datasets: dict, dataset_config,
         max_failures: int, keep: int, score: tuple[str, str] | None = None, callbacks: list | None = None,
-        progress: Callable[[], Any] | None = None):
+        progress: Callable[[], Any] | None = None, min_workers: int | None = None, resize_interval_s: float = 60.0):
     """Fit a TorchTrainer whose run is `storage` (Ray must be started): its checkpoints go there, keeping the
     `keep` newest (or, with `score` = (metric, "min"/"max"), the `keep` best by that metric besides the latest);
     a request no node can hold is refused before, a worker group that cannot be placed ends the run after the
     request's timeout (`request`: what `use_gpu` and `resources_per_worker` ask for, as `WorkerRequest.of`).
-    `progress`: a context manager factory around `fit()` (the console's progress line)."""
+    `progress`: a context manager factory around `fit()` (the console's progress line). `min_workers`: an elastic
+    run between it and `request.num_workers` workers, resized at most every `resize_interval_s` (`elastic.py`)."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    check_cluster(request)  # a request no node can hold would wait forever
+    # a request no node can hold would wait forever; an elastic run needs room for its minimum only
+    check_cluster(request if min_workers is None else dataclasses.replace(request, num_workers=min_workers))
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=request.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=scaling_workers(request.num_workers, min_workers), use_gpu=use_gpu,
+                                     elastic_resize_monitor_interval_s=resize_interval_s,
                                      resources_per_worker=dict(resources_per_worker),
                                      placement_strategy=request.strategy),
         run_config=RunConfig(
@@ -111,7 +116,10 @@ def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], *, request: W
             checkpoint_config=CheckpointConfig(num_to_keep=keep,
                                                **({"checkpoint_score_attribute": score[0],
                                                    "checkpoint_score_order": score[1]} if score else {})),
-            failure_config=failure_config(request, max_failures),
+            # elastic: a group that cannot be placed in time is retried, at the size the cluster holds then (right
+            # after a node left, Ray Train may still count it and ask for a group the cluster cannot place)
+            failure_config=failure_config(request if min_workers is None else
+                                          dataclasses.replace(request, timeout_s=None), max_failures),
             callbacks=list(callbacks or []),
         ),
         datasets=datasets,

@@ -51,6 +51,8 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "data.max_bad_records": "how many undecodable records a run skips before it stops",
     "trainer.resources_per_worker": "what Ray reserves per worker (not the worker count)",
     "trainer.placement": "where Ray places the workers",
+    "trainer.min_workers": "the fewest workers an elastic run goes on with (the global batch is the maximum's)",
+    "trainer.elastic_resize_interval_s": "how often an elastic run looks for room to grow",
     "trainer.placement_timeout_s": "how long the start waits for the workers to be placed",
     "trainer.gradient_checkpointing": "activations recomputed in the backward (the same gradients, less memory)",
     "eval.every_kimg": "evaluation cadence (the protocol itself is fixed)",

@@ -36,6 +36,7 @@ from facediff.train import checkpoint, identity
 from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
+from facediff.train.elastic import for_world
 from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
 from facediff.train.harness import ResumablePasses, maybe_crash, report
 from facediff.train.run_log import CHECKPOINT_ONLY, RunLog, epochs_seen, planned_kimg
@@ -53,15 +54,15 @@ class DataTrace:
     the step it counts towards, the run's progress (phased timesteps), its epoch, ids and flips. Tests compare an
     interrupted run's data with an uninterrupted one's; each worker start writes its own file."""
 
-    def __init__(self, folder: str | None, rank: int):
-        self.file = None
+    def __init__(self, folder: str | None, rank: int, world: int = 1):
+        self.file, self.started, self.world = None, time.time(), world  # started: orders the worker starts
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
             self.file = open(Path(folder) / f"rank{rank}-{uuid.uuid4().hex}.jsonl", "a")
 
     def write(self, step: int, batch: dict[str, torch.Tensor], progress: float) -> None:
         if self.file is not None:
-            row = {"step": step, "progress": progress, "epoch": batch["epoch"].tolist(), "id": batch["id"].tolist(),
+            row = {"step": step, "started": self.started, "world": self.world, "progress": progress, "epoch": batch["epoch"].tolist(), "id": batch["id"].tolist(),
                    "flipped": batch["flipped"].tolist()}
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -84,6 +85,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = for_world(cfg, world)  # an elastic run: this size's micro-batch x accumulation, the same global batch
     device = ray.train.torch.get_device()
     storage = loop_config["storage"]  # the run's folder: logs and metrics go to its local side, then to storage
     rank_log = f"logs/rank{rank}.log"
@@ -117,7 +119,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _record_the_run(loop_config, storage, state.step, rank, device)
     open_log()
     passes = ResumablePasses(state, consumed, epochs_per_pass)  # the factory drops `consumed` from the resumed pass
-    trace = DataTrace(loop_config.get("trace_dir"), rank)
+    trace = DataTrace(loop_config.get("trace_dir"), rank, world)
 
     score = loop_config.get("score")  # (metric, mode) Ray Train keeps checkpoints by (a Tune trial's), or None
     ips, total = images_per_step(cfg, world), total_steps(cfg, world)
@@ -177,6 +179,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = {
             "step": state.step,
             "time": time.time(),
+            "world_size": world,
             "kimg": state.step * ips / 1000,
             "epoch": epochs_seen(state.step * ips, train_rows),
             **means,

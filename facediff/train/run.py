@@ -144,7 +144,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
          "train_rows": split_rows(Path(cfg.data.path), cfg.data.train_split), "bad_records": bad_records},
         request=request, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker, storage=storage,
         datasets=build_datasets(cfg, storage, bad_records), dataset_config=data_config(cfg),
-        max_failures=t.max_failures,
+        max_failures=t.max_failures, min_workers=t.min_workers, resize_interval_s=t.elastic_resize_interval_s,
         keep=t.keep_last, score=score, callbacks=callbacks,
         progress=(lambda: RunProgressLine(f"train {run_name(cfg)}", storage.file(METRICS_FILE),
                                       planned_kimg(cfg, world), note=rounding_note(cfg, world))) if progress else None)
