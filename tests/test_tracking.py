@@ -53,6 +53,18 @@ def test_config_errors_name_the_key():
         load_config(TINY, ["tracking.backend=mlflow", "tracking.tracking_uri=http://h:1", "tracking.project=p"])
 
 
+def test_unreachable_mlflow_server_is_one_line_naming_the_key(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = load_config(TINY, ["tracking.backend=mlflow", f"tracking.tracking_uri={uri}"])
+    with pytest.raises(ValueError, match=rf"^tracking\.tracking_uri: no MLflow server answers at {uri} "):
+        tracking.start_run(cfg, RunStorage(str(tmp_path), "run"), "run")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
 def test_tracking_off_imports_neither_library(tmp_path):
     code = f"""
 import sys

@@ -73,7 +73,8 @@ def data_config(cfg: ExperimentConfig) -> DataConfig:
 
 def check_inputs(cfg: ExperimentConfig) -> None:
     """The dataset a run reads, checked before any output or Ray process exists (ValueError/FileNotFoundError
-    naming the file and key): its splits' shards, the data regime (`data.train_records`), the cached latents."""
+    naming the file and key): its splits' shards, the data regime (`data.train_records`), the cached latents; the
+    MLflow server `tracking:` names."""
     d = cfg.data
     check_parquet_files(shard_paths(d.path, d.train_split))  # a truncated shard: named now, not mid-run by Ray
     if cfg.eval.every_kimg is not None:
@@ -81,6 +82,8 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     check_train_records(d.path, d.train_split, d.train_records)
     if d.use_latents:
         check_cached_latents(d.path, model_autoencoder(cfg.model))
+    if cfg.tracking.backend == "mlflow":  # a server that does not answer: one line, not minutes of retries
+        tracking.check_server(cfg.tracking.tracking_uri)
 
 
 def build_datasets(cfg: ExperimentConfig, run: RunStorage, bad_records=None) -> dict:

@@ -68,6 +68,21 @@ def _mlflow_client(tracking: TrackingConfig):
     return MlflowClient(tracking_uri=tracking.tracking_uri)
 
 
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """An MLflow server that does not answer: one line now (ValueError naming the key), not MLflow's minutes of
+    retries and a traceback. Stores (sqlite:, file:, a path) are not probed."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except (OSError, urllib.error.URLError) as err:
+        raise ValueError(f"tracking.tracking_uri: no MLflow server answers at {uri} ({err}); start it "
+                         "(mlflow server ...) or fix the key") from None
+
+
 def _mlflow_run(tracking: TrackingConfig, experiment: str, name: str, params: dict[str, Any],
                 parent: dict | None) -> dict:
     from mlflow.entities import Param
@@ -108,6 +123,7 @@ def start_run(cfg: ExperimentConfig, storage: RunStorage, name: str, parent: dic
         return recorded
     params = flatten(cfg.model_dump(mode="json"))
     if tracking.backend == "mlflow":
+        check_server(tracking.tracking_uri)
         handle = _mlflow_run(tracking, tracking.experiment or cfg.name, name, params, parent)
     else:
         handle = {"backend": "wandb", "tracking_uri": None, "run_id": uuid.uuid4().hex[:12], "name": name,
@@ -124,6 +140,8 @@ def start_parent(cfg: ExperimentConfig, storage: RunStorage, name: str, grid: di
         return None
     if (recorded := _recorded(storage, tracking)) is not None:
         return recorded
+    if tracking.backend == "mlflow":
+        check_server(tracking.tracking_uri)
     if tracking.backend == "wandb":  # W&B has no parent runs: the trials share a group
         return _record(storage, {"backend": "wandb", "tracking_uri": None, "run_id": None, "name": name})
     return _record(storage, _mlflow_run(tracking, tracking.experiment or name, name, flatten(grid), None))
@@ -207,7 +225,7 @@ def finish_run(cfg: ExperimentConfig, handle: dict | None, artifacts: list[Path]
         t = cfg.tracking
         extra = {k: v for k, v in (("entity", t.entity), ("mode", t.mode)) if v is not None}
         with wandb.init(project=t.project, id=handle["run_id"], resume="allow", dir=str(kept[0].parent),
-                        **extra) as run:
+                        settings=wandb.Settings(silent=True), **extra) as run:  # the driver's console: facediff's
             artifact = wandb.Artifact(f"{handle['name']}-files", type="model")
             for path in kept:
                 (artifact.add_dir(str(path), name=path.name) if path.is_dir() else artifact.add_file(str(path)))
