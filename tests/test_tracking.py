@@ -158,14 +158,14 @@ def test_wandb_offline_run_has_config_metrics_image_and_export(tmp_path, monkeyp
     handle = tracking.start_run(cfg, storage, "run")
     rows = _log_a_run(cfg, storage, handle)
 
-    records = [r for f in sorted((storage.local / "wandb").glob(f"offline-run-*-{handle['run_id']}/*.wandb"))
+    records = [r for f in sorted(storage.local.rglob(f"offline-run-*-{handle['run_id']}/*.wandb"))
                for r in _wandb_records(f)]
     history = [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     assert [(h["_step"], h["loss"]) for h in history] == [(r["step"], r["loss"]) for r in rows]
     # the grid at kimg 0.016 = step 2, its file in the run's media
     assert history[1]["samples/_type"] == "image-file" and [h for h in history if "samples/path" in h] == history[1:2]
-    [grid] = storage.local.glob(f"wandb/offline-run-*/files/{history[1]['samples/path']}")
+    [grid] = storage.local.rglob(f"offline-run-*/files/{history[1]['samples/path']}")
     assert np.asarray(Image.open(grid)).tolist() == np.asarray(Image.open(storage.local / "kimg_00016.png")).tolist()
     config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "run"
               for u in r.run.config.update}

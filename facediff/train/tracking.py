@@ -224,9 +224,13 @@ def finish_run(cfg: ExperimentConfig, handle: dict | None, artifacts: list[Path]
 
         t = cfg.tracking
         extra = {k: v for k, v in (("entity", t.entity), ("mode", t.mode)) if v is not None}
-        with wandb.init(project=t.project, id=handle["run_id"], resume="allow", dir=str(kept[0].parent),
+        # its own folder: W&B names a run's files by the second it starts, and rank 0's may have closed in this one
+        folder = kept[0].parent / "wandb" / "driver"
+        folder.mkdir(parents=True, exist_ok=True)
+        with wandb.init(project=t.project, id=handle["run_id"], resume="allow", dir=str(folder),
                         settings=wandb.Settings(silent=True), **extra) as run:  # the driver's console: facediff's
             artifact = wandb.Artifact(f"{handle['name']}-files", type="model")
             for path in kept:
                 (artifact.add_dir(str(path), name=path.name) if path.is_dir() else artifact.add_file(str(path)))
             run.log_artifact(artifact)
+        wandb.teardown()  # waits for W&B's service to write the run out: finish alone returns before it has
