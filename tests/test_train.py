@@ -39,9 +39,10 @@ def config(synthetic_shards, tmp_path, path="configs/experiments/tiny/tiny_unet.
     ])
 
 
-def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
-    # bf16 as the production configs (the EMA averages the fp32 masters)
-    extra = ["data.epochs_per_pass=1", "trainer.precision=bf16"]
+def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path, mlflow_server):
+    # bf16 as the production configs (the EMA averages the fp32 masters); tracked to a real MLflow server
+    extra = ["data.epochs_per_pass=1", "trainer.precision=bf16", "tracking.backend=mlflow",
+             f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=test_train"]
     first = config(synthetic_shards, tmp_path, extra=extra)
     fault = {"crash_at_step": 5, "marker": str(tmp_path / "crashed")}
     with pytest.raises(Exception, match="injected worker crash at step 5"):
@@ -101,6 +102,21 @@ def test_rerun_resumes_after_crash_and_exports(synthetic_shards, tmp_path):
     images = pipeline(batch_size=2, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 32, 32, 3)
     assert torch.allclose(pipeline.unet.conv_in.weight, ema["ema.net.conv_in.weight"])
+    _assert_one_mlflow_run(mlflow_server, rows)
+
+
+def _assert_one_mlflow_run(uri: str, rows: list[dict]) -> None:
+    """The crashed attempt, the refused and failed re-runs and the resumed run are one MLflow run: every step's
+    loss as metrics.jsonl has it, the first start's params, the export as artifacts, finished."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("test_train").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.params["model.family"] == "unet" and float(run.data.params["optimizer.lr"]) == 1e-3
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert "export/model_index.json" in [a.path for a in client.list_artifacts(run.info.run_id, "export")]
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -21,6 +21,7 @@ from facediff.config.models import (  # noqa: F401  (re-exported: the model sect
 )
 from facediff.config.elastic import NoExactSplit, check_elastic
 from facediff.config.schedule_checks import refuse_zero_snr_without_v
+from facediff.config.tracking import TrackingConfig
 from facediff.config.trainer_checks import owned_deepspeed_keys, refuse_misspelt_resources
 from facediff.config.types import ConflictingKeys, PositiveFloat, PositiveInt, Strict, UnitFloat  # noqa: F401
 from facediff.data.celebamask import DEFAULT_PART_GROUPS, PART_NAMES
@@ -374,6 +375,7 @@ class ExperimentConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()  # MLflow / W&B (docs/tracking.md)
 
     @model_validator(mode="after")
     def _sections_agree(self):

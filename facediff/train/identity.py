@@ -56,6 +56,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "trainer.placement_timeout_s": "how long the start waits for the workers to be placed",
     "trainer.gradient_checkpointing": "activations recomputed in the backward (the same gradients, less memory)",
     "eval.every_kimg": "evaluation cadence (the protocol itself is fixed)",
+    "tracking": "where the metrics are also sent (MLflow, W&B): nothing that is trained",
 }
 _ABSENT = "(absent)"
 

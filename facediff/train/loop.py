@@ -39,6 +39,7 @@ from facediff.train.ema import EMA
 from facediff.train.elastic import for_world
 from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
 from facediff.train.harness import ResumablePasses, maybe_crash, report
+from facediff.train import tracking
 from facediff.train.run_log import CHECKPOINT_ONLY, RunLog, epochs_seen, planned_kimg
 
 log = logging.getLogger("facediff.train")
@@ -126,7 +127,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint_every = _every(cfg.trainer.checkpoint_every_kimg, ips)
     eval_every = _every(cfg.eval.every_kimg, ips)
     train_rows = loop_config["train_rows"]  # the training split's size: `epoch` = images / train_rows
-    run_log = RunLog(storage, total, planned_kimg(cfg, world), state.step) if rank == 0 else None
+    run_log = None
+    if rank == 0:  # the tracker (MLflow, W&B: `tracking:`) gets every row the run log writes
+        tracker = tracking.attach(loop_config["experiment"], loop_config.get("tracking"), storage.local)
+        run_log = RunLog(storage, total, planned_kimg(cfg, world), state.step, tracker=tracker)
     evaluator = None
     if eval_every is not None:
         evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)

@@ -28,7 +28,7 @@ from facediff.eval.build import build_attribute_metric
 from facediff.eval.metrics import load_inception
 from facediff.runs.checkpoints import EXPORT_DIR, load_task_with_ema
 from facediff.storage import RunStorage
-from facediff.train import identity
+from facediff.train import identity, tracking
 from facediff.train.driver import fit, resumable_dataset, start_workers_ray
 from facediff.train.loop import train_loop_per_worker
 from facediff.train.placement import WorkerRequest
@@ -73,7 +73,8 @@ def data_config(cfg: ExperimentConfig) -> DataConfig:
 
 def check_inputs(cfg: ExperimentConfig) -> None:
     """The dataset a run reads, checked before any output or Ray process exists (ValueError/FileNotFoundError
-    naming the file and key): its splits' shards, the data regime (`data.train_records`), the cached latents."""
+    naming the file and key): its splits' shards, the data regime (`data.train_records`), the cached latents; the
+    MLflow server `tracking:` names."""
     d = cfg.data
     check_parquet_files(shard_paths(d.path, d.train_split))  # a truncated shard: named now, not mid-run by Ray
     if cfg.eval.every_kimg is not None:
@@ -81,6 +82,8 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     check_train_records(d.path, d.train_split, d.train_records)
     if d.use_latents:
         check_cached_inputs(d.path, cfg.model)
+    if cfg.tracking.backend == "mlflow":  # a server that does not answer: one line, not minutes of retries
+        tracking.check_server(cfg.tracking.tracking_uri)
 
 
 def build_datasets(cfg: ExperimentConfig, run: RunStorage, bad_records=None) -> dict:
@@ -104,7 +107,8 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
           trace_dir: str | Path | None = None, progress: bool = True, storage: RunStorage | None = None,
-          resume_with_changes: bool = False, score: tuple[str, str] | None = None) -> Path:
+          resume_with_changes: bool = False, score: tuple[str, str] | None = None,
+          tracking_parent: dict | None = None) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder.
 
     `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
@@ -117,6 +121,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     `score`: (metric, "min" or "max") for a Tune trial: every evaluation also writes a checkpoint, and Ray
     Train keeps the `trainer.keep_last` best-scoring ones by that metric besides the latest (which resumes),
     so the checkpoint of the trial's best report is never deleted. Default: the `keep_last` newest.
+    `tracking_parent`: a Tune experiment's tracker run, which this run's is nested under (`tracking.py`).
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
     check_inputs(cfg)
@@ -126,6 +131,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         log.info("resuming run %s with changes (%s), recorded in %s once the workers restored it: %s",
                  run_name(cfg), resumption.how, identity.HISTORY_FILE, identity.describe(resumption.changes))
     out = storage.local
+    tracker_run = tracking.start_run(cfg, storage, run_name(cfg), parent=tracking_parent)
     if cfg.eval.every_kimg is not None:
         if cfg.eval.fallback_features != "none":  # the workers' own copies of this warning stay in their logs
             load_inception(cfg.eval.inception_weights, cfg.eval.fallback_features)
@@ -140,7 +146,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         train_loop_per_worker,
         {"experiment": cfg.model_dump(mode="json"), "storage": storage, "fault": fault,
          "trace_dir": str(trace_dir) if trace_dir else None, "epochs_per_pass": epochs_per_pass(cfg),
-         "resumption": asdict(resumption), "score": score,
+         "resumption": asdict(resumption), "score": score, "tracking": tracker_run,
          "train_rows": split_rows(Path(cfg.data.path), cfg.data.train_split), "bad_records": bad_records},
         request=request, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker, storage=storage,
         datasets=build_datasets(cfg, storage, bad_records), dataset_config=data_config(cfg),
@@ -151,6 +157,7 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     with result.checkpoint.as_directory() as folder:
         load_task_with_ema(cfg, Path(folder)).export(out / EXPORT_DIR)
     storage.push(EXPORT_DIR)
+    tracking.finish_run(cfg, tracker_run, [out / EXPORT_DIR] if cfg.tracking.log_export else [])
     for written_by_rank0 in (METRICS_FILE, "tensorboard"):  # into the driver's mirror (rank 0 may be elsewhere)
         storage.pull(written_by_rank0)
     log.info("run %s finished; EMA model exported to %s", run_name(cfg), f"{storage.uri}/{EXPORT_DIR}")

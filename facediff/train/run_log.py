@@ -55,7 +55,9 @@ class RunLog:
     with every row written with `sync` (checkpoints: a resumed run continues the stored rows), at most every
     PUSH_EVERY_S seconds between, and at the end."""
 
-    def __init__(self, storage: RunStorage, total_steps: int, total_kimg: float, resumed_step: int):
+    def __init__(self, storage: RunStorage, total_steps: int, total_kimg: float, resumed_step: int,
+                 tracker=None):
+        """`tracker`: the run's MLflow or W&B end (`tracking.attach`), sent every row and image; None: off."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.storage, self.dir = storage, storage.local
@@ -68,6 +70,7 @@ class RunLog:
         self.start, self.start_step = time.time(), resumed_step
         self.pushed_at: float | None = None
         self.unpushed = False  # rows written since the last copy
+        self.tracker, self.tracker_failed = tracker, False
 
     def _drop_rows_after(self, step: int) -> None:
         """A crashed run may have logged past its last checkpoint; the resumed run re-does those steps."""
@@ -89,6 +92,8 @@ class RunLog:
             if key != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, metrics["step"])
         self.tensorboard.flush()
+        self._track("log_metrics", {k: float(v) for k, v in metrics.items()
+                                    if k != "step" and isinstance(v, (int, float))}, metrics["step"])
         self.unpushed = True
         if sync or self.pushed_at is None or time.time() - self.pushed_at >= PUSH_EVERY_S:
             self.push()
@@ -102,8 +107,26 @@ class RunLog:
             metrics.get("lr", float("nan")), metrics.get("images_per_s", float("nan")), eta, extras,
         )
 
+    def log_image(self, tag: str, png: Path, kimg: float) -> None:
+        """An image of the run (e.g. a sample grid, `samples/kimg_00012.png`) to the tracker at the step of
+        `kimg`; TensorBoard stays the caller's. Nothing when tracking is off."""
+        step = round(kimg * self.total_steps / self.total_kimg) if self.total_kimg else 0
+        self._track("log_image", tag, Path(png), step)
+
+    def _track(self, method: str, *args) -> None:
+        """A tracker that fails (server down, quota) is named once and left behind: the run goes on."""
+        if self.tracker is None or self.tracker_failed:
+            return
+        try:
+            getattr(self.tracker, method)(*args)
+        except Exception as err:  # noqa: BLE001 - any tracker error: the run's own log keeps every row
+            self.tracker_failed = True
+            log.warning("tracking: %s failed (%s: %s); nothing more is sent to it in this attempt, "
+                        "metrics.jsonl and TensorBoard go on", method, type(err).__name__, err)
+
     def close(self) -> None:
         self.tensorboard.close()
+        self._track("close")
         if self.unpushed:  # the loop's last row is a checkpoint's, already copied
             self.push()
 

@@ -48,6 +48,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     # lazily: every trial process imports this package first; Ray Tune's driver side stays out of it
     from facediff.console import verbose
     from facediff.ray_start import start_ray
+    from facediff.train import tracking
     from facediff.tune.progress_line import TuneProgressLine
     from facediff.tune.results import BEST, best_trial, plot_metric, trial_rows, write_table
     from facediff.tune.trial import run_trial, trial_dirname
@@ -66,7 +67,9 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     log.info("experiment %s: %s; metric %s (%s), %s scheduler, trials of %s kimg",
              exp.name, exp.storage.uri, exp.metric, exp.grid.mode, exp.grid.scheduler.kind, exp.total_kimg)
     start_ray(required_cpus(exp))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=exp),
+    # the experiment's MLflow/W&B run, the trials' runs nested under it (`tracking:` of the training config)
+    parent = tracking.start_parent(exp.base, exp.storage, exp.name, exp.grid.model_dump(mode="json"))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, experiment=exp, tracking_parent=parent),
                                     dict(exp.grid.resources_per_trial))
     storage = exp.storage
     # remote: Tune gets the filesystem itself (with its endpoint and options) and the path without the scheme
@@ -98,6 +101,7 @@ def run_tune(grid_path: str | Path, overrides: list[str] | None = None) -> dict:
     plot = plot_metric(rows, exp)
     for written in (csv_path, md_path, plot, exp.dir / BEST):
         storage.push(written.name)
+    tracking.finish_run(exp.base, parent, [csv_path, md_path, plot, exp.dir / BEST])
     errors = [r for r in results if r.error is not None]
     summary = {
         "experiment": storage.uri, "metric": exp.metric, "trials": len(rows),

@@ -45,8 +45,9 @@ class MetricReportCallback(TuneReportCallback):
             raise RuntimeError(f"the trainer reported {other} but this experiment's metric is {self.metric!r}")
 
 
-def run_trial(params: dict[str, Any], experiment) -> None:
-    """The Tune function trainable (`experiment` comes through `tune.with_parameters`)."""
+def run_trial(params: dict[str, Any], experiment, tracking_parent: dict | None = None) -> None:
+    """The Tune function trainable (`experiment`, and the experiment's tracker run `tracking_parent`, come
+    through `tune.with_parameters`)."""
     import ray.tune
 
     # lazily: the trainer (Ray Train, DeepSpeed) loaded in the trial's process only
@@ -56,7 +57,8 @@ def run_trial(params: dict[str, Any], experiment) -> None:
     cfg = experiment.trial_config(params, trial_id)
     log.info("trial %s: %s", trial_id, {k: v for k, v in params.items()})
     train(cfg, callbacks=[MetricReportCallback(experiment.metric)], progress=False,
-          storage=experiment.trial_run(trial_id), score=(experiment.metric, experiment.grid.mode))
+          storage=experiment.trial_run(trial_id), score=(experiment.metric, experiment.grid.mode),
+          tracking_parent=tracking_parent and {**tracking_parent, "trial": trial_id})
 
 
 def trial_dirname(trial) -> str:
