@@ -22,8 +22,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("config", ["facediff.config"]),
     ("data", ["facediff.data"]),
     ("models", ["facediff.models", "facediff.diffusion", "facediff.losses",
-                # `prepare latents` encodes with the model's autoencoder
-                "facediff.data.prepare.latents"]),
+                # `prepare latents` encodes with the model's autoencoder, `prepare prompt-embeddings` with its
+                # text encoder
+                "facediff.data.prepare.latents", "facediff.data.prompt_embeddings"]),
     ("tasks", ["facediff.tasks",
                "facediff.models.info"]),  # counts the parameters of a built task
     ("eval", ["facediff.eval", "facediff.viz"]),
