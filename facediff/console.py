@@ -136,6 +136,9 @@ class RunProgressLine:
             if not text.strip():
                 continue
             row = json.loads(text)
+            if row.get("async_eval"):  # an earlier checkpoint's evaluation (`train.async_eval`): not progress
+                self._metric.update({k: v for k, v in row.items() if k in ("fid", "attr_acc") or k.startswith("fd_")})
+                continue
             if self._first is None:
                 self._first = (time.time(), float(row.get("kimg", 0.0)))
             self._last = row

@@ -97,6 +97,8 @@ def test_image_metric_needs_evaluation_and_grace_fits(tmp_path, no_inception):
     assert load_experiment(grid, ["eval.every_kimg=0.5"]).metric == "fd_mtcnn_onet"
     with pytest.raises(ConfigError, match="grace_period_kimg"):
         load_experiment(grid, ["eval.every_kimg=0.5", "scheduler.grace_period_kimg=5"])
+    with pytest.raises(ConfigError, match="eval.async_validation=false"):  # ASHA would never see the metric
+        load_experiment(grid, ["eval.every_kimg=0.5", "eval.async_validation=true"])
 
 
 def test_config_file_dimension_is_validated(tmp_path, no_inception):

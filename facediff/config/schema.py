@@ -231,6 +231,10 @@ class TrainerConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
     checkpoint_every_kimg: PositiveFloat = 10.0
+    # async: a checkpoint is copied to storage by a background thread of each worker while training goes on
+    # (Ray's CheckpointUploadMode.ASYNC); Ray registers it, for resuming and evaluation, once every rank's copy
+    # is whole. sync: the workers wait for the copy at each checkpoint.
+    checkpoint_upload: Literal["sync", "async"] = "sync"
     keep_last: PositiveInt = 3
     log_every_steps: PositiveInt = 10
     max_failures: Annotated[int, Field(ge=0)] = 0
@@ -363,6 +367,17 @@ class EvalConfig(Strict):
     face_embedding_weights: str | None = None
     # The audit embeds the training split's first N records (file order); None = all of them.
     memorisation_train_cap: PositiveInt | None = 5000
+    # Evaluate each `every_kimg` checkpoint in Ray Train's checkpoint validation task, on its own resources,
+    # while training goes on (docs/evaluation.md, "Evaluation off the training path"); rows arrive later in
+    # metrics.jsonl, tagged with the checkpoint's step and kimg. Every evaluation then writes a checkpoint.
+    async_validation: bool = False
+    # Ray resources of that task (CPU, GPU: a fraction shares a GPU; other names: custom node resources)
+    async_resources: dict[str, PositiveFloat] = {"CPU": 1.0}
+
+    @model_validator(mode="after")
+    def _ray_resource_names(self):
+        refuse_misspelt_resources(self.async_resources, "eval", "async_resources")
+        return self
 
 
 class ExperimentConfig(Strict):

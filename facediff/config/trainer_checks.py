@@ -40,16 +40,17 @@ def misspelt_resource(name: str) -> str | None:
     return close[0] if close else None
 
 
-def refuse_misspelt_resources(resources: dict[str, float], section: str = "") -> None:
-    """ConflictingKeys naming the first misspelt Ray resource of a `resources_per_worker` mapping (of the config
+def refuse_misspelt_resources(resources: dict[str, float], section: str = "",
+                              field: str = "resources_per_worker") -> None:
+    """ConflictingKeys naming the first misspelt Ray resource of a resources mapping (the key `field` of the config
     section `section`, e.g. "trainer", in messages; its key paths are relative to that section)."""
     for name in resources:
         if known := misspelt_resource(name):
-            key = f"{section}.resources_per_worker" if section else "resources_per_worker"
+            key = f"{section}.{field}" if section else field
             raise ConflictingKeys(
                 f"{key}.{name}: not a Ray resource; did you mean {known}? (names are case-sensitive; command "
                 f"line: `~{key}.{name}` drops it, `{key}:={{{known}: ...}}` replaces the mapping)",
-                keys=[("resources_per_worker", name)])
+                keys=[(field, name)])
 
 
 # DeepSpeed config key (a path into it) -> the facediff key that sets it

@@ -33,12 +33,13 @@ log = logging.getLogger("facediff.train")
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def start_workers_ray(num_workers: int, resources_per_worker: dict[str, float]) -> None:
-    """Join the running cluster, or start a local instance that leaves Ray Data a CPU beside the workers.
+def start_workers_ray(num_workers: int, resources_per_worker: dict[str, float], other_cpus: float = 0.0) -> None:
+    """Join the running cluster, or start a local instance that leaves Ray Data a CPU beside the workers (and
+    `other_cpus` for other tasks of the run: its evaluation task).
 
     With as many logical CPUs as cores, workers of one CPU each can take them all; Ray Data then never gets
     one and training waits forever without an error."""
-    start_ray(num_workers * resources_per_worker.get("CPU", 1.0) + 1)
+    start_ray(num_workers * resources_per_worker.get("CPU", 1.0) + 1 + other_cpus)
 
 
 @dataclass
@@ -89,13 +90,16 @@ def resumable_dataset(build: Callable[..., Any], run: RunStorage) -> Callable[[]
 def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], *, request: WorkerRequest, use_gpu: bool,
         resources_per_worker: dict[str, float], storage: RunStorage, datasets: dict, dataset_config,
         max_failures: int, keep: int, score: tuple[str, str] | None = None, callbacks: list | None = None,
-        progress: Callable[[], Any] | None = None, min_workers: int | None = None, resize_interval_s: float = 60.0):
+        progress: Callable[[], Any] | None = None, min_workers: int | None = None, resize_interval_s: float = 60.0,
+        validation=None):
     """Fit a TorchTrainer whose run is `storage` (Ray must be started): its checkpoints go there, keeping the
     `keep` newest (or, with `score` = (metric, "min"/"max"), the `keep` best by that metric besides the latest);
     a request no node can hold is refused before, a worker group that cannot be placed ends the run after the
     request's timeout (`request`: what `use_gpu` and `resources_per_worker` ask for, as `WorkerRequest.of`).
     `progress`: a context manager factory around `fit()` (the console's progress line). `min_workers`: an elastic
-    run between it and `request.num_workers` workers, resized at most every `resize_interval_s` (`elastic.py`)."""
+    run between it and `request.num_workers` workers, resized at most every `resize_interval_s` (`elastic.py`).
+    `validation`: Ray's ValidationConfig, the checkpoint validation task of `eval.async_validation`
+    (`async_eval.validation_config`)."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -124,6 +128,7 @@ def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], *, request: W
         ),
         datasets=datasets,
         dataset_config=dataset_config,
+        validation_config=validation,
     )
     with placement_timeout(request), (progress() if progress else nullcontext()):
         return trainer.fit()

@@ -71,16 +71,26 @@ class ResumablePasses:
             self.consumed, self.skipped = set(), set()
 
 
-def report(metrics: dict[str, Any], step: int, save: Callable[[Path], None] | None = None) -> None:
+def report(metrics: dict[str, Any], step: int, save: Callable[[Path], None] | None = None, *,
+           upload: str = "sync", validation: Any = None) -> None:
     """Report to Ray Train; with `save`, a checkpoint too: `save(folder)` writes this rank's files into a
     temporary folder, which Ray copies into the run's `checkpoint_<step>` (merged over ranks) and registers once
-    every rank's upload finished."""
+    every rank's upload finished. `upload="async"` (`trainer.checkpoint_upload`): the copy runs in a background
+    thread of this worker and training goes on; Ray deletes the folder once copied. `validation`: Ray's
+    checkpoint validation task evaluates the checkpoint once it is registered (`async_eval.due`)."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     if save is None:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="facediff-ckpt-") as folder:
+    options = {"checkpoint_dir_name": f"checkpoint_{step:09d}", "validation": validation or False}
+    if upload == "async":  # the folder outlives this call: the upload thread reads it, then Ray deletes it
+        folder = tempfile.mkdtemp(prefix="facediff-ckpt-")
         save(Path(folder))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_{step:09d}")
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, **options)
+        return
+    with tempfile.TemporaryDirectory(prefix="facediff-ckpt-") as folder:
+        save(Path(folder))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), **options)

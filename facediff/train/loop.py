@@ -32,7 +32,7 @@ from facediff.console import hold_log
 from facediff.data.stream.bad_records import BadRecordWatch
 from facediff.eval.evaluate import Evaluator
 from facediff.tasks import build_task
-from facediff.train import checkpoint, identity
+from facediff.train import async_eval, checkpoint, identity
 from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
@@ -127,12 +127,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint_every = _every(cfg.trainer.checkpoint_every_kimg, ips)
     eval_every = _every(cfg.eval.every_kimg, ips)
     train_rows = loop_config["train_rows"]  # the training split's size: `epoch` = images / train_rows
+    in_task = cfg.eval.async_validation  # evaluations run in Ray's validation task (`async_eval`), not here
     run_log = None
     if rank == 0:  # the tracker (MLflow, W&B: `tracking:`) gets every row the run log writes
         tracker = tracking.attach(loop_config["experiment"], loop_config.get("tracking"), storage.local)
-        run_log = RunLog(storage, total, planned_kimg(cfg, world), state.step, tracker=tracker)
+        run_log = RunLog(storage, total, planned_kimg(cfg, world), state.step, tracker=tracker, evals=in_task)
     evaluator = None
-    if eval_every is not None:
+    if eval_every is not None and not in_task:
         evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)
 
     shard = ray.train.get_dataset_shard("train")
@@ -166,9 +167,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         maybe_crash(state.step, loop_config.get("fault"))
 
         done = state.step >= total
-        eval_now = evaluator is not None and (done or state.step % eval_every == 0)
-        # a Tune trial: every evaluation also writes a checkpoint, which Ray Train scores by it (`train.score`)
-        save_now = done or state.step % checkpoint_every == 0 or (eval_now and score is not None)
+        eval_now = eval_every is not None and (done or state.step % eval_every == 0)
+        # a Tune trial: every evaluation also writes a checkpoint, which Ray Train scores by it (`train.score`);
+        # an evaluation in Ray's validation task evaluates a checkpoint
+        save_now = done or state.step % checkpoint_every == 0 or (eval_now and (score is not None or in_task))
         if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
             continue
         if watch is not None and (bad := watch.first()) is not None:  # before this step is logged or saved
@@ -193,14 +195,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "skipped_nonfinite": skipped_nonfinite,
             "bad_records": bad,
         }
-        if eval_now:
+        if eval_now and evaluator is not None:
             metrics.update(evaluator.evaluate(ema, engine.module, state.step))
         if run_log is not None:
             run_log.write(metrics, sync=save_now or bad > cfg.data.max_bad_records)
         bad_records.check(bad)  # after the log: metrics.jsonl shows the count the run stopped at
         if save_now or eval_now:
             save = (lambda folder: checkpoint.save(folder, engine, ema, state, generator, rank, passes.consumed))
-            report(_scored(metrics, score if save_now else None), state.step, save if save_now else None)
+            report(_scored(metrics, score if save_now else None), state.step, save if save_now else None,
+                   upload=cfg.trainer.checkpoint_upload,
+                   validation=async_eval.due(state.step, metrics["kimg"]) if eval_now and in_task else None)
         if save_now:
             storage.push(rank_log)
         window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}

@@ -42,6 +42,7 @@ class WorkerRequest:
     strategy: str  # Ray's placement strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     key: str  # where the request is configured, for messages: "trainer" (both training commands), "" for top-level keys
     timeout_s: float | None = None
+    field: str = "resources_per_worker"  # the key of `key` that sets `bundle`, for messages
 
     @classmethod
     def of(cls, num_workers: int, use_gpu: bool, resources: dict[str, float], strategy: str = "PACK",
@@ -77,7 +78,7 @@ def check_fits(request: WorkerRequest, nodes: list[dict[str, float]], autoscaled
     for name in request.bundle:
         if name not in offered:
             raise PlacementError(
-                f"{request.option('resources_per_worker')}.{name}: no node of the running cluster has a resource "
+                f"{request.option(request.field)}.{name}: no node of the running cluster has a resource "
                 f"named {name!r}, so Ray would wait for it forever; the cluster's nodes offer {offer}")
     if autoscaled is not None:
         return
@@ -92,9 +93,10 @@ def check_fits(request: WorkerRequest, nodes: list[dict[str, float]], autoscaled
         why = f"the nodes hold {sum(fits)} such worker(s) together"
     else:
         return
-    raise PlacementError(f"{request.option('resources_per_worker')}: {request} cannot be placed: {why}; the "
-                         f"cluster's nodes offer {offer}; lower {request.option('num_workers')} or the resources "
-                         "per worker, or add nodes")
+    fix = (f"lower {request.option('num_workers')} or the resources per worker" if request.field == "resources_per_worker"
+           else f"lower {request.option(request.field)}")
+    raise PlacementError(f"{request.option(request.field)}: {request} cannot be placed: {why}; the "
+                         f"cluster's nodes offer {offer}; {fix}, or add nodes")
 
 
 def _alive_nodes() -> list[dict[str, float]]:

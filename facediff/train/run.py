@@ -28,10 +28,10 @@ from facediff.eval.build import build_attribute_metric
 from facediff.eval.metrics import load_inception
 from facediff.runs.checkpoints import EXPORT_DIR, load_task_with_ema
 from facediff.storage import RunStorage
-from facediff.train import identity, tracking
+from facediff.train import async_eval, identity, tracking
 from facediff.train.driver import fit, resumable_dataset, start_workers_ray
 from facediff.train.loop import train_loop_per_worker
-from facediff.train.placement import WorkerRequest
+from facediff.train.placement import WorkerRequest, check_cluster
 from facediff.train.run_log import METRICS_FILE, planned_kimg, rounding_note
 
 log = logging.getLogger("facediff.train")
@@ -95,14 +95,19 @@ def build_datasets(cfg: ExperimentConfig, run: RunStorage, bad_records=None) -> 
                               seed=cfg.trainer.seed, epoch=None, epochs_per_pass=epochs_per_pass(cfg),
                               bad_records=bad_records, **_dataset_options(cfg))
     datasets = {"train": resumable_dataset(split, run)}
-    if cfg.eval.every_kimg is not None:
+    if cfg.eval.every_kimg is not None and not cfg.eval.async_validation:  # the validation task reads its own
         datasets["test"] = build_dataset(d.path, d.eval_split, hflip=False, shuffle=False, bad_records=bad_records,
                                          **_dataset_options(cfg))
     return datasets
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
-    start_workers_ray(cfg.trainer.num_workers, cfg.trainer.resources_per_worker)
+    """Ray for the run's workers, and for its evaluation task beside them (`eval.async_validation`): a task no
+    node can hold would never run, and the run would wait for it forever at its end."""
+    task = dict(cfg.eval.async_resources) if cfg.eval.async_validation and cfg.eval.every_kimg is not None else {}
+    start_workers_ray(cfg.trainer.num_workers, cfg.trainer.resources_per_worker, task.get("CPU", 0.0))
+    if task:
+        check_cluster(WorkerRequest(1, task, "PACK", "eval", field="async_resources"))
 
 
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
@@ -151,9 +156,11 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         request=request, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker, storage=storage,
         datasets=build_datasets(cfg, storage, bad_records), dataset_config=data_config(cfg),
         max_failures=t.max_failures, min_workers=t.min_workers, resize_interval_s=t.elastic_resize_interval_s,
-        keep=t.keep_last, score=score, callbacks=callbacks,
+        keep=t.keep_last, score=score, callbacks=callbacks, validation=async_eval.validation_config(cfg, storage),
         progress=(lambda: RunProgressLine(f"train {run_name(cfg)}", storage.file(METRICS_FILE),
                                       planned_kimg(cfg, world), note=rounding_note(cfg, world))) if progress else None)
+    if cfg.eval.async_validation:
+        async_eval.append_late_results(storage)
     with result.checkpoint.as_directory() as folder:
         load_task_with_ema(cfg, Path(folder)).export(out / EXPORT_DIR)
     storage.push(EXPORT_DIR)

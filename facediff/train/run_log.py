@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from facediff.train import async_eval
 from facediff.train.engine import images_per_step, total_steps
 
 if TYPE_CHECKING:
@@ -56,8 +57,10 @@ class RunLog:
     PUSH_EVERY_S seconds between, and at the end."""
 
     def __init__(self, storage: RunStorage, total_steps: int, total_kimg: float, resumed_step: int,
-                 tracker=None):
-        """`tracker`: the run's MLflow or W&B end (`tracking.attach`), sent every row and image; None: off."""
+                 tracker=None, evals: bool = False):
+        """`tracker`: the run's MLflow or W&B end (`tracking.attach`), sent every row and image; None: off.
+        `evals`: evaluations run in Ray's validation task; their results are appended as they arrive
+        (`async_eval.take_arrived`, at each copy to storage)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.storage, self.dir = storage, storage.local
@@ -66,6 +69,7 @@ class RunLog:
         self.path = self.dir / METRICS_FILE
         storage.pull(METRICS_FILE)  # a resumed run continues the stored rows, wherever this rank runs now
         self._drop_rows_after(resumed_step)
+        self.evals_merged = async_eval.merged_steps(read_metrics(self.dir)) if evals else None
         self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resumed_step + 1)
         self.start, self.start_step = time.time(), resumed_step
         self.pushed_at: float | None = None
@@ -81,9 +85,24 @@ class RunLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def push(self) -> None:
+        if self.evals_merged is not None:
+            self._append_arrived_evals()
         self.storage.push(METRICS_FILE)
         self.storage.push("tensorboard")
         self.pushed_at, self.unpushed = time.time(), False
+
+    def _append_arrived_evals(self) -> None:
+        rows = async_eval.take_arrived(self.storage, self.evals_merged)
+        with self.path.open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        for row in rows:
+            async_eval.add_scalars(self.tensorboard, row)
+            # MLflow keeps a late row at its checkpoint's step; W&B drops steps below its last (docs/tracking.md)
+            self._track("log_metrics", {k: float(v) for k, v in row.items()
+                                        if k != "step" and isinstance(v, (int, float))}, row["step"])
+            log.info("evaluation of the checkpoint at kimg %.3f: %s", row["kimg"],
+                     " ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("fid", "fd_"))))
+        self.tensorboard.flush()
 
     def write(self, metrics: dict, sync: bool = False) -> None:
         with self.path.open("a") as f:

@@ -139,6 +139,10 @@ def load_experiment(grid_path: str | Path, overrides: list[str] | None = None) -
         raise ConfigError(f"{grid_path}: storage_path: {err}") from None
     exp = Experiment(grid=grid, grid_path=grid_path, base=base, metric=grid.metric, total_kimg=total_kimg,
                      storage=storage, fixed=fixed)
+    if base.eval.async_validation or grid.overrides.get("eval.async_validation"):
+        # Ray Train hands a validation task's metrics to no callback, so Tune (ASHA) would never see them
+        raise ConfigError(f"{grid_path}: eval.async_validation is for `facediff train`; a Tune trial evaluates in "
+                          "its training loop, where ASHA reads the metric: set eval.async_validation=false")
     if grid.scheduler.kind == "asha" and grid.scheduler.grace_period_kimg > total_kimg:
         raise ConfigError(f"{grid_path}: scheduler.grace_period_kimg ({grid.scheduler.grace_period_kimg}) exceeds "
                           f"the trials' length ({total_kimg} kimg)")
