@@ -99,7 +99,7 @@ def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], *, request: W
     `progress`: a context manager factory around `fit()` (the console's progress line). `min_workers`: an elastic
     run between it and `request.num_workers` workers, resized at most every `resize_interval_s` (`elastic.py`).
     `validation`: Ray's ValidationConfig, the checkpoint validation task of `eval.async_validation`
-    (`async_eval.validation_config`)."""
+    (`runs/validation.py`)."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -27,8 +27,9 @@ from facediff.data.stream.dataset import build_dataset
 from facediff.eval.build import build_attribute_metric
 from facediff.eval.metrics import load_inception
 from facediff.runs.checkpoints import EXPORT_DIR, load_task_with_ema
+from facediff.runs.validation import append_late_results, validation_config
 from facediff.storage import RunStorage
-from facediff.train import async_eval, identity, tracking
+from facediff.train import identity, tracking
 from facediff.train.driver import fit, resumable_dataset, start_workers_ray
 from facediff.train.loop import train_loop_per_worker
 from facediff.train.placement import WorkerRequest, check_cluster
@@ -156,11 +157,11 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         request=request, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker, storage=storage,
         datasets=build_datasets(cfg, storage, bad_records), dataset_config=data_config(cfg),
         max_failures=t.max_failures, min_workers=t.min_workers, resize_interval_s=t.elastic_resize_interval_s,
-        keep=t.keep_last, score=score, callbacks=callbacks, validation=async_eval.validation_config(cfg, storage),
+        keep=t.keep_last, score=score, callbacks=callbacks, validation=validation_config(cfg, storage),
         progress=(lambda: RunProgressLine(f"train {run_name(cfg)}", storage.file(METRICS_FILE),
                                       planned_kimg(cfg, world), note=rounding_note(cfg, world))) if progress else None)
     if cfg.eval.async_validation:
-        async_eval.append_late_results(storage)
+        append_late_results(storage)
     with result.checkpoint.as_directory() as folder:
         load_task_with_ema(cfg, Path(folder)).export(out / EXPORT_DIR)
     storage.push(EXPORT_DIR)
