@@ -254,6 +254,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="where to write the evaluation JSON; default "
                                                      "MODEL/evaluation.json (a run or export folder)")] = None,
+    segmenter: Annotated[Optional[str], typer.Option(help="mask models: a `facediff train-segformer` run folder; "
+                                                          "adds mask_miou (sets eval.mask_segmenter)")] = None,
 ) -> None:
     """FID (or the labelled fallback distance) of a model's samples against a held-out split: the protocol, then
     the value; both saved in evaluation.json. The last line is the results as JSON."""
@@ -267,7 +269,8 @@ def evaluate(
     try:
         protocol.check_out(out)
         _cpu_threads(device)
-        evaluation = evaluate_run(model, split, overrides or [], device, announce=announce)
+        overrides = [*(overrides or []), *([f"eval.mask_segmenter={segmenter}"] if segmenter else [])]
+        evaluation = evaluate_run(model, split, overrides, device, announce=announce)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
     for line in protocol.result_lines(evaluation):  # before the save: hours of samples

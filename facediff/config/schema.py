@@ -316,6 +316,10 @@ class EvalConfig(Strict):
     # Bootstrap resamples of the generated features for the 95% intervals of FID and KID (`fid_lo`, `fid_hi`,
     # `kid_lo`, `kid_hi`); 0 = no intervals. Resamples features, not images: seconds at the papers' sizes.
     bootstrap: Annotated[int, Field(ge=0)] = 200
+    # Mask models (lc_unet with model.mask_encoder): a `facediff train-segformer` run folder (or its segformer/
+    # folder) on the same part groups; `facediff evaluate` then reports `mask_miou`, the samples' part mIoU against
+    # their conditioning masks, and `mask_miou_real`, the segmenter's on the real faces (docs/evaluation.md).
+    mask_segmenter: str | None = None
 
 
 class ExperimentConfig(Strict):

@@ -15,6 +15,7 @@ from facediff.eval.build import build_metrics
 from facediff.eval.real_stats import use_real_cache
 from facediff.eval.evaluate import evaluate_task
 from facediff.runs.load import load_model_and_source, resolve_device
+from facediff.runs.mask_adherence import build_mask_adherence
 
 
 def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str] = (), device: str = "auto",
@@ -22,7 +23,7 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
     """The run's (or export's) EMA model against a split, on `device` ("auto": the GPU when there is one).
     Returns the evaluation record (`protocol.record`: metric, value, every result, the protocol, overrides, date,
     commit); `announce(protocol, metric)` is called before sampling."""
-    records = {}
+    records, masks, target = {}, {}, resolve_device(device)
 
     def enough_records(cfg: ExperimentConfig) -> None:  # Fréchet distances need two images a side
         name = split or cfg.data.eval_split
@@ -32,16 +33,19 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
                              "distance needs at least 2; evaluate on a larger split (--split) or prepare the dataset "
                              "with a larger --test-size")
         records[name] = count
+        masks["metric"] = build_mask_adherence(cfg, target)  # eval.mask_segmenter checked before the model loads
 
-    target = resolve_device(device)
     cfg, task, source = load_model_and_source(path, overrides, check=enough_records)
     task = task.to(target)
     metrics = build_metrics(cfg, target)
     use_real_cache(metrics.distance, cfg.data.path, split or cfg.data.eval_split, cfg.data.image_size)
     name = split or cfg.data.eval_split
     described = protocol.describe(cfg, name, records[name], source, str(target))
+    if masks["metric"] is not None:
+        described["mask_segmenter"] = masks["metric"].source
     if announce is not None:
         announce(described, metrics.distance.name)
     results = evaluate_task(task, cfg, local_test_batches(cfg, split), metrics.distance,
-                            attribute_metric=metrics.attributes, people_metric=metrics.people)
+                            attribute_metric=metrics.attributes, people_metric=metrics.people,
+                            mask_metric=masks["metric"])
     return protocol.record(described, metrics.distance.name, results, list(overrides))

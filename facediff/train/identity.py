@@ -54,6 +54,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "trainer.placement_timeout_s": "how long the start waits for the workers to be placed",
     "trainer.gradient_checkpointing": "activations recomputed in the backward (the same gradients, less memory)",
     "eval.every_kimg": "evaluation cadence (the protocol itself is fixed)",
+    "eval.mask_segmenter": "read by `facediff evaluate` only, never by training",
 }
 _ABSENT = "(absent)"
 
