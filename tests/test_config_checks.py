@@ -55,12 +55,14 @@ def test_paths_are_resolved_against_the_invocation_directory(tmp_path, monkeypat
     (tmp_path / "ae").mkdir()
     monkeypatch.chdir(tmp_path)
     cfg = load_config(TINY_LC, ["data.path=outputs/shards", "trainer.storage_path=runs",
-                                "model.autoencoder.pretrained=ae", "eval.inception_weights=w/inception.pt"])
+                                "model.autoencoder.pretrained=ae", "eval.inception_weights=w/inception.pt",
+                                "eval.mask_segmenter=runs/segformer/tiny"])
     resolved = resolve_paths(cfg)
     assert resolved.data.path == str(tmp_path / "outputs" / "shards")
     assert resolved.trainer.storage_path == str(tmp_path / "runs")
     assert resolved.model.autoencoder.pretrained == str(tmp_path / "ae")
     assert resolved.eval.inception_weights == str(tmp_path / "w" / "inception.pt")
+    assert resolved.eval.mask_segmenter == str(tmp_path / "runs" / "segformer" / "tiny")
     assert cfg.data.path == "outputs/shards"  # a copy: the loaded config is unchanged
     hub = load_config(TINY_LC, ["model.autoencoder.pretrained=CompVis/ldm-celebahq-256"])
     assert resolve_paths(hub).model.autoencoder.pretrained == "CompVis/ldm-celebahq-256"  # a hub id stays

@@ -257,6 +257,8 @@ def evaluate(
     memorisation: Annotated[bool, typer.Option(help="also the memorisation audit: the share of samples closer to "
                                                     "a training face than held-out faces are "
                                                     "(docs/evaluation.md#memorisation)")] = False,
+    segmenter: Annotated[Optional[str], typer.Option(help="mask models: a `facediff train-segformer` run folder; "
+                                                          "adds mask_miou (sets eval.mask_segmenter)")] = None,
 ) -> None:
     """FID (or the labelled fallback distance) of a model's samples against a held-out split: the protocol, then
     the value; both saved in evaluation.json. The last line is the results as JSON."""
@@ -271,7 +273,8 @@ def evaluate(
     try:
         protocol.check_out(out)
         _cpu_threads(device)
-        evaluation = evaluate_run(model, split, overrides or [], device, announce=announce,
+        overrides = [*(overrides or []), *([f"eval.mask_segmenter={segmenter}"] if segmenter else [])]
+        evaluation = evaluate_run(model, split, overrides, device, announce=announce,
                                   memorisation=memorisation, out=out)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))

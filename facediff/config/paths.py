@@ -45,13 +45,16 @@ def _references(node) -> list[PretrainedRef]:
 
 
 def resolve_paths(cfg: ExperimentConfig, base: str | Path | None = None) -> ExperimentConfig:
-    """A copy of `cfg` whose data, storage, Inception weights and local pretrained folders are absolute."""
+    """A copy of `cfg` whose data, storage, Inception weights, mask segmenter and local pretrained folders are
+    absolute."""
     base = Path(base or os.getcwd())
     cfg = cfg.model_copy(deep=True)
     cfg.data.path = _absolute(cfg.data.path, base)
     cfg.trainer.storage_path = _absolute(cfg.trainer.storage_path, base)
     if cfg.eval.inception_weights is not None:
         cfg.eval.inception_weights = _absolute(cfg.eval.inception_weights, base)
+    if cfg.eval.mask_segmenter is not None:
+        cfg.eval.mask_segmenter = _absolute(cfg.eval.mask_segmenter, base)
     for ref in _references(cfg.model):
         ref.pretrained = resolve_reference(ref.pretrained, base)
     return cfg

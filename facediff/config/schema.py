@@ -378,6 +378,10 @@ class EvalConfig(Strict):
     def _ray_resource_names(self):
         refuse_misspelt_resources(self.async_resources, "eval", "async_resources")
         return self
+    # Mask models (lc_unet with model.mask_encoder): a `facediff train-segformer` run folder (or its segformer/
+    # folder) on the same part groups; `facediff evaluate` then reports `mask_miou`, the samples' part mIoU against
+    # their conditioning masks, and `mask_miou_real`, the segmenter's on the real faces (docs/evaluation.md).
+    mask_segmenter: str | None = None
 
 
 class ExperimentConfig(Strict):

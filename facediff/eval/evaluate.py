@@ -35,11 +35,13 @@ def evaluate_task(
     feed_real: bool = True,
     attribute_metric=None,
     people_metric=None,
+    mask_metric=None,
 ) -> dict[str, float]:
     """Feed the real test images (unless already in the metric) and generated ones: one per test record
     (conditioned on it), or `eval.num_samples` in all; with `attribute_metric`, also read the conditioned
     attributes back from the generated images; with `people_metric`, also face rate, confidence and the face-crop
-    distance (real crops at the records' face boxes).
+    distance (real crops at the records' face boxes); with `mask_metric` (`runs/mask_adherence.py`), also segment
+    real and generated images against the records' part masks.
 
     Records are dealt to ranks by id (`owned_by`), never by stream position: every rank iterates the whole split
     in its own order, and each record is real data and a condition on exactly one rank. `eval.num_samples` is
@@ -61,6 +63,8 @@ def evaluate_task(
                 if people_metric is not None:
                     pick = mine.to(batch["face_boxes"].device)
                     people_metric.update_real(real, batch["face_boxes"][pick], batch["face_valid"][pick])
+                if mask_metric is not None:
+                    mask_metric.update_real(real, batch["part_masks"][mine.to(batch["part_masks"].device)])
             if quota is None:
                 take = int(mine.sum()) if epoch == 0 else 0
             else:
@@ -78,6 +82,8 @@ def evaluate_task(
                 attribute_metric.update(fake, cut["attributes"])
             if people_metric is not None:
                 people_metric.update_fake(fake)
+            if mask_metric is not None:
+                mask_metric.update_fake(fake, cut["part_masks"])  # the masks it was conditioned on
         if quota is None or made >= quota or owned == 0:
             break
     result = metric.compute_all(e.bootstrap, e.seed)  # a collective when torch.distributed is initialised
@@ -88,6 +94,9 @@ def evaluate_task(
     if people_metric is not None:
         result.update(people_metric.compute())  # a collective too
         people_metric.reset_fake()
+    if mask_metric is not None:
+        result.update(mask_metric.compute())
+        mask_metric.reset_fake()
     return result
 
 

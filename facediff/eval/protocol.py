@@ -57,7 +57,7 @@ def protocol_lines(protocol: dict, metric: str) -> list[str]:
     guidance = "".join(f", guidance {k} {v:g}" for k, v in p.get("guidance", {}).items())
     caveat = {"fid": "", "fd_mtcnn_onet": " (not FID: the Inception weights could not be had; not comparable with "
                                           "published FIDs)"}.get(metric, " (not FID)")
-    return [
+    lines = [
         f"model: {weights_text(p['model'])}",
         f"real: split {p['split']!r} of {p['dataset']} ({p['split_records']} records, {p['image_size']} px)",
         f"samples: {p['num_samples']} ({p['samples_from']}), sampler {p['sampler']}, {p['steps']} steps, "
@@ -66,6 +66,12 @@ def protocol_lines(protocol: dict, metric: str) -> list[str]:
         + (f"; 95% intervals from {p['bootstrap_resamples']} bootstrap resamples of the samples"
            if p.get("bootstrap_resamples") else ""),
     ]
+    if (seg := p.get("mask_segmenter")) is not None:  # runs/mask_adherence.py
+        known = ([f"trained at {seg['image_size']} px"] if "image_size" in seg else []) \
+            + ([f"its test mIoU {seg['test_miou']:.3f}"] if "test_miou" in seg else [])
+        lines.append(f"mask adherence: part segmenter {seg['path']}" + (f" ({', '.join(known)})" if known else "")
+                     + ": mIoU of each sample vs the masks it was conditioned on, and of the real faces vs theirs")
+    return lines
 
 
 def kernel_name(metric: str) -> str:
@@ -80,6 +86,8 @@ def result_lines(evaluation: dict) -> list[str]:
         if name in results:
             lo, hi = results.get(f"{name}_lo"), results.get(f"{name}_hi")
             lines.append(f"{name} {results[name]:.6g}" + (f" [{lo:.6g}, {hi:.6g}] (95%)" if lo is not None else ""))
+    if "mask_miou" in results:
+        lines.append(f"mask_miou {results['mask_miou']:.4g} (real faces: {results['mask_miou_real']:.4g})")
     return lines
 
 

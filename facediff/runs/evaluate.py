@@ -16,6 +16,7 @@ from facediff.eval.build import build_metrics
 from facediff.eval.real_stats import use_real_cache
 from facediff.eval.evaluate import evaluate_task
 from facediff.runs.load import load_model_and_source, resolve_device
+from facediff.runs.mask_adherence import build_mask_adherence
 
 
 def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str] = (), device: str = "auto",
@@ -25,8 +26,8 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
     Returns the evaluation record (`protocol.record`: metric, value, every result, the protocol, overrides, date,
     commit); `announce(protocol, metric)` is called before sampling. `memorisation`: also the memorisation audit
     of the same samples (its numbers in the results, its protocol under "memorisation", its closest pairs in a PNG
-    beside `out` or in the evaluated folder)."""
-    records = {}
+    beside `out` or in the evaluated folder). `eval.mask_segmenter` (mask models): also the samples' mask mIoU."""
+    records, masks, target = {}, {}, resolve_device(device)
 
     def enough_records(cfg: ExperimentConfig) -> None:  # Fréchet distances need two images a side
         name = split or cfg.data.eval_split
@@ -36,21 +37,24 @@ def evaluate_run(path: str | Path, split: str | None = None, overrides: list[str
                              "distance needs at least 2; evaluate on a larger split (--split) or prepare the dataset "
                              "with a larger --test-size")
         records[name] = count
+        masks["metric"] = build_mask_adherence(cfg, target)  # eval.mask_segmenter checked before the model loads
 
-    target = resolve_device(device)
     cfg, task, source = load_model_and_source(path, overrides, check=enough_records)
     task = task.to(target)
     metrics = build_metrics(cfg, target)
     use_real_cache(metrics.distance, cfg.data.path, split or cfg.data.eval_split, cfg.data.image_size)
     name = split or cfg.data.eval_split
     described = protocol.describe(cfg, name, records[name], source, str(target))
+    if masks["metric"] is not None:
+        described["mask_segmenter"] = masks["metric"].source
     # before the protocol is printed: a bad weights path or split fails before anything is announced
     audit = memorisation_audit.build_audit(cfg, split, target) if memorisation else None
     if announce is not None:
         announce(described, metrics.distance.name)
     results = evaluate_task(task if audit is None else memorisation_audit.Audited(task, audit), cfg,
                             local_test_batches(cfg, split), metrics.distance,
-                            attribute_metric=metrics.attributes, people_metric=metrics.people)
+                            attribute_metric=metrics.attributes, people_metric=metrics.people,
+                            mask_metric=masks["metric"])
     if audit is not None:
         results.update(audit.compute())
     evaluation = protocol.record(described, metrics.distance.name, results, list(overrides))

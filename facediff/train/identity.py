@@ -57,6 +57,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "trainer.gradient_checkpointing": "activations recomputed in the backward (the same gradients, less memory)",
     "eval.every_kimg": "evaluation cadence (the protocol itself is fixed)",
     "tracking": "where the metrics are also sent (MLflow, W&B): nothing that is trained",
+    "eval.mask_segmenter": "read by `facediff evaluate` only, never by training",
 }
 _ABSENT = "(absent)"
 
