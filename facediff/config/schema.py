@@ -316,6 +316,12 @@ class EvalConfig(Strict):
     # Bootstrap resamples of the generated features for the 95% intervals of FID and KID (`fid_lo`, `fid_hi`,
     # `kid_lo`, `kid_hi`); 0 = no intervals. Resamples features, not images: seconds at the papers' sizes.
     bootstrap: Annotated[int, Field(ge=0)] = 200
+    # Training-time sample grid (rank 0, EMA weights, fixed noise and the eval split's first records as conditions):
+    # RUN/samples/kimg_*.png and TensorBoard's `samples` image, every `log_images_every_kimg` (None = every
+    # `every_kimg`) and at the end. The number of faces; 0 = off. DDIM with `sample_grid_steps` steps.
+    sample_grid: Annotated[int, Field(ge=0)] = 8
+    sample_grid_steps: PositiveInt = 20
+    log_images_every_kimg: PositiveFloat | None = None
 
 
 class ExperimentConfig(Strict):

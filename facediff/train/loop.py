@@ -39,6 +39,7 @@ from facediff.train.ema import EMA
 from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
 from facediff.train.harness import ResumablePasses, maybe_crash, report
 from facediff.train.run_log import CHECKPOINT_ONLY, RunLog, epochs_seen, planned_kimg
+from facediff.train.sample_grid import SampleGrid
 
 log = logging.getLogger("facediff.train")
 
@@ -128,6 +129,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     evaluator = None
     if eval_every is not None:
         evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)
+    grids = SampleGrid.for_run(cfg, rank, device, storage, ips, evaluator)  # None: eval.sample_grid is 0
 
     shard = ray.train.get_dataset_shard("train")
     window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
@@ -163,6 +165,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         eval_now = evaluator is not None and (done or state.step % eval_every == 0)
         # a Tune trial: every evaluation also writes a checkpoint, which Ray Train scores by it (`train.score`)
         save_now = done or state.step % checkpoint_every == 0 or (eval_now and score is not None)
+        if grids is not None and grids.due(state.step, done):  # not a log row: the logged loss windows stay
+            grids.write(ema, state.step, run_log.tensorboard if run_log is not None else None)
         if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
             continue
         if watch is not None and (bad := watch.first()) is not None:  # before this step is logged or saved
