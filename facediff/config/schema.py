@@ -317,11 +317,11 @@ class EvalConfig(Strict):
     # `kid_lo`, `kid_hi`); 0 = no intervals. Resamples features, not images: seconds at the papers' sizes.
     bootstrap: Annotated[int, Field(ge=0)] = 200
     # Training-time sample grid (rank 0, EMA weights, fixed noise and the eval split's first records as conditions):
-    # RUN/samples/kimg_*.png and TensorBoard's `samples` image, every `log_images_every_kimg` (None = every
-    # `every_kimg`) and at the end. The number of faces; 0 = off. DDIM with `sample_grid_steps` steps.
+    # RUN/samples/kimg_*.png and TensorBoard's `samples` image, every `log_images_every_kimg` and at the end. The
+    # number of faces; 0 = off.
     sample_grid: Annotated[int, Field(ge=0)] = 8
-    sample_grid_steps: PositiveInt = 20
-    log_images_every_kimg: PositiveFloat | None = None
+    sample_grid_steps: PositiveInt = 20  # DDIM steps of the training-time grid
+    log_images_every_kimg: PositiveFloat | None = None  # the grid's cadence; None = every `eval.every_kimg`
 
 
 class ExperimentConfig(Strict):

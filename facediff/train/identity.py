@@ -54,6 +54,9 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "trainer.placement_timeout_s": "how long the start waits for the workers to be placed",
     "trainer.gradient_checkpointing": "activations recomputed in the backward (the same gradients, less memory)",
     "eval.every_kimg": "evaluation cadence (the protocol itself is fixed)",
+    "eval.sample_grid": "the training-time sample grids (pictures to look at, not measured)",
+    "eval.sample_grid_steps": "the training-time sample grids' sampler steps",
+    "eval.log_images_every_kimg": "the training-time sample grids' cadence",
 }
 _ABSENT = "(absent)"
 
