@@ -31,6 +31,7 @@ from facediff.sampling import attribute_sweep, generate, record_conditions, save
 from facediff.threads import busy_cores_note
 from facediff.train.autoencoder import fit_autoencoder
 from facediff.train.run_log import read_metrics
+from facediff.train.sample_grid import SAMPLES_DIR
 from facediff.train.run import train
 from facediff.viz import labelled_grid, plot_curves, preview_dataset
 
@@ -94,7 +95,19 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def _run_overrides(shards: Path, runs: Path, kimg: float) -> list[str]:
     return [f"data.path={shards}", f"trainer.storage_path={runs}", f"trainer.total_kimg={kimg}",
-            f"trainer.checkpoint_every_kimg={kimg / 2}", f"eval.every_kimg={kimg}", "eval.steps=20"]
+            f"trainer.checkpoint_every_kimg={kimg / 2}", f"eval.every_kimg={kimg}", "eval.steps=20",
+            f"eval.log_images_every_kimg={kimg / 4}"]  # the training-time grids: the same faces sharpening
+
+
+def _training_grids(result: dict) -> list[str]:
+    """The line naming a run's training-time sample grids (`train/sample_grid.py`), also in its TensorBoard."""
+    run = result.get("paths", {}).get("run")
+    grids = sorted((Path(run) / SAMPLES_DIR).glob("*.png")) if run else []
+    if not grids:
+        return []
+    result["paths"]["training_grids"] = grids[0].parent
+    return [f"  training-time sample grids     {grids[0].parent}  ({len(grids)}, also in TensorBoard: "
+            f"tensorboard --logdir {run}/tensorboard)"]
 
 
 def sweep_edit_rates(task, cfg, before: torch.Tensor) -> dict[str, float]:
@@ -242,7 +255,7 @@ def _stage(name: str, description: str, run, results: dict) -> list[str]:
     result["seconds"] = round(time.time() - start, 1)
     results[name] = result
     log.info("stage %s done in %.0f s", name, result["seconds"])
-    return [f"{name} stage ({result['seconds']:.0f} s):", *result.pop("lines")]
+    return [f"{name} stage ({result['seconds']:.0f} s):", *result.pop("lines"), *_training_grids(result)]
 
 
 def run_demo(out: str | Path, n: int = DEFAULT_FACES, kimg: float = DEFAULT_KIMG,

@@ -200,3 +200,18 @@ def mlflow_server(tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=60)
+def assert_grids(run, names, steps, shape):
+    """A run's training-time sample grids (`train/sample_grid.py`): these PNGs of this shape in `RUN/samples`, and
+    TensorBoard's `samples` image at these steps. Returns the grids' pixels."""
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    paths = sorted((run / "samples").glob("*.png"))
+    assert [p.name for p in paths] == names
+    grids = [np.asarray(Image.open(p)) for p in paths]
+    assert all(grid.shape == shape for grid in grids)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("samples")] == steps
+    return grids

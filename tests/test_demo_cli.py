@@ -33,3 +33,18 @@ def test_demo_configs_change_only_what_the_demo_measured():
     latent, tiny_latent = flat(load_config(CONDITIONAL_CONFIG)), flat(load_config(CONFIG.parent / "tiny_lc_unet.yaml"))
     assert {k: v for k, v in latent.items() if tiny_latent[k] != v} == {"diffusion.prediction_type": "sample",
                                                                          "trainer.batch_size": 16}
+
+
+def test_demo_summary_names_each_runs_training_time_grids(tmp_path):
+    from facediff.demo import _run_overrides, _training_grids
+
+    assert "eval.log_images_every_kimg=4.0" in _run_overrides(tmp_path, tmp_path, 16.0)  # 4 grids a run, + the end
+    run = tmp_path / "runs" / "demo_unet"
+    (run / "samples").mkdir(parents=True)
+    for name in ("kimg_00004.000.png", "kimg_00008.000.png"):
+        (run / "samples" / name).write_bytes(b"")
+    result = {"paths": {"run": run}}
+    assert _training_grids(result) == [f"  training-time sample grids     {run / 'samples'}  (2, also in "
+                                       f"TensorBoard: tensorboard --logdir {run}/tensorboard)"]
+    assert result["paths"]["training_grids"] == run / "samples"  # in summary.json
+    assert _training_grids({"paths": {"preview": tmp_path}}) == []  # a stage without a run lists none

@@ -11,7 +11,7 @@ from facediff.config import ConfigError, load_config
 from facediff.models.info import describe
 from facediff.tasks import build_task
 
-from conftest import REPO
+from conftest import REPO, assert_grids
 
 TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_sd_lora.yaml"
 SETUP1 = REPO / "configs" / "experiments" / "celebamask" / "sd2_lora.yaml"
@@ -85,12 +85,15 @@ def test_ray_training_resume_ema_and_plain_diffusers_export(ray_session, synthet
                                   "trainer.run_name=run", "trainer.batch_size=4", "trainer.zero_stage=2",
                                   "trainer.precision=bf16",  # sd2_lora's precision
                                   f"trainer.total_kimg={steps * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
-                                  "trainer.log_every_steps=1", "trainer.ema.decay=0.5"])
+                                  "trainer.log_every_steps=1", "trainer.ema.decay=0.5",
+                                  "eval.sample_grid=4", "eval.sample_grid_steps=2"])  # a grid at each run's end
 
     run = train(cfg(4))
     train(cfg(8))  # the same run, longer: resumes at step 4 (in a later timestep phase), LoRA + EMA + optimizer
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 9))
+    # the training-time grids of the attribute prompts, kept across the resume (TensorBoard purges only later steps)
+    assert_grids(run, ["kimg_00000.032.png", "kimg_00000.064.png"], [4, 8], (2 + 2 * 34, 2 + 2 * 34, 3))
     assert all(0 < r["loss"] < 10 for r in rows)  # finite in bf16
     ema = load_file(str(run / "checkpoint_000000008" / "ema.safetensors"))
     assert int(ema["ema_step"]) == 8 and all(".lora_" in k for k in ema if k != "ema_step")  # the adapter only

@@ -35,7 +35,7 @@ def config(synthetic_shards, tmp_path, path="configs/experiments/tiny/tiny_unet.
         f"data.path={synthetic_shards}", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.run_name=run",
         "trainer.batch_size=4", f"trainer.total_kimg={STEPS * 8 / 1000}", "trainer.checkpoint_every_kimg=0.016",
         "trainer.log_every_steps=1", "trainer.keep_last=2", "trainer.zero_stage=2", "optimizer.warmup_steps=4", "optimizer.schedule=cosine",
-        "trainer.ema.warmup=false", "trainer.ema.decay=0.9", *extra,
+        "trainer.ema.warmup=false", "trainer.ema.decay=0.9", "eval.sample_grid_steps=2", *extra,
     ])
 
 

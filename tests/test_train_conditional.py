@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import assert_grids
+
 from facediff.cli.main import app
 from facediff.config import load_config
 from facediff.train.run_log import read_metrics
@@ -22,6 +24,7 @@ def test_tiny_conditional_model_trains_evaluates_and_samples_by_attribute(synthe
         "trainer.log_every_steps=1", "trainer.zero_stage=3", "trainer.precision=bf16",  # production's precision
         "eval.every_kimg=0.032", "eval.steps=2",
         "eval.batch_size=4", "eval.attribute_accuracy=false",  # covered without Ray in test_conditional.py
+        "eval.log_images_every_kimg=0.016", "eval.sample_grid_steps=2",  # training-time grids at steps 2 and 4
     ])
     run = train(cfg)
     rows = read_metrics(run)
@@ -29,6 +32,9 @@ def test_tiny_conditional_model_trains_evaluates_and_samples_by_attribute(synthe
     assert all(r["loss_infonce"] >= 0 and 0 < r["loss_mse"] < 10 for r in rows)  # finite: bf16 under ZeRO-3
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_mse"] + 0.1 * rows[-1]["loss_infonce"], rel=1e-4)
     assert "fid" not in rows[-1] and rows[-1]["fd_mtcnn_onet"] > 0  # conditional samples of each test record
+    # rank 0 drew the grid from the EMA gathered from both ranks' ZeRO-3 parts (a collective every rank joins)
+    first, last = assert_grids(run, ["kimg_00000.016.png", "kimg_00000.032.png"], [2, 4], (2 + 3 * 34, 2 + 3 * 34, 3))
+    assert not np.array_equal(first, last)  # the same faces, from the EMA two steps on
     export = run / "export"
     assert (export / "unet" / "config.json").is_file() and (export / "condition_encoder").is_dir()
 

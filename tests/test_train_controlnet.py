@@ -9,7 +9,7 @@ import torch
 
 from facediff.config import load_config
 
-from conftest import REPO
+from conftest import REPO, assert_grids
 
 TINY = REPO / "configs" / "experiments" / "tiny" / "tiny_controlnet.yaml"
 
@@ -28,7 +28,8 @@ def test_ray_training_resume_evaluation_and_plain_diffusers_export(ray_session, 
                                   "trainer.precision=bf16",  # every mask_ldm config's precision
                                   "trainer.checkpoint_every_kimg=0.016", "trainer.log_every_steps=1",
                                   "trainer.ema.decay=0.5", "loss.perceptual_timestep_threshold=1000",
-                                  f"eval.every_kimg={kimg}", "eval.num_samples=4", "eval.steps=2"])
+                                  f"eval.every_kimg={kimg}", "eval.num_samples=4", "eval.steps=2",
+                                  "eval.sample_grid=4", "eval.sample_grid_steps=2"])
 
     run = train(cfg(2))
     train(cfg(4))  # the same run, longer: resumes at step 2 with the ControlNet, its EMA and the optimizer
@@ -38,6 +39,8 @@ def test_ray_training_resume_evaluation_and_plain_diffusers_export(ray_session, 
     trained = [r for r in rows if "loss" in r]
     assert all(r["loss_lpips"] > 0 and r["below_threshold"] == 1.0 for r in trained)  # T = 1000: every sample
     assert all(0 < r["loss"] < 100 and r["loss_face"] >= 0 for r in trained)  # finite in bf16
+    # the training-time grids of the test records' captions and people maps, at each run's end
+    assert_grids(run, ["kimg_00000.016.png", "kimg_00000.032.png"], [2, 4], (2 + 2 * 66, 2 + 2 * 66, 3))
     evaluated = [r for r in rows if any(k == "fid" or k.startswith("fd_") for k in r)]
     assert evaluated and evaluated[-1]["step"] == 4
     ema = load_file(str(run / "checkpoint_000000004" / "ema.safetensors"))

@@ -382,6 +382,12 @@ class EvalConfig(Strict):
     # folder) on the same part groups; `facediff evaluate` then reports `mask_miou`, the samples' part mIoU against
     # their conditioning masks, and `mask_miou_real`, the segmenter's on the real faces (docs/evaluation.md).
     mask_segmenter: str | None = None
+    # Training-time sample grid (rank 0, EMA weights, fixed noise and the eval split's first records as conditions):
+    # RUN/samples/kimg_*.png and TensorBoard's `samples` image, every `log_images_every_kimg` and at the end. The
+    # number of faces; 0 = off.
+    sample_grid: Annotated[int, Field(ge=0)] = 8
+    sample_grid_steps: PositiveInt = 20  # DDIM steps of the training-time grid
+    log_images_every_kimg: PositiveFloat | None = None  # the grid's cadence; None = every `eval.every_kimg`
 
 
 class ExperimentConfig(Strict):

@@ -58,6 +58,9 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "eval.every_kimg": "evaluation cadence (the protocol itself is fixed)",
     "tracking": "where the metrics are also sent (MLflow, W&B): nothing that is trained",
     "eval.mask_segmenter": "read by `facediff evaluate` only, never by training",
+    "eval.sample_grid": "the training-time sample grids (pictures to look at, not measured)",
+    "eval.sample_grid_steps": "the training-time sample grids' sampler steps",
+    "eval.log_images_every_kimg": "the training-time sample grids' cadence",
 }
 _ABSENT = "(absent)"
 

@@ -32,15 +32,15 @@ from facediff.console import hold_log
 from facediff.data.stream.bad_records import BadRecordWatch
 from facediff.eval.evaluate import Evaluator
 from facediff.tasks import build_task
-from facediff.train import async_eval, checkpoint, identity
+from facediff.train import async_eval, checkpoint, identity, tracking
 from facediff.train.checkpoint import TrainState
 from facediff.train.distributed import FirstNonFinite, mean_across_ranks, nonfinite_anywhere, seed_worker_rng
 from facediff.train.ema import EMA
 from facediff.train.elastic import for_world
 from facediff.train.engine import GpuStep, apply_optimizer_settings, build_engine, images_per_step, total_steps
 from facediff.train.harness import ResumablePasses, maybe_crash, report
-from facediff.train import tracking
 from facediff.train.run_log import CHECKPOINT_ONLY, RunLog, epochs_seen, planned_kimg
+from facediff.train.sample_grid import SampleGrid
 
 log = logging.getLogger("facediff.train")
 
@@ -63,8 +63,8 @@ class DataTrace:
 
     def write(self, step: int, batch: dict[str, torch.Tensor], progress: float) -> None:
         if self.file is not None:
-            row = {"step": step, "started": self.started, "world": self.world, "progress": progress, "epoch": batch["epoch"].tolist(), "id": batch["id"].tolist(),
-                   "flipped": batch["flipped"].tolist()}
+            row = {"step": step, "started": self.started, "world": self.world, "progress": progress,
+                   "epoch": batch["epoch"].tolist(), "id": batch["id"].tolist(), "flipped": batch["flipped"].tolist()}
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
 
@@ -135,6 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     evaluator = None
     if eval_every is not None and not in_task:
         evaluator = Evaluator(cfg, ray.train.get_dataset_shard("test"), rank, world, device)
+    grids = SampleGrid.for_run(cfg, rank, device, storage, ips, evaluator)  # None: eval.sample_grid is 0
 
     shard = ray.train.get_dataset_shard("train")
     window_loss, window_n, window_start, window_terms = 0.0, 0, time.time(), {}
@@ -171,6 +172,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # a Tune trial: every evaluation also writes a checkpoint, which Ray Train scores by it (`train.score`);
         # an evaluation in Ray's validation task evaluates a checkpoint
         save_now = done or state.step % checkpoint_every == 0 or (eval_now and (score is not None or in_task))
+        if grids is not None and grids.due(state.step, done):  # not a log row: the logged loss windows stay
+            grid = grids.write(ema, state.step, run_log.tensorboard if run_log is not None else None)
+            if grid is not None:  # rank 0: the grid to the tracker too (MLflow, W&B)
+                run_log.log_image("samples", grid, state.step * ips / 1000)
         if not (save_now or eval_now or state.step % cfg.trainer.log_every_steps == 0):
             continue
         if watch is not None and (bad := watch.first()) is not None:  # before this step is logged or saved
