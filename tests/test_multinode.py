@@ -275,6 +275,7 @@ def test_elastic_run_shrinks_when_a_node_leaves_grows_when_one_joins_and_keeps_t
     or 1 worker x 2 micro-batches of 2): 11 steps, one epoch, a checkpoint every step. Runs last in the module: it
     replaces one of the fixture's worker nodes."""
     import threading
+    from unittest import mock
 
     from pyarrow import parquet as pq
 
@@ -301,7 +302,10 @@ def test_elastic_run_shrinks_when_a_node_leaves_grows_when_one_joins_and_keeps_t
             cluster.remove_node(next(iter(cluster.worker_nodes)))  # each worker node holds one of the two workers
             _wait("two steps on one worker", lambda: any(w == 1 and n >= 4 for _, w, n in _trace_worlds(traces)))
             pause.touch()  # hold the one-worker run until the grown group has started
-            cluster.add_node(num_cpus=2, resources={"worker_slot": 1})
+            # a node started from this thread: Ray's SIGTERM handler can only be set from the main thread (which is
+            # in train()); the cluster's shutdown stops the node anyway
+            with mock.patch("ray._private.utils.set_sigterm_handler", lambda handler: None):
+                cluster.add_node(num_cpus=2, resources={"worker_slot": 1})
             shrunk = max(t for t, w, _ in _trace_worlds(traces) if w == 1)
             _wait("two workers again", lambda: any(w == 2 and t > shrunk for t, w, _ in _trace_worlds(traces)))
         except Exception as err:  # noqa: BLE001 (reported by the test below)
