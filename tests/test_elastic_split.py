@@ -51,6 +51,7 @@ def test_elastic_config_recomputes_the_batch_per_size_and_round_trips(tmp_path):
      ["trainer.num_workers", "trainer.batch_size", "trainer.grad_accum", "over 3 worker(s)"]),
     (["trainer.num_workers=[3, 1]"], ["trainer.num_workers", "min <= max"]),
     (["trainer.num_workers=[1, 2]", "trainer.zero_stage=3"], ["trainer.num_workers", "trainer.zero_stage"]),
+    (["trainer.num_workers=[1, 2]", "trainer.zero_stage=2"], ["trainer.num_workers", "trainer.zero_stage"]),
 ])
 def test_cli_refuses_an_elastic_config_in_one_line(overrides, names):
     result = CliRunner().invoke(app, ["config", str(TINY), *overrides])

@@ -276,10 +276,12 @@ class TrainerConfig(Strict):
             check_elastic(self.min_workers, self.num_workers, self.batch_size, self.grad_accum)
         except NoExactSplit as err:
             raise ConflictingKeys(str(err), keys=[("num_workers",), ("batch_size",), ("grad_accum",)]) from None
-        if self.zero_stage == 3:  # DeepSpeed loads ZeRO-3 partitions only into as many workers as saved them
-            raise ConflictingKeys("trainer.num_workers is a range (an elastic run), but trainer.zero_stage is 3, "
-                                  "whose checkpoints load only on the worker count that saved them: use "
-                                  "trainer.zero_stage 0-2 or a fixed trainer.num_workers",
+        if self.zero_stage != 0:  # DeepSpeed 0.18 loads ZeRO partitions only into as many workers as saved them
+            raise ConflictingKeys(f"trainer.num_workers is a range (an elastic run), but trainer.zero_stage is "
+                                  f"{self.zero_stage}, whose optimizer partitions load only on the worker count that "
+                                  "saved them (DeepSpeed: 'Automatic adjustment of ZeRO's optimizer state "
+                                  "partitioning with a new world size is not currently supported'): use "
+                                  "trainer.zero_stage 0 or a fixed trainer.num_workers",
                                   keys=[("num_workers",), ("zero_stage",)])
         return self
 

@@ -33,9 +33,6 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # facediff prints its own progress
     }
-    if t.min_workers is not None and t.zero_stage in (1, 2):
-        # an elastic run: optimizer partitions saved so that a group of another size can load them
-        config["zero_optimization"]["elastic_checkpoint"] = True
     return deep_merge(config, t.deepspeed)
 
 

@@ -91,10 +91,13 @@ class _Tally:
 
 
 def start_tally():
-    """The run's tally actor (no CPU: it only keeps a set); lives as long as the driver that made it."""
+    """The run's tally actor (no CPU: it only keeps a set); lives as long as the driver that made it, on the
+    driver's node: a worker node that leaves (elastic runs, preemption) must not take the count with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(_Tally).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(_Tally).options(scheduling_strategy=here).remote()
 
 
 def describe(summary: dict, limit: int | None = None, most: int = 3) -> str:
