@@ -15,6 +15,7 @@ from conftest import REPO
 from facediff.config import load_config
 from facediff.config.load import ConfigError
 from facediff.storage import RunStorage
+from facediff.train import run_log as run_log_module
 from facediff.train import tracking
 from facediff.train.run_log import RunLog, read_metrics
 
@@ -82,7 +83,12 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "wandb")))
     assert not (tmp_path / "run" / tracking.RECORD).exists()
 
 
-def test_a_failing_tracker_is_named_once_and_the_run_log_goes_on(tmp_path, caplog):
+def test_a_failing_tracker_is_named_once_and_the_run_log_goes_on(tmp_path, monkeypatch):
+    # the warnings counted at the call, not through logging: in the full suite an earlier test's logging set-up hid
+    # the record from caplog (CI, 2026-12-07), which says nothing about RunLog
+    warnings = []
+    monkeypatch.setattr(run_log_module.log, "warning", lambda msg, *args: warnings.append(msg % args))
+
     class Down:
         calls = 0
 
@@ -95,7 +101,7 @@ def test_a_failing_tracker_is_named_once_and_the_run_log_goes_on(tmp_path, caplo
         run_log.write({"step": step, "kimg": step * 0.008, "loss": 0.5})
     run_log.close()
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3] and Down.calls == 1
-    assert sum("tracking: log_metrics failed" in r.getMessage() for r in caplog.records) == 1
+    assert sum("tracking: log_metrics failed" in w for w in warnings) == 1
 
 
 def test_mlflow_run_has_params_metrics_images_and_export(mlflow_server, tmp_path):
