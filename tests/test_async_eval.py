@@ -38,7 +38,7 @@ def test_results_join_the_log_once_each_tagged_with_their_checkpoint(tmp_path):
     assert validation.append_late_results(storage) == []
     evals = [r for r in read_metrics(storage.local) if r.get("async_eval")]
     assert [(r["step"], r["fd_mtcnn_onet"]) for r in evals] == [(2, 0.7), (4, 0.5)]
-    assert not list((storage.local / async_eval.EVALS_DIR).glob("*.partial"))
+    assert not list((storage.local / async_eval.EVALS_DIR).glob(".*.tmp"))  # atomic_write_text's temporary files
 
 
 def test_validation_config_only_with_async_evaluation():

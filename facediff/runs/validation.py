@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from facediff.config.schema import ExperimentConfig
+from facediff.data.shards import atomic_write_text
 from facediff.data.stream.local_batches import local_test_batches
 from facediff.eval.build import build_metrics
 from facediff.eval.evaluate import evaluate_task
@@ -66,9 +66,7 @@ def _write_whole(storage: RunStorage, relative: str, row: dict) -> None:
     """Written beside and renamed (local storage: a reader never sees half a file), then copied in one put."""
     target = storage.local / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    partial.write_text(json.dumps(row) + "\n")
-    os.replace(partial, target)
+    atomic_write_text(target, json.dumps(row) + "\n")
     storage.push(relative)
 
 

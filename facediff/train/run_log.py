@@ -98,8 +98,7 @@ class RunLog:
         for row in rows:
             async_eval.add_scalars(self.tensorboard, row)
             # MLflow keeps a late row at its checkpoint's step; W&B drops steps below its last (docs/tracking.md)
-            self._track("log_metrics", {k: float(v) for k, v in row.items()
-                                        if k != "step" and isinstance(v, (int, float))}, row["step"])
+            self._track("log_metrics", _numeric(row), row["step"])
             log.info("evaluation of the checkpoint at kimg %.3f: %s", row["kimg"],
                      " ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("fid", "fd_"))))
         self.tensorboard.flush()
@@ -111,8 +110,7 @@ class RunLog:
             if key != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, metrics["step"])
         self.tensorboard.flush()
-        self._track("log_metrics", {k: float(v) for k, v in metrics.items()
-                                    if k != "step" and isinstance(v, (int, float))}, metrics["step"])
+        self._track("log_metrics", _numeric(metrics), metrics["step"])
         self.unpushed = True
         if sync or self.pushed_at is None or time.time() - self.pushed_at >= PUSH_EVERY_S:
             self.push()
@@ -148,6 +146,11 @@ class RunLog:
         self._track("close")
         if self.unpushed:  # the loop's last row is a checkpoint's, already copied
             self.push()
+
+
+def _numeric(row: dict) -> dict[str, float]:
+    """A metrics row's numbers, less its step: what a tracker logs at that step."""
+    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
