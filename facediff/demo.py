@@ -6,7 +6,9 @@ attribute-conditioned UNet over its latents -> an attribute sweep (each row one 
 column one attribute switched, the same noise along a row). Opt-in stages (`--stages`): `sd_lora`, the tiny SD
 pipeline + LoRA prompted with the attributes (the same sweep, as prompts), and `controlnet`, embedded people
 scenes in the COCO layout -> `prepare coco` -> the tiny ControlNet with the mask-aware perceptual loss -> samples
-of validation captions and the people measure.
+of validation captions and the people measure. Each face stage (pixel, conditional, sd_lora) ends with the
+memorisation audit of its run (`runs/memorisation.py`); the first pays for embedding the training faces, the
+others read the cached embeddings.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from facediff.data.synthetic.celebamask import write_synthetic_celebamask
 from facediff.eval.attributes import edit_rate, load_or_train_attribute_reader
 from facediff.rng import batch_generator
 from facediff.runs.load import load_model
+from facediff.runs.memorisation import audit_run, summary_line
 from facediff.sampling import attribute_sweep, generate, record_conditions, save_samples, with_edits
 from facediff.threads import busy_cores_note
 from facediff.train.autoencoder import fit_autoencoder
@@ -137,16 +140,18 @@ def pixel_stage(out: Path, shards: Path, kimg: float) -> dict:
     curves = plot_curves(rows, out / "curves.png")
     _, task = load_model(run)
     grid = save_samples(generate(task, 16, "ddim", 50, seed=0), out / "samples.png")
+    audit = audit_run(run)
     last = rows[-1]
     metrics = _distances(last)
     return {
-        "metrics": metrics, **_trained(last),
+        "metrics": metrics, **_trained(last), "memorisation": audit,
         "paths": {"run": run, "export": run / "export", "samples": grid, "curves": curves},
         "lines": [
             f"  pixel UNet run                 {run}",
             f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {_fmt(metrics)}",
             f"  exported diffusers model       {run / 'export'}",
             f"  sample grid                    {grid}",
+            summary_line(audit),
             f"  loss / metric curves           {curves}",
         ],
     }
@@ -168,10 +173,11 @@ def conditional_stage(out: Path, shards: Path, kimg: float) -> dict:
     sweep = out / "attribute_sweep.png"
     labelled_grid(images, ncols=len(SWEEP), column_labels=list(SWEEP)).save(sweep)
     edits = sweep_edit_rates(task, cfg, conditions["attributes"])
+    audit = audit_run(run)
     last = rows[-1]
     metrics = _distances(last)
     return {
-        "metrics": metrics, **_trained(last), "sweep_edit_rates": edits,
+        "metrics": metrics, **_trained(last), "sweep_edit_rates": edits, "memorisation": audit,
         "autoencoder_mse": [fitted["mse_before"], fitted["mse_after"]],
         "autoencoder_scaling_factor": fitted["scaling_factor"],
         "paths": {"autoencoder": out / "autoencoder", "run": run, "attribute_sweep": sweep, "curves": curves},
@@ -185,6 +191,7 @@ def conditional_stage(out: Path, shards: Path, kimg: float) -> dict:
             f"  attribute sweep                {sweep}  (columns: {', '.join(SWEEP)})",
             "  sweep edits read back          " + ", ".join(f"{label} {rate:.2f}" for label, rate in edits.items())
             + f"  (of {EDIT_RECORDS} test faces, those that lacked the attribute)",
+            summary_line(audit),
             f"  loss curves                    {curves}",
         ],
     }
@@ -198,21 +205,24 @@ def sd_lora_stage(out: Path, shards: Path, kimg: float) -> dict:
     images = attribute_sweep(task, record_conditions(cfg, 4), list(SWEEP.values()), "ddim", 50, seed=0)
     sweep = out / "lora_attribute_sweep.png"
     labelled_grid(images, ncols=len(SWEEP), column_labels=list(SWEEP)).save(sweep)
+    audit = audit_run(run)  # the same faces: the embeddings come from the cache the pixel stage wrote
     last = rows[-1]
     metrics = _distances(last)
     return {
-        "metrics": metrics, **_trained(last),
+        "metrics": metrics, **_trained(last), "memorisation": audit,
         "paths": {"run": run, "export": run / "export", "attribute_sweep": sweep},
         "lines": [
             f"  SD + LoRA run                  {run}",
             f"  trained {last['step']} steps / {last['kimg']:.2f} kimg, final loss {last['loss']:.4f}; {_fmt(metrics)}",
             f"  diffusers LoRA export          {run / 'export'}",
             f"  attribute sweep (prompts)      {sweep}",
+            summary_line(audit),
         ],
     }
 
 
 def controlnet_stage(out: Path, kimg: float) -> dict:
+    # no memorisation audit: the ControlNet draws COCO people scenes, not the face crops the audit embeds
     # lazily: the COCO modules need pycocotools, which only this stage uses
     from facediff.data.prepare.coco import prepare_coco
     from facediff.data.synthetic.coco import write_synthetic_coco

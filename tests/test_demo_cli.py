@@ -48,3 +48,27 @@ def test_demo_summary_names_each_runs_training_time_grids(tmp_path):
                                        f"TensorBoard: tensorboard --logdir {run}/tensorboard)"]
     assert result["paths"]["training_grids"] == run / "samples"  # in summary.json
     assert _training_grids({"paths": {"preview": tmp_path}}) == []  # a stage without a run lists none
+
+
+def test_demo_summary_carries_the_memorisation_audit_of_a_stages_run(tiny_export, tmp_path):
+    """Each face stage ends with `facediff evaluate RUN --memorisation` in process: the summary gets the fraction,
+    the labelled weights (the random-init fallback here) and the pairs PNG, the run folder its evaluation.json."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from facediff.runs.memorisation import audit_run, summary_line
+
+    model = shutil.copytree(tiny_export, tmp_path / "model")  # the audit writes into the evaluated folder
+    audit = audit_run(model, ["eval.num_samples=4", "eval.memorisation_train_cap=8"], device="cpu")
+    assert 0.0 <= audit["fraction"] <= 1.0 and audit["threshold"] > 0
+    assert audit["features"] == "random_init"  # no VGGFace2 weights on this machine
+    assert (audit["samples"], audit["train_faces"], audit["heldout_faces"]) == (4, 8, 4)
+    assert audit["pairs_png"] == str(model / "memorisation_pairs.png") and Path(audit["pairs_png"]).is_file()
+    saved = json.loads((model / "evaluation.json").read_text())
+    assert audit["evaluation"] == str(model / "evaluation.json")
+    assert saved["results"]["memorisation_fraction"] == audit["fraction"]
+    line = summary_line(audit)
+    assert line.startswith(f"  memorisation audit             {audit['fraction']:.3g} of 4 samples closer to one of 8 "
+                           "training faces than 1% of 4 held-out faces (fallback features: random-init")
+    assert line.endswith(f"closest pairs {model / 'memorisation_pairs.png'}")

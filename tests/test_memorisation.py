@@ -84,3 +84,41 @@ def test_named_embedding_weights_must_be_an_inception_resnet_state_dict(tmp_path
     with pytest.raises(ValueError, match=f"eval.face_embedding_weights={tmp_path / 'other.pt'}: not an "
                                          "InceptionResnetV1 state_dict"):
         FaceEmbedder(str(tmp_path / "other.pt"))
+
+
+def test_the_embeddings_are_cached_beside_the_dataset_and_rebuilt_for_a_new_manifest(synthetic_shards, tmp_path,
+                                                                                     monkeypatch):
+    """Each split is embedded once per (manifest, split, cap, weights, size): a second audit embeds nothing, reads
+    back exactly what was computed, and a dataset prepared again (another manifest hash) is embedded afresh."""
+    import shutil
+
+    from conftest import REPO
+
+    from facediff.config import load_config
+    from facediff.eval.memorisation import FaceEmbedder
+    from facediff.eval.real_stats import RealFeaturesKey, load_real_features
+
+    dataset = shutil.copytree(synthetic_shards, tmp_path / "shards", ignore=shutil.ignore_patterns("real_features"))
+    cfg = load_config(REPO / "configs/experiments/tiny/tiny_unet.yaml",
+                      [f"data.path={dataset}", "eval.memorisation_train_cap=3"])
+    embedded, forward = [], FaceEmbedder.forward
+    monkeypatch.setattr(FaceEmbedder, "forward", lambda self, images: embedded.append(len(images)) or
+                        forward(self, images))
+
+    first = build_audit(cfg, None, "cpu")
+    assert sum(embedded) == 3 + 4  # the capped training split and the 4 held-out faces
+    identity = first.embedder.identity
+    assert identity == f"inception_resnet_v1-random_init-seed0-torch{torch.__version__}"  # the labelled fallback
+    files = sorted(p.name for p in (dataset / "real_features").iterdir())
+    assert files == [f"test-{identity}-32px.safetensors", f"train-first3-{identity}-32px.safetensors"]
+
+    embedded.clear()
+    second = build_audit(cfg, None, "cpu")
+    assert embedded == []  # nothing embedded again
+    assert torch.equal(second.train, first.train) and torch.equal(second.heldout, first.heldout)  # as computed
+
+    (dataset / "manifest.json").write_text((dataset / "manifest.json").read_text() + "\n")  # prepared again
+    embedded.clear()
+    build_audit(cfg, None, "cpu")
+    assert sum(embedded) == 3 + 4
+    assert load_real_features(RealFeaturesKey(str(dataset), "train", identity, 32, 3)) is not None  # new hash

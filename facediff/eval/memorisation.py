@@ -11,6 +11,9 @@ face that merely looks like the data" measures. The threshold is the 1st percent
 `memorisation_fraction` is the share of generated faces closer than that to some training face. A model that
 generalises sits near 0.01 or below; one that copies its training set near 1 (docs/evaluation.md#memorisation).
 
+The training and held-out embeddings are cached beside the dataset like the real features of the image distance
+(`eval/real_stats.py`), keyed also by the embedder's weights and the training cap: each split is embedded once.
+
 Embeddings: the VGGFace2 weights (`eval.face_embedding_weights`, or facenet-pytorch's file in the torch hub cache);
 without them a seeded random-init InceptionResnetV1, labelled `random_init` everywhere the number is shown: it
 still finds exact and near-exact copies, but its distances say little about identity.
@@ -29,7 +32,8 @@ from torch import Tensor
 
 from facediff.config.schema import ExperimentConfig
 from facediff.data.stream.local_batches import local_test_batches
-from facediff.eval.metrics import to_uint8
+from facediff.eval.metrics import _file_digest, to_uint8
+from facediff.eval.real_stats import RealFeaturesKey, cached_features
 from facediff.models.perceptual import RANDOM_INIT_SEED, VGGFACE2_CLASSES, VGGFACE2_FILE, _hub_file, _read_state_dict
 from facediff.rng import seeded_build
 
@@ -42,10 +46,13 @@ PAIRS_FILE = "memorisation_pairs.png"
 FALLBACK_CAVEAT = ("fallback features: random-init InceptionResnetV1, no VGGFace2 weights; it finds copies, not "
                    "look-alikes; name the weights with eval.face_embedding_weights")
 
+_WARNED_FALLBACK: list[bool] = []
+
 
 class FaceEmbedder(torch.nn.Module):
     """L2-normalised 512-d InceptionResnetV1 embeddings of whole images in [-1, 1] (resized to 160 px).
-    `features`: `vggface2`, the weights file's path, or `random_init` (the labelled fallback)."""
+    `features`: `vggface2`, the weights file's path, or `random_init` (the labelled fallback); `identity`: what
+    the embedding cache is keyed by (the weights file's digest, or the fallback's seed and torch version)."""
 
     def __init__(self, weights: str | None = None):
         super().__init__()
@@ -53,16 +60,20 @@ class FaceEmbedder(torch.nn.Module):
 
         if weights is None and _hub_file(VGGFACE2_FILE).is_file():
             weights = "vggface2"
-        elif weights is None:
-            log.warning("memorisation audit: no VGGFace2 weights at %s; %s", _hub_file(VGGFACE2_FILE),
-                        FALLBACK_CAVEAT)
+        elif weights is None:  # once per process: the demo's later stages would repeat it word for word
+            report = log.debug if _WARNED_FALLBACK else log.warning
+            _WARNED_FALLBACK.append(True)
+            report("memorisation audit: no VGGFace2 weights at %s; %s", _hub_file(VGGFACE2_FILE), FALLBACK_CAVEAT)
         state, self.features = None, "random_init"
+        # a seeded init is the same network only under the same torch: its version is part of the identity
+        self.identity = f"inception_resnet_v1-random_init-seed{RANDOM_INIT_SEED}-torch{torch.__version__}"
         if weights not in (None, "random"):  # read first: a wrong path fails before the network is built
             published = weights == "vggface2"
             path = _hub_file(VGGFACE2_FILE) if published else Path(weights).expanduser()
             state = _read_state_dict(path, "eval.face_embedding_weights (InceptionResnetV1)",
                                      "facenet-pytorch VGGFace2" if published else None)
             self.features = "vggface2" if published else str(path)
+            self.identity = f"inception_resnet_v1-{_file_digest(path)}"
         with seeded_build(RANDOM_INIT_SEED):
             self.net = InceptionResnetV1(pretrained=None, classify=False, num_classes=VGGFACE2_CLASSES)
         if state is not None:
@@ -92,6 +103,19 @@ def embed_split(embedder: FaceEmbedder, batches, cap: int | None = None) -> Tens
         if cap is not None and count >= cap:
             break
     return torch.cat(out) if out else torch.zeros(0, 512)
+
+
+def embed_cached(embedder: FaceEmbedder, cfg: ExperimentConfig, split: str, cap: int | None = None) -> Tensor:
+    """`embed_split` of the split's first `cap` records, cached beside the dataset (key: manifest hash, split,
+    cap, the embedder's identity, data.image_size): computed once, read back by every later audit."""
+    key = RealFeaturesKey(str(cfg.data.path), split, embedder.identity, cfg.data.image_size, cap)
+
+    def embed() -> Tensor:
+        log.info("memorisation audit: embedding split %r%s once, cached in %s", split,
+                 "" if cap is None else f" (first {cap} records)", key.path)
+        return embed_split(embedder, local_test_batches(cfg, split), cap)
+
+    return cached_features(key, embed)
 
 
 def nearest(queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,14 +198,15 @@ def train_batches(cfg: ExperimentConfig):
 
 
 def build_audit(cfg: ExperimentConfig, heldout_split: str | None, device: torch.device | str) -> MemorisationAudit:
-    """Embed the run's training split (the first `eval.memorisation_train_cap` records) and the held-out split."""
+    """Embed the run's training split (the first `eval.memorisation_train_cap` records) and the held-out split, or
+    read them from the cache beside the dataset."""
     heldout_split = heldout_split or cfg.data.eval_split
     if heldout_split == cfg.data.train_split:
         raise ValueError(f"--memorisation: the held-out split {heldout_split!r} is the training split "
                          f"(data.train_split); evaluate against a split the model never trained on")
     embedder = FaceEmbedder(cfg.eval.face_embedding_weights).to(device)
-    train = embed_split(embedder, train_batches(cfg), cfg.eval.memorisation_train_cap)
-    heldout = embed_split(embedder, local_test_batches(cfg, heldout_split))
+    train = embed_cached(embedder, cfg, cfg.data.train_split, cfg.eval.memorisation_train_cap)
+    heldout = embed_cached(embedder, cfg, heldout_split)
     return MemorisationAudit(embedder, train, heldout)
 
 

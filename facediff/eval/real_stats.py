@@ -1,13 +1,15 @@
 """The real split's features, extracted once and cached beside the dataset.
 
-Key: (dataset manifest hash, split, feature extractor identity, image size). The file is
-`<dataset>/real_features/<split>-<extractor>-<size>px.safetensors` with the key in its metadata; it is written
+Key: (dataset manifest hash, split, feature extractor identity, image size, and for a capped split the record
+count). The file is `<dataset>/real_features/<split>-<extractor>-<size>px.safetensors` (`<split>-first<N>-...` for
+the first N records) with the key in its metadata; it is written
 to a temporary sibling and renamed into place, and rebuilt (overwritten at the next evaluation) when the
 manifest's hash no longer matches, i.e. when the dataset was prepared again. Every evaluation in training, every
 Tune trial and `facediff evaluate` then feed only generated images.
 
 Under torch.distributed the ranks decide together (a hit only if every rank found the file), and the cached
-features sit on rank 0 alone: the metric's gather then yields each real vector once.
+features sit on rank 0 alone: the metric's gather then yields each real vector once. `cached_features` is the
+single-process form (the memorisation audit's face embeddings).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +40,18 @@ class RealFeaturesKey:
     split: str
     extractor: str
     image_size: int
+    records: int | None = None  # only the split's first N records (file order); None = all of them
 
     @property
     def path(self) -> Path:
-        return Path(self.dataset) / CACHE_DIR / f"{self.split}-{self.extractor}-{self.image_size}px.safetensors"
+        first = "" if self.records is None else f"-first{self.records}"
+        return (Path(self.dataset) / CACHE_DIR
+                / f"{self.split}{first}-{self.extractor}-{self.image_size}px.safetensors")
 
     def metadata(self) -> dict[str, str]:
-        return {"manifest_sha256": manifest_hash(self.dataset), "split": self.split, "extractor": self.extractor,
+        meta = {"manifest_sha256": manifest_hash(self.dataset), "split": self.split, "extractor": self.extractor,
                 "image_size": str(self.image_size)}
+        return meta if self.records is None else {**meta, "records": str(self.records)}
 
 
 def load_real_features(key: RealFeaturesKey) -> torch.Tensor | None:
@@ -66,6 +73,15 @@ def save_real_features(key: RealFeaturesKey, features: torch.Tensor) -> None:
         os.replace(tmp, key.path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cached_features(key: RealFeaturesKey, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The features cached under `key`, else `compute()`'s, saved for the next call (one process, no ranks)."""
+    features = load_real_features(key)
+    if features is None:
+        features = compute().detach().float().cpu()
+        save_real_features(key, features)
+    return features
 
 
 def _every_rank(found: bool, device: torch.device) -> bool:
