@@ -50,6 +50,7 @@ def test_validation_config_only_with_async_evaluation():
     cfg = load_config("configs/experiments/tiny/tiny_unet.yaml", [
         "eval.every_kimg=0.5", "eval.async_validation=true", "eval.async_resources={CPU: 2, GPU: 0.25, big: 1}"])
     config = validation.validation_config(cfg, storage)
-    assert config.ray_remote_kwargs == {"num_cpus": 2.0, "num_gpus": 0.25, "resources": {"big": 1.0}}
+    assert config.ray_remote_kwargs == {"num_cpus": 2.0, "num_gpus": 0.25, "resources": {"big": 1.0},
+                                        "scheduling_strategy": "DEFAULT"}  # outside a Tune trial's placement group
     assert config.fn.keywords["experiment"]["eval"]["async_validation"] is True
     json.dumps(async_eval.due(4, 0.032).fn_kwargs)  # Ray stores a pending validation's kwargs as JSON

@@ -75,11 +75,25 @@ def _assert_best_is_one_report(row: dict, trial: Path, metric: str) -> None:
     assert row["checkpoint"] in kept and len(kept) <= 2, kept
 
 
+def _evaluations_in_tune(trial: Path, metric: str) -> list[float]:
+    """The kimg of each row of the metric Tune got from a trial, checked to be a validation task's result: the
+    row the task wrote to the run's `evals/`, with the path of the checkpoint it measured."""
+    reports = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+    rows = [r for r in reports if metric in r]
+    for row in rows:
+        written = json.loads((trial / "train" / "evals" / f"step_{row['step']:09d}.json").read_text())
+        assert row["async_eval"] and (row["kimg"], row[metric]) == (written["kimg"], written[metric]), (row, written)
+        assert row["checkpoint_path"] == str(trial / "train" / f"checkpoint_{row['step']:09d}"), row
+    return [row["kimg"] for row in rows]
+
+
 @pytest.mark.timeout(1200)
 def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards, tune_ray):
     """The README's (and docs/tuning.md's) `uv run facediff tune configs/tune/demo.yaml`, run as a user runs it: from the repository,
     with relative paths into a git-ignored folder, under `uv run` (Ray then runs each trial in a packaged copy
     of the working directory, where that folder does not exist). Every trial must report the metric.
+    The evaluations run in Ray Train's validation task (`eval.async_validation`, also started from that copy):
+    Tune's rows of the metric are their results, each at the kimg of the checkpoint it measured.
 
     It runs before the ASHA test: on the test session's cluster (no dashboard, so no State API) Ray Train's
     placement-group cleaner cannot free the workers of trials ASHA stopped, and their CPUs stay reserved."""
@@ -98,7 +112,8 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
             [uv, "run", "--frozen", "facediff", "tune", "configs/tune/demo.yaml", f"data.path={rel}/shards",
              f"storage_path={rel}/tune", "search_space={optimizer.lr: {grid: [1.0e-3, 3.0e-4]}}",
              # checkpoints off the evaluations' cadence (steps 3, 6; evaluations at 4, 8): only evaluations score
-             "scheduler.max_kimg=0.128", "trainer.checkpoint_every_kimg=0.048"],
+             "scheduler.max_kimg=0.128", "trainer.checkpoint_every_kimg=0.048",
+             "eval.async_validation=true", "eval.async_resources={CPU: 0.5}"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
         assert done.returncode == 0, done.stderr[-3000:]
         summary = _printed_summary(done.stdout)
@@ -113,11 +128,17 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
             rows = list(csv.DictReader(f))
         assert len(rows) == 2
         assert all(float(r["best_fd_mtcnn_onet"]) > 0 for r in rows), rows  # every trial reported the metric
+        evaluated = {}
         for r in rows:
-            _assert_best_is_one_report(r, REPO / rel / "tune" / "demo" / r["trial"], "fd_mtcnn_onet")
+            trial = REPO / rel / "tune" / "demo" / r["trial"]
+            _assert_best_is_one_report(r, trial, "fd_mtcnn_onet")
+            evaluated[r["trial"]] = _evaluations_in_tune(trial, "fd_mtcnn_onet")
             # beside the metric: its bootstrap interval and the kernel distance with its own
             assert float(r["best_fd_mtcnn_onet_lo"]) < float(r["best_fd_mtcnn_onet_hi"]), r
             assert float(r["kd_mtcnn_onet_lo"]) < float(r["kd_mtcnn_onet_hi"]), r
+        # in checkpoint order (ASHA may have stopped a trial after its first); one trial at least ran to the end
+        assert all(k == [0.064, 0.128][:len(k)] and k for k in evaluated.values()), evaluated
+        assert [0.064, 0.128] in evaluated.values(), evaluated
         markdown = (REPO / rel / "tune" / "demo" / "results.md").read_text()
         assert markdown.count(" [") >= 4 and "not separable" in markdown  # values shown with their intervals
         # the real features were extracted once, by the driver, before any trial: no trial wrote them again

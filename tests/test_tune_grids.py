@@ -9,7 +9,7 @@ import yaml
 
 from facediff.config import ConfigError, load_grid
 from facediff.config.load import GRID_CONFIG_KEY
-from facediff.tune import load_experiment, param_space
+from facediff.tune import load_experiment, param_space, required_cpus
 from facediff.tune.space import resolve_metric, split_overrides
 
 from conftest import REPO
@@ -97,8 +97,11 @@ def test_image_metric_needs_evaluation_and_grace_fits(tmp_path, no_inception):
     assert load_experiment(grid, ["eval.every_kimg=0.5"]).metric == "fd_mtcnn_onet"
     with pytest.raises(ConfigError, match="grace_period_kimg"):
         load_experiment(grid, ["eval.every_kimg=0.5", "scheduler.grace_period_kimg=5"])
-    with pytest.raises(ConfigError, match="eval.async_validation=false"):  # ASHA would never see the metric
-        load_experiment(grid, ["eval.every_kimg=0.5", "eval.async_validation=true"])
+    # evaluations in Ray Train's validation task reach ASHA too; a local Ray gets CPUs for that task of each trial
+    sync = load_experiment(grid, ["eval.every_kimg=0.5", "max_concurrent_trials=2"])
+    off_path = load_experiment(grid, ["eval.every_kimg=0.5", "max_concurrent_trials=2", "eval.async_validation=true",
+                                      "eval.async_resources={CPU: 0.5}"])
+    assert off_path.metric == "fd_mtcnn_onet" and required_cpus(off_path) == required_cpus(sync) + 2 * 0.5
 
 
 def test_config_file_dimension_is_validated(tmp_path, no_inception):
@@ -146,6 +149,27 @@ def test_only_rows_with_the_metric_reach_tune(monkeypatch):
     assert forwarded == [{"kimg": 0.2, "loss": 0.9, "fd_mtcnn_onet": 3.0}]
     with pytest.raises(RuntimeError, match="'fid'.*fd_mtcnn_onet"):
         callback.after_report(None, [{"kimg": 0.3, "fid": 10.0}], None)
+
+
+def test_an_evaluation_task_result_reaches_tune_with_its_checkpoint(monkeypatch):
+    """`eval.async_validation`: the validation task's row goes into the trial's Tune queue as a report would,
+    tagged with the kimg and the path of the checkpoint it measured (what ASHA and the results table read)."""
+    from ray import cloudpickle
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from facediff.tune.trial import MetricReportCallback
+
+    class Queue(list):  # stands for the Tune session's ray.util.queue.Queue
+        put = list.append
+
+    monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: setattr(
+        self, "_training_actor_item_queue", Queue()))
+    forward = cloudpickle.loads(cloudpickle.dumps(MetricReportCallback("fd_mtcnn_onet").after_validation))  # as Ray
+    row = {"step": 4, "kimg": 0.064, "async_eval": True, "eval_s": 3.0, "fd_mtcnn_onet": 2.5}
+    forward(row, SimpleNamespace(path="/exp/t1/train/checkpoint_000000004"))
+    forward({"step": 8, "kimg": 0.128, "async_eval": True, "loss": 1.0}, None)  # no metric: not for ASHA
+    assert forward.__self__._training_actor_item_queue == [
+        {**row, "checkpoint_path": "/exp/t1/train/checkpoint_000000004"}]
 
 
 def test_tune_command_names_a_bad_key():

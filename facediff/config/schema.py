@@ -206,7 +206,8 @@ class EvalConfig(Strict):
     memorisation_train_cap: PositiveInt | None = 5000
     # Evaluate each `every_kimg` checkpoint in Ray Train's checkpoint validation task, on its own resources,
     # while training goes on (docs/evaluation.md, "Evaluation off the training path"); rows arrive later in
-    # metrics.jsonl, tagged with the checkpoint's step and kimg. Every evaluation then writes a checkpoint.
+    # metrics.jsonl (and, in a Tune trial, at ASHA), tagged with the checkpoint's step and kimg. Every evaluation
+    # then writes a checkpoint.
     async_validation: bool = False
     # Ray resources of that task (CPU, GPU: a fraction shares a GPU; other names: custom node resources)
     async_resources: dict[str, PositiveFloat] = {"CPU": 1.0}

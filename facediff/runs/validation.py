@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -29,22 +29,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("facediff.train")
 
 
-def validation_config(cfg: ExperimentConfig, storage: RunStorage):
+def validation_config(cfg: ExperimentConfig, storage: RunStorage, forward: Callable | None = None):
     """Ray Train's ValidationConfig for a run with `eval.async`, else None. The function travels pickled with
-    the run's storage (its filesystem, endpoint included), so the task writes where the run lives."""
+    the run's storage (its filesystem, endpoint included), so the task writes where the run lives, and with
+    `forward` (a Tune trial's: `tune.trial.MetricReportCallback.after_validation`), which the task calls with its
+    result row and the checkpoint as soon as the row is written."""
     if not (cfg.eval.every_kimg is not None and cfg.eval.async_validation):
         return None
     from ray.train.v2.api.validation_config import ValidationConfig
 
     resources = dict(cfg.eval.async_resources)
-    remote = {"num_cpus": resources.pop("CPU", 1.0), "num_gpus": resources.pop("GPU", 0.0)}
+    # "DEFAULT": not in the placement group of whatever launches the task (in a Tune trial Ray Train's controller
+    # runs in the trial's, which child tasks join and which has no room for this one: it would wait forever)
+    remote = {"num_cpus": resources.pop("CPU", 1.0), "num_gpus": resources.pop("GPU", 0.0),
+              "scheduling_strategy": "DEFAULT"}
     if resources:
         remote["resources"] = resources
-    return ValidationConfig(fn=functools.partial(validate, experiment=cfg.model_dump(mode="json"), storage=storage),
+    return ValidationConfig(fn=functools.partial(validate, experiment=cfg.model_dump(mode="json"), storage=storage,
+                                              forward=forward),
                             ray_remote_kwargs=remote)
 
 
-def validate(checkpoint, *, experiment: dict, storage: RunStorage, step: int, kimg: float) -> dict[str, Any]:
+def validate(checkpoint, *, experiment: dict, storage: RunStorage, step: int, kimg: float,
+             forward: Callable | None = None) -> dict[str, Any]:
     """The validation task: the checkpoint's EMA model against the evaluation split, on this task's device."""
     cfg = ExperimentConfig.model_validate(experiment)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,6 +66,8 @@ def validate(checkpoint, *, experiment: dict, storage: RunStorage, step: int, ki
     row = {"step": step, "kimg": kimg, "time": time.time(), "eval_s": time.time() - started, ASYNC_EVAL: True,
            **{k: float(v) for k, v in results.items()}}
     _write_whole(storage, result_name(step), row)
+    if forward is not None:  # now, not when Ray merges the result into the checkpoint (no callback sees that)
+        forward(row, checkpoint)
     return {k: v for k, v in row.items() if k not in ("step", "kimg", "time")}
 
 

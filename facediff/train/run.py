@@ -114,7 +114,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
 def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | None = None,
           trace_dir: str | Path | None = None, progress: bool = True, storage: RunStorage | None = None,
           resume_with_changes: bool = False, score: tuple[str, str] | None = None,
-          tracking_parent: dict | None = None) -> Path:
+          tracking_parent: dict | None = None, forward_evaluation=None) -> Path:
     """Fit (or resume) the run and export its EMA model; returns the run folder.
 
     `callbacks`: Ray Train callbacks for the trainer's RunConfig (a Tune trial passes one that forwards the
@@ -128,6 +128,8 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
     Train keeps the `trainer.keep_last` best-scoring ones by that metric besides the latest (which resumes),
     so the checkpoint of the trial's best report is never deleted. Default: the `keep_last` newest.
     `tracking_parent`: a Tune experiment's tracker run, which this run's is nested under (`tracking.py`).
+    `forward_evaluation`: with `eval.async_validation`, called in each validation task with its result row and
+    checkpoint (a Tune trial forwards the row to ASHA: `runs.validation.validation_config`).
     """
     cfg = resolve_paths(cfg)  # before anything reaches Ray, whose processes run in a packaged copy of the cwd
     check_inputs(cfg)
@@ -157,7 +159,8 @@ def train(cfg: ExperimentConfig, fault: dict | None = None, callbacks: list | No
         request=request, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker, storage=storage,
         datasets=build_datasets(cfg, storage, bad_records), dataset_config=data_config(cfg),
         max_failures=t.max_failures, min_workers=t.min_workers, resize_interval_s=t.elastic_resize_interval_s,
-        keep=t.keep_last, score=score, callbacks=callbacks, validation=validation_config(cfg, storage),
+        keep=t.keep_last, score=score, callbacks=callbacks,
+        validation=validation_config(cfg, storage, forward_evaluation),
         progress=(lambda: RunProgressLine(f"train {run_name(cfg)}", storage.file(METRICS_FILE),
                                       planned_kimg(cfg, world), note=rounding_note(cfg, world))) if progress else None)
     if cfg.eval.async_validation:

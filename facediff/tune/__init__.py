@@ -1,7 +1,8 @@
 """`facediff tune GRID.yaml [key=value ...]`: an ablation grid on Ray Tune with ASHA on the image metric.
 
 Each trial runs `trial.run_trial`, which fits a TorchTrainer (Ray Train V2) and forwards its evaluation reports
-to Tune; ASHA (time attribute `kimg`) stops weak trials early. Everything lands in the experiment folder
+(or, with `eval.async_validation`, its validation tasks' results) to Tune; ASHA (time attribute `kimg`) stops
+weak trials early. Everything lands in the experiment folder
 `storage_path/NAME/`: Tune's state, one folder per trial (`<trial_id>/train/` is its Train run with
 checkpoints, `metrics.jsonl`, TensorBoard events and, when it finished, `export/`), and at the end
 `results.csv`, `results.md`, `metric_vs_kimg.png` and `best.json` (the best report's metric, kimg and
@@ -22,9 +23,13 @@ __all__ = ["Experiment", "load_experiment", "param_space", "run_tune", "required
 
 
 def required_cpus(exp: Experiment) -> float:
-    """Logical CPUs for the concurrent trials (driver + Train workers each) plus one for Ray Data."""
+    """Logical CPUs for the concurrent trials (driver + Train workers + evaluation task of `eval.async_validation`
+    each) plus one for Ray Data."""
+    base = exp.base
     per_trial = exp.grid.resources_per_trial.get("CPU", 0.0) + (
-        exp.base.trainer.num_workers * exp.base.trainer.resources_per_worker.get("CPU", 1.0))
+        base.trainer.num_workers * base.trainer.resources_per_worker.get("CPU", 1.0))
+    if base.eval.async_validation and base.eval.every_kimg is not None:
+        per_trial += base.eval.async_resources.get("CPU", 1.0)  # as `runs.validation.validation_config` asks
     concurrent = exp.grid.max_concurrent_trials or 1
     return concurrent * per_trial + 1
 

@@ -8,7 +8,9 @@ report ASHA acted on.
 Tune (every evaluation, for an image metric); `best_<metric>`, `best_kimg` and `checkpoint` all come from it.
 In a trial every such report carries a checkpoint, and Ray Train keeps the best-scoring ones by the metric
 besides the latest (`train.run.train(score=...)`), so that checkpoint is on disk even with `keep_last: 1`.
-The experiment's best trial (`best.json`) is the trial with the best such report.
+The experiment's best trial (`best.json`) is the trial with the best such report. With `eval.async_validation`
+the reports of an image metric are the validation tasks' results, each carrying the kimg and the path of the
+checkpoint it measured (`trial.MetricReportCallback.after_validation`): the same columns come from them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ Decisions made here, once, before any trial starts:
   logged and used for ASHA, the results table and the plot. Any other metric name is used as written.
 - Reporting. ASHA must see the metric at every result it reads, and the trainer reports an image distance only
   on evaluation rows. So a trial forwards to Tune only the trainer's rows that hold the metric
-  (`trial.MetricReportCallback`), and an image-distance metric requires `eval.every_kimg` in every trial.
+  (`trial.MetricReportCallback`), and an image-distance metric requires `eval.every_kimg` in every trial. With
+  `eval.async_validation` those rows come from Ray Train's validation tasks, each tagged with the kimg of the
+  checkpoint it measured (`MetricReportCallback.after_validation`).
 - Paths. Every training config a trial can use is loaded, checked and path-resolved here (against the
   directory the command runs in), and shipped to the trials as data: a trial runs in Ray's packaged copy of
   the working directory, where relative paths and git-ignored folders do not exist.
@@ -139,10 +141,6 @@ def load_experiment(grid_path: str | Path, overrides: list[str] | None = None) -
         raise ConfigError(f"{grid_path}: storage_path: {err}") from None
     exp = Experiment(grid=grid, grid_path=grid_path, base=base, metric=grid.metric, total_kimg=total_kimg,
                      storage=storage, fixed=fixed)
-    if base.eval.async_validation or grid.overrides.get("eval.async_validation"):
-        # Ray Train hands a validation task's metrics to no callback, so Tune (ASHA) would never see them
-        raise ConfigError(f"{grid_path}: eval.async_validation is for `facediff train`; a Tune trial evaluates in "
-                          "its training loop, where ASHA reads the metric: set eval.async_validation=false")
     if grid.scheduler.kind == "asha" and grid.scheduler.grace_period_kimg > total_kimg:
         raise ConfigError(f"{grid_path}: scheduler.grace_period_kimg ({grid.scheduler.grace_period_kimg}) exceeds "
                           f"the trials' length ({total_kimg} kimg)")
