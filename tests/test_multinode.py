@@ -257,14 +257,32 @@ def _wait(what: str, ready, timeout: float = 420) -> None:
         time.sleep(0.5)
 
 
+def _trace_worlds(trace_dir: Path) -> list[tuple[float, int]]:
+    """(start time, world size) of each worker start that trained a micro-batch."""
+    out = []
+    for path in trace_dir.glob("rank*.jsonl"):
+        line = path.read_text().split("\n", 1)[0]
+        if line.endswith("}"):  # a whole first row
+            row = json.loads(line)
+            out.append((row["started"], row["world"]))
+    return out
+
+
 @pytest.mark.timeout(1200)
-def test_elastic_run_shrinks_when_a_node_leaves_and_keeps_the_global_batch(two_node_cluster, synthetic_shards, tmp_path):
+def test_elastic_run_shrinks_when_a_node_leaves_grows_when_one_joins_and_keeps_the_global_batch(
+        two_node_cluster, synthetic_shards, tmp_path):
     """`trainer.num_workers: [1, 2]`, one worker per node: a node removed at step >= 3 → the run goes on with one
-    worker from its last checkpoint. 44 rows, global batch 4 (2 workers x 2, or 1 worker x 2 micro-batches of 2):
-    11 steps, one epoch, a checkpoint every step. Runs last in the module: it removes one of the fixture's worker
-    nodes. Growing back is not tested here: Ray Train resized 1 -> 2 when a node was added to this simulated
-    cluster, but the added node's raylet then missed Ray's health checks and the run shrank again (CI, 2026-12-07)."""
+    worker from its last checkpoint; once that worker has logged a step, the run is held at its next one and a
+    node is added → it grows back to two workers, from the last checkpoint. 44 rows, global batch 4 (2 workers x 2,
+    or 1 worker x 2 micro-batches of 2): 11 steps, one epoch, a checkpoint every step. Runs last in the module: it
+    replaces one of the fixture's worker nodes.
+
+    The node is added from a helper thread (the main one is in `train`), which must outlive the run: the node's
+    processes are started with PR_SET_PDEATHSIG (`Cluster` nodes share their starter's fate), which Linux sends
+    when the *thread* that started them ends. An earlier version let the thread end once the run had grown: the
+    raylet was killed, Ray's GCS declared the node dead ("missing too many heartbeats") and the run shrank again."""
     import threading
+    from unittest import mock
 
     from pyarrow import parquet as pq
 
@@ -282,29 +300,45 @@ def test_elastic_run_shrinks_when_a_node_leaves_and_keeps_the_global_batch(two_n
         # right after the node left, Ray Train still counts it and asks for 2 workers: retried after this
         "trainer.placement_timeout_s=30",
     ])
-    run, traces = tmp_path / "runs" / name, tmp_path / "trace"
-    errors = []
+    run, traces, pause = tmp_path / "runs" / name, tmp_path / "trace", tmp_path / "pause"
+    finished, errors = threading.Event(), []
 
-    def remove_a_node():
+    def change_the_cluster():
+        added = None
         try:
             _wait("step 3", lambda: any(r["step"] >= 3 for r in read_metrics(run)))
             cluster.remove_node(next(iter(cluster.worker_nodes)))  # each worker node holds one of the two workers
+            _wait("a step on one worker", lambda: any(r["world_size"] == 1 for r in read_metrics(run)))
+            pause.touch()  # hold the one-worker run at its next step until the grown group has started
+            # Ray's SIGTERM handler can only be set from the main thread; the node is removed below anyway
+            with mock.patch("ray._private.utils.set_sigterm_handler", lambda handler: None):
+                added = cluster.add_node(num_cpus=2, resources={"worker_slot": 1})
+            shrunk = max(t for t, w in _trace_worlds(traces) if w == 1)
+            _wait("two workers again", lambda: any(w == 2 and t > shrunk for t, w in _trace_worlds(traces)))
         except Exception as err:  # noqa: BLE001 (reported by the test below)
             errors.append(err)
+        finally:
+            pause.unlink(missing_ok=True)
+        finished.wait(timeout=900)  # this thread's end would kill the added node's processes (see above)
+        if added is not None:
+            cluster.remove_node(added)
 
-    changer = threading.Thread(target=remove_a_node, daemon=True)
+    changer = threading.Thread(target=change_the_cluster, daemon=True)
     changer.start()
-    train(cfg, trace_dir=traces)
-    changer.join(timeout=60)
+    try:
+        train(cfg, trace_dir=traces, fault={"pause_file": str(pause)})
+    finally:
+        finished.set()
+        changer.join(timeout=120)
     assert not errors, errors
 
     metrics = read_metrics(run)
     assert [r["step"] for r in metrics] == list(range(1, steps + 1))  # each step once, none lost or doubled
     worlds = [r["world_size"] for r in metrics]
-    assert [w for k, w in enumerate(worlds) if k == 0 or worlds[k - 1] != w] == [2, 1], worlds
+    assert [w for k, w in enumerate(worlds) if k == 0 or worlds[k - 1] != w] == [2, 1, 2], worlds
     resumed = [int(s) for s in re.findall(r"resumed from the checkpoint of step (\d+)",
                                           (run / "logs" / "rank0.log").read_text())]
-    assert len(resumed) >= 1  # the one-worker group went on from the last checkpoint
+    assert len(resumed) >= 2 and resumed == sorted(resumed)  # each new group went on from the last checkpoint
     o = cfg.optimizer
     for r in metrics:  # the schedule follows optimizer steps, whatever the size
         assert r["lr"] == pytest.approx(o.lr * lr_factor(r["step"] - 1, o.warmup_steps, steps, o.schedule,
@@ -321,4 +355,4 @@ def test_elastic_run_shrinks_when_a_node_leaves_and_keeps_the_global_batch(two_n
     trained = sorted(i for row in rows for e, i in zip(row["epoch"], row["id"]) if e == 0)
     epoch_ids = sorted(i for path in shard_paths(synthetic_shards, cfg.data.train_split)
                        for i in pq.read_table(path, columns=["id"])["id"].to_pylist())
-    assert trained == epoch_ids  # the epoch's records, each exactly once, across the worker groups
+    assert trained == epoch_ids  # the epoch's records, each exactly once, across the three worker groups

@@ -264,6 +264,23 @@ def test_data_position_keeps_epoch_and_id_per_rank_and_reads_files_from_before_p
     assert checkpoint.consumed_records(tmp_path) == {(8, 3), (9, 3), (8, 40), (8, 5), (8, 6)}  # the state's epoch
 
 
+def test_a_checkpoint_rewritten_by_fewer_workers_reads_only_their_data_position(tmp_path):
+    """An elastic run: a 2-worker group saved checkpoint_8 but lost a node before Ray registered it; the 1-worker
+    group resumed from step 7 and saved checkpoint_8 again, into the same folder (Ray copies into it and deletes
+    nothing). The old rank 1's records of that step are not the position: reading them dropped records unseen."""
+    from facediff.train import checkpoint
+    from facediff.train.checkpoint import TrainState
+
+    state = TrainState(step=8, epoch=0)
+    checkpoint.save_position(tmp_path, state, 0, {(0, 1), (0, 2)}, world=2)
+    checkpoint.save_position(tmp_path, state, 1, {(0, 3), (0, 4)}, world=2)  # left behind
+    checkpoint.save_position(tmp_path, state, 0, {(0, 1), (0, 2), (0, 5), (0, 6)}, world=1)  # the rewrite
+    assert checkpoint.read_state(tmp_path).world == 1
+    assert checkpoint.consumed_records(tmp_path) == {(0, 1), (0, 2), (0, 5), (0, 6)}
+    checkpoint.save_position(tmp_path, state, 0, {(0, 1)}, world=2)  # two ranks again: both count
+    assert checkpoint.consumed_records(tmp_path) == {(0, 1), (0, 3), (0, 4)}
+
+
 def test_a_resumed_pass_must_hold_only_its_epochs_and_no_consumed_record():
     from facediff.train.checkpoint import TrainState, check_resumed_data
 

@@ -14,6 +14,7 @@ the final `checkpoint_<step>` folder itself, though, so a reader that takes fold
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -42,6 +43,9 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # first data epoch of the pass in progress (`passes.ShardPasses`: one pass, one execution)
     batches_in_epoch: int = 0  # micro-batches of that pass consumed by each rank (their records: DATA_FILE)
+    # the ranks that saved the checkpoint (None: not recorded). Ray merges a rewritten checkpoint_<step> folder into
+    # what an earlier, larger worker group left there unregistered: its data_rank{r} files for r >= world are stale
+    world: int | None = None
 
 
 def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -59,7 +63,7 @@ def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> N
 
 
 def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.Generator, rank: int,
-         consumed: Iterable[tuple[int, int]] = ()) -> None:
+         consumed: Iterable[tuple[int, int]] = (), world: int | None = None) -> None:
     directory = Path(directory)
     # collective: every rank writes its partition. Frozen weights are left out (every build of the task makes them
     # identically: seeded, or read from the same pretrained files), so an SD family's checkpoint holds its
@@ -69,17 +73,19 @@ def save(directory: Path, engine, ema: EMA, state: TrainState, generator: torch.
     save_file(rng_state(generator), str(directory / f"rng_rank{rank}.safetensors"))
     if rank == 0:
         save_file(ema.state_dict(), str(directory / EMA_FILE))
-    save_position(directory, state, rank, consumed)
+    save_position(directory, state, rank, consumed, world)
 
 
-def save_position(directory: Path, state: TrainState, rank: int, consumed: Iterable[tuple[int, int]]) -> None:
+def save_position(directory: Path, state: TrainState, rank: int, consumed: Iterable[tuple[int, int]],
+                  world: int | None = None) -> None:
     """The data position (every rank the (epoch, id) of the records it consumed in the pass in progress, rank 0
-    the trainer state): what `driver.resume_point` reads to build a resumed run's data pipeline."""
+    the trainer state with `world`, the ranks saving): what `driver.resume_point` reads to build a resumed run's
+    data pipeline."""
     pairs = torch.tensor(sorted(consumed), dtype=torch.int64).reshape(-1, 2)
     save_file({"consumed_epochs": pairs[:, 0].contiguous(), "consumed_ids": pairs[:, 1].contiguous()},
               str(Path(directory) / DATA_FILE.format(rank=rank)))
     if rank == 0:
-        (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state)))
+        (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(dataclasses.replace(state, world=world))))
 
 
 def check_resumed_data(batch, state: TrainState, skipped: set[tuple[int, int]], epochs_per_pass: int = 1) -> None:
@@ -103,10 +109,11 @@ def load(directory: Path, engine, ema: EMA, generator: torch.Generator, rank: in
     if path is None:  # DeepSpeed returns (None, None) instead of raising
         raise FileNotFoundError(f"{directory / TAG}: DeepSpeed found no engine state to resume from")
     ema.load_state_dict(load_file(str(directory / EMA_FILE)))
-    rng_file = directory / f"rng_rank{rank}.safetensors"
-    if rng_file.is_file():  # absent when resuming with more workers than before: keep the fresh seed
-        restore_rng(load_file(str(rng_file)), generator)
     state = TrainState(**json.loads((directory / STATE_FILE).read_text()))
+    rng_file = directory / f"rng_rank{rank}.safetensors"
+    # absent (or another group's, see TrainState.world) when resuming with more workers than saved: a fresh seed
+    if rng_file.is_file() and (state.world is None or rank < state.world):
+        restore_rng(load_file(str(rng_file)), generator)
     if engine.global_steps != state.step:
         raise RuntimeError(f"{directory}: engine is at step {engine.global_steps}, trainer state says {state.step}")
     return state
@@ -114,14 +121,19 @@ def load(directory: Path, engine, ema: EMA, generator: torch.Generator, rank: in
 
 def consumed_records(directory: Path) -> set[tuple[int, int]]:
     """(epoch, id) of the records every rank consumed in the checkpoint's pass in progress (skipped when that
-    pass resumes). Files written before passes hold ids only: those were all of the checkpoint's epoch."""
+    pass resumes): the files of the ranks that saved it (`TrainState.world`; all of them where it is not recorded).
+    Files written before passes hold ids only: those were all of the checkpoint's epoch."""
+    directory = Path(directory)
+    state = read_state(directory)
+    paths = (sorted(directory.glob(DATA_FILE.format(rank="*"))) if state.world is None else
+             [directory / DATA_FILE.format(rank=r) for r in range(state.world)])
     records: set[tuple[int, int]] = set()
-    for path in sorted(Path(directory).glob(DATA_FILE.format(rank="*"))):
+    for path in paths:
         data = load_file(str(path))
         ids = data["consumed_ids"].tolist()
         epochs = data["consumed_epochs"].tolist() if "consumed_epochs" in data else None
         if epochs is None:
-            epochs = [read_state(directory).epoch] * len(ids)
+            epochs = [state.epoch] * len(ids)
         records.update(zip(epochs, ids))
     return records
 

@@ -25,9 +25,12 @@ SHUFFLE_BUFFER = 256
 
 def maybe_crash(step: int, fault: dict | None) -> None:
     """Fault injection for tests of resume and FailureConfig: `crash_at_step` raises once at that step;
-    `step_delay` (seconds) slows every step, a window for a test that kills a worker process from outside."""
+    `step_delay` (seconds) slows every step, a window for a test that kills a worker process from outside;
+    every step waits while the file `pause_file` exists (a test holds the run while it changes the cluster)."""
     if not fault:
         return
+    while fault.get("pause_file") and Path(fault["pause_file"]).exists():
+        time.sleep(0.2)
     if fault.get("step_delay"):
         time.sleep(fault["step_delay"])
     if step != fault.get("crash_at_step"):

@@ -206,7 +206,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             run_log.write(metrics, sync=save_now or bad > cfg.data.max_bad_records)
         bad_records.check(bad)  # after the log: metrics.jsonl shows the count the run stopped at
         if save_now or eval_now:
-            save = (lambda folder: checkpoint.save(folder, engine, ema, state, generator, rank, passes.consumed))
+            save = (lambda folder: checkpoint.save(folder, engine, ema, state, generator, rank, passes.consumed,
+                                                   world))
             report(_scored(metrics, score if save_now else None), state.step, save if save_now else None,
                    upload=cfg.trainer.checkpoint_upload,
                    validation=async_eval.due(state.step, metrics["kimg"]) if eval_now and in_task else None)
