@@ -103,7 +103,8 @@ def test_readme_tune_command_from_the_repo_with_relative_paths(synthetic_shards,
     import uuid
 
     rel = Path("outputs") / f"test-tune-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(synthetic_shards, REPO / rel / "shards")
+    # not the session dataset's cached features (other tests' evaluations wrote them): this run must extract its own
+    shutil.copytree(synthetic_shards, REPO / rel / "shards", ignore=shutil.ignore_patterns("real_features"))
     uv = shutil.which("uv") or "uv"
     # share the test session's cluster (a second local instance would fight over its fixed agent ports)
     env = {**os.environ, "RAY_ADDRESS": tune_ray.get_runtime_context().gcs_address}
