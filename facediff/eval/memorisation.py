@@ -32,7 +32,7 @@ from torch import Tensor
 
 from facediff.config.schema import ExperimentConfig
 from facediff.data.stream.local_batches import local_test_batches
-from facediff.eval.metrics import _file_digest, to_uint8
+from facediff.eval.metrics import file_digest, to_uint8, warn_once
 from facediff.eval.real_stats import RealFeaturesKey, cached_features
 from facediff.models.perceptual import RANDOM_INIT_SEED, VGGFACE2_CLASSES, VGGFACE2_FILE, _hub_file, _read_state_dict
 from facediff.rng import seeded_build
@@ -46,8 +46,6 @@ PAIRS_FILE = "memorisation_pairs.png"
 FALLBACK_CAVEAT = ("fallback features: random-init InceptionResnetV1, no VGGFace2 weights; it finds copies, not "
                    "look-alikes; name the weights with eval.face_embedding_weights")
 
-_WARNED_FALLBACK: list[bool] = []
-
 
 class FaceEmbedder(torch.nn.Module):
     """L2-normalised 512-d InceptionResnetV1 embeddings of whole images in [-1, 1] (resized to 160 px).
@@ -60,10 +58,9 @@ class FaceEmbedder(torch.nn.Module):
 
         if weights is None and _hub_file(VGGFACE2_FILE).is_file():
             weights = "vggface2"
-        elif weights is None:  # once per process: the demo's later stages would repeat it word for word
-            report = log.debug if _WARNED_FALLBACK else log.warning
-            _WARNED_FALLBACK.append(True)
-            report("memorisation audit: no VGGFace2 weights at %s; %s", _hub_file(VGGFACE2_FILE), FALLBACK_CAVEAT)
+        elif weights is None:
+            warn_once(log, ("vggface2",), "memorisation audit: no VGGFace2 weights at %s; %s",
+                      _hub_file(VGGFACE2_FILE), FALLBACK_CAVEAT)
         state, self.features = None, "random_init"
         # a seeded init is the same network only under the same torch: its version is part of the identity
         self.identity = f"inception_resnet_v1-random_init-seed{RANDOM_INIT_SEED}-torch{torch.__version__}"
@@ -73,7 +70,7 @@ class FaceEmbedder(torch.nn.Module):
             state = _read_state_dict(path, "eval.face_embedding_weights (InceptionResnetV1)",
                                      "facenet-pytorch VGGFace2" if published else None)
             self.features = "vggface2" if published else str(path)
-            self.identity = f"inception_resnet_v1-{_file_digest(path)}"
+            self.identity = f"inception_resnet_v1-{file_digest(path)}"
         with seeded_build(RANDOM_INIT_SEED):
             self.net = InceptionResnetV1(pretrained=None, classify=False, num_classes=VGGFACE2_CLASSES)
         if state is not None:

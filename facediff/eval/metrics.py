@@ -128,7 +128,14 @@ def _search_inception(weights: str | None) -> tuple[nn.Module | None, list[str]]
     return None, looked
 
 
-_WARNED_MISSING: set[tuple[str | None, str]] = set()
+_WARNED: set[tuple] = set()
+
+
+def warn_once(logger: logging.Logger, key: tuple, message: str, *args) -> None:
+    """`logger.warning` the first time `key` comes up in this process, `debug` after: the demo's later stages
+    would repeat an earlier stage's warning word for word."""
+    (logger.debug if key in _WARNED else logger.warning)(message, *args)
+    _WARNED.add(key)
 
 
 def load_inception(weights: str | None, fallback: str = "mtcnn_onet") -> nn.Module | None:
@@ -136,11 +143,9 @@ def load_inception(weights: str | None, fallback: str = "mtcnn_onet") -> nn.Modu
     None, with one warning naming every place looked at, when none works."""
     module, looked = _search_inception(weights)
     if module is None:
-        # once per process and setting: the demo's second stage would repeat the first's warning word for word
-        report = log.debug if (weights, fallback) in _WARNED_MISSING else log.warning
-        _WARNED_MISSING.add((weights, fallback))
-        report("FID Inception weights not available; looked at: %s. Falling back to %s.", "; ".join(looked),
-               "no metric" if fallback == "none" else f"{fallback} features (reported as fd_{fallback}, not fid)")
+        warn_once(log, ("inception", weights, fallback),  # once per process and setting
+                  "FID Inception weights not available; looked at: %s. Falling back to %s.", "; ".join(looked),
+                  "no metric" if fallback == "none" else f"{fallback} features (reported as fd_{fallback}, not fid)")
     return module
 
 
@@ -224,7 +229,7 @@ class ImageDistance:
             self.extractor_id = None  # not cached: nothing identifies an injected network's weights
         elif inception is not None:
             feature, self.name = inception, "fid"
-            self.extractor_id = f"inception-{_file_digest(inception.weights_path)}"
+            self.extractor_id = f"inception-{file_digest(inception.weights_path)}"
         elif fallback == "mtcnn_onet":
             feature, self.name = MTCNNONetFeatures(), "fd_mtcnn_onet"
             self.extractor_id = "mtcnn_onet"  # weights shipped inside facenet-pytorch
@@ -330,7 +335,7 @@ class ImageDistance:
 _DIGESTS: dict[str, str] = {}
 
 
-def _file_digest(path: str | Path) -> str:
+def file_digest(path: str | Path) -> str:
     """The first 16 hex digits of the weights file's sha256 (once per process and path)."""
     path = str(path)
     if path not in _DIGESTS:
